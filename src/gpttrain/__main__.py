@@ -1,0 +1,5 @@
+import sys
+
+from gpttrain.cli import main
+
+sys.exit(main())

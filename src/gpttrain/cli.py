@@ -1,0 +1,94 @@
+"""Command line: argument parsing only, one function call per subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from gpttrain import __version__
+from gpttrain.config import PRESETS, Config, field_help, parse_dotted, resolve
+from gpttrain.errors import GpttrainError
+
+log = logging.getLogger("gpttrain")
+
+CONFIG_EPILOG = """config precedence: dataclass defaults < --preset < --config FILE < dotted flags.
+Any setting can be given as a dotted flag, e.g. --model.n_layers 6 --optim.lr 3e-4 (or --optim.lr=3e-4):
+""" + "\n".join(f"  {flag:34s} {desc} (default {default})" for flag, desc, default in field_help())
+
+
+def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--preset", default=None, help=f"a named configuration: {', '.join(PRESETS)} (default: none)")
+    g.add_argument("--config", default=None, metavar="FILE", help="a TOML file of settings (see configs/)")
+    g.add_argument("--data", default=None, metavar="DIR", help="prepared data dir (= --data.path)")
+    g.add_argument("--run-dir", default=None, metavar="DIR", help="where outputs go (= --run.dir)")
+    g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="(= --run.device)")
+
+
+def config_from_args(args: argparse.Namespace, rest: list[str]) -> Config:
+    overrides = parse_dotted(rest)
+    for attr, key in (("data", "data.path"), ("run_dir", "run.dir"), ("device", "run.device")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            overrides.insert(0, (key, value))
+    return resolve(args.preset, args.config, overrides)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from gpttrain.data import prepare as prepare_mod
+
+    parser = argparse.ArgumentParser(
+        prog="gpttrain",
+        description="Train GPT-style language models from scratch: one CPU, one GPU, many GPUs (torchrun).",
+    )
+    parser.add_argument("--version", action="version", version=f"gpttrain {__version__}")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = sub.add_parser("prepare", help="tokenize text into shards + meta.json", formatter_class=fmt,
+                       description="Tokenize text files, directories, globs or JSONL (default: the embedded "
+                                   "corpus, Python's standard library sources) into token shards.")
+    prepare_mod.add_prepare_arguments(p)
+
+    p = sub.add_parser("info", help="resolved config, parameters, FLOPs per token, memory estimate",
+                       formatter_class=fmt, epilog=CONFIG_EPILOG,
+                       description="Print the resolved config, the parameter count, model FLOPs per token and "
+                                   "a training-memory estimate per GPU for each precision and strategy.")
+    _add_config_arguments(p)
+    p.add_argument("--gpus", type=int, default=4, metavar="N", help="GPUs to shard over for FSDP rows (default: 4)")
+    p.add_argument("--gpu-mem", type=float, default=24.0, metavar="GIB",
+                   help="memory per GPU to check the estimate against, GiB (default: 24)")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
+                        stream=sys.stdout, force=True)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        if args.command == "prepare":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from gpttrain.data.prepare import run_prepare
+
+            return run_prepare(args)
+        if args.command == "info":
+            from gpttrain.info import run_info
+
+            return run_info(config_from_args(args, rest), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+                            as_json=args.json)
+    except GpttrainError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2

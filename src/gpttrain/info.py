@@ -1,0 +1,94 @@
+"""`gpttrain info`: what a config means before any run: size, FLOPs, and whether it fits."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from gpttrain.config import Config
+from gpttrain.errors import ConfigError
+from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
+from gpttrain.metrics import flops_per_token, matmul_params
+from gpttrain.model import count_params
+
+log = logging.getLogger("gpttrain")
+
+PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
+
+
+def memory_table(cfg: Config, gpus: int) -> list[dict]:
+    """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
+    mb = cfg.train.micro_batch_size
+    fsdp_sizes = sorted({n for n in (2, 4, 8) if n <= gpus} | ({gpus} if gpus > 1 else set()))
+    rows = []
+    for precision in PRECISIONS:
+        for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
+            for ac in (False, True):
+                est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac)
+                rows.append({"precision": precision, "strategy": strategy, "gpus": world,
+                             "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
+    return rows
+
+
+def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: bool = False) -> int:
+    if gpus < 1:
+        raise ConfigError(f"--gpus: {gpus} must be at least 1")
+    if gpu_mem_gib <= 0:
+        raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a positive number of GiB")
+    m = cfg.model
+    params = count_params(m)
+    fpt = flops_per_token(m)
+    rows = memory_table(cfg, gpus)
+    mb = cfg.train.micro_batch_size
+    per_rank = mb * cfg.train.grad_accum_steps
+    budget = gpu_mem_gib * GIB
+    default_prec = "bf16-mixed"
+    fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp")
+    if as_json:
+        out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
+               "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
+               "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]}}
+        log.info(json.dumps(out))
+        return 0
+
+    log.info("resolved config:\n%s", cfg.to_json())
+    log.info("")
+    log.info("parameters:            %s", f"{params:,}")
+    log.info("model FLOPs per token: %.3f GFLOP  (6 x %s matmul weights incl. the head + 12 x %d layers x %d "
+             "width x %d context)", fpt / 1e9, f"{matmul_params(m):,}", m.n_layers, m.emb_dim, m.context_length)
+    log.info("")
+    log.info("training memory per GPU, estimated (GiB), micro-batch %d x context %d; "
+             "'ckpt' = activation checkpointing:", mb, m.context_length)
+    header = (f"  {'precision':11s} {'strategy':9s} {'ckpt':4s} {'weights':>8s} {'grads':>7s} {'AdamW':>7s} "
+              f"{'copies':>7s} {'activ.':>7s} {'logits':>7s} {'total':>7s}  fits {gpu_mem_gib:g} GiB")
+    log.info(header)
+    for r in rows:
+        strategy = "DDP" if r["strategy"] == "ddp" else f"FSDP x{r['gpus']}"
+        log.info(f"  {r['precision']:11s} {strategy:9s} {'yes' if r['activation_checkpointing'] else 'no':4s} "
+                 f"{r['weights']:8.2f} {r['grads']:7.2f} {r['optimizer']:7.2f} {r['compute_copies']:7.2f} "
+                 f"{r['activations']:7.2f} {r['logits']:7.2f} {r['total']:7.2f}  "
+                 f"{'yes' if r['total'] <= gpu_mem_gib else 'no'}")
+    log.info("")
+    log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
+             "add ~1 GiB for the CUDA context.)")
+    ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
+               and not r["activation_checkpointing"])
+    if ddp["total"] <= gpu_mem_gib:
+        log.info("verdict: %s with DDP fits %g GiB per GPU (%.1f GiB estimated).", default_prec, gpu_mem_gib,
+                 ddp["total"])
+        return 0
+    options = [r for r in rows if r["precision"] == default_prec and r["total"] <= gpu_mem_gib]
+    msg = f"verdict: {default_prec} with DDP needs {ddp['total']:.1f} GiB per GPU at micro-batch {mb}: " \
+          f"more than {gpu_mem_gib:g} GiB."
+    if fit is not None and fit[0] < mb:
+        msg += f" DDP fits at micro-batch {fit[0]} x {fit[1]} accumulation steps (same global batch)."
+    if options:
+        best = min(options, key=lambda r: (r["gpus"], r["activation_checkpointing"]))
+        how = f"FSDP over {best['gpus']} GPUs" if best["strategy"] == "fsdp" else "DDP"
+        if best["activation_checkpointing"]:
+            how += " with activation checkpointing (--train.activation_checkpointing true)"
+        msg += f" It fits with {how}: {best['total']:.1f} GiB per GPU (--dist.strategy {best['strategy']})."
+    else:
+        msg += f" No listed layout fits; try more GPUs (--gpus), a smaller micro-batch or {gpu_mem_gib:g}+ GiB GPUs."
+    log.info(msg)
+    return 0

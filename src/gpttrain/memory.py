@@ -1,0 +1,114 @@
+"""Training-memory estimates per GPU: weights, gradients, AdamW state, activations, logits.
+
+An estimate from the config alone, so `gpttrain info` can tell a user before any run whether a
+model fits and how (precision, DDP vs FSDP over N GPUs, micro-batch, activation checkpointing).
+Activation bytes follow the per-layer accounting of Korthikanti et al. (2022) with SDPA/flash
+attention (no T^2 term), adjusted for what PyTorch's autocast saves (LayerNorm inputs in fp32).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from gpttrain.config import ModelConfig
+from gpttrain.model import count_params
+
+GIB = 1024**3
+
+# (weight, grad, AdamW state) bytes per parameter held by each rank before sharding.
+_STATE_BYTES = {
+    "fp32": (4, 4, 8),
+    "bf16-mixed": (4, 4, 8),  # fp32 master weights and grads, fp32 moments
+    "fp16-mixed": (4, 4, 8),
+    "bf16-pure": (2, 2, 4),  # the original script: everything in bf16, moments too
+}
+
+
+@dataclass
+class MemoryEstimate:
+    weights: float
+    grads: float
+    optimizer: float
+    compute_copies: float  # low-precision weight copies (autocast cache / FSDP all-gathered blocks)
+    activations: float
+    logits: float
+
+    @property
+    def total(self) -> float:
+        return self.weights + self.grads + self.optimizer + self.compute_copies + self.activations + self.logits
+
+    def as_gib(self) -> dict[str, float]:
+        d = {k: v / GIB for k, v in asdict(self).items()}
+        d["total"] = self.total / GIB
+        return d
+
+
+def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> float:
+    """Bytes saved for backward per token per block, in units of emb_dim."""
+    masks = 2 if cfg.drop_rate > 0 else 0  # attention-output and MLP dropout masks (1 byte each)
+    # 16 saved tensors of width emb_dim per token: LN inputs (2), LN outputs fed to qkv/fc (2),
+    # q, k, v, attention output (4), MLP hidden before/after GELU (2 x 4).
+    if precision == "fp32":
+        return 16 * 4 + masks
+    if precision == "bf16-pure":
+        return 16 * 2 + masks
+    # autocast: LayerNorm runs in fp32, so its two inputs are saved in fp32, the rest in 16 bits.
+    return 14 * 2 + 2 * 4 + masks
+
+
+def estimate_training_memory(
+    cfg: ModelConfig,
+    micro_batch_size: int,
+    precision: str = "bf16-mixed",
+    strategy: str = "ddp",
+    world_size: int = 1,
+    activation_checkpointing: bool = False,
+    seq_len: int | None = None,
+) -> MemoryEstimate:
+    """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context)."""
+    if precision not in _STATE_BYTES:
+        raise ValueError(f"unknown precision {precision!r}")
+    P = count_params(cfg)
+    T = cfg.context_length if seq_len is None else seq_len
+    d, L, V = cfg.emb_dim, cfg.n_layers, cfg.vocab_size
+    tokens = micro_batch_size * T
+    wb, gb, ob = _STATE_BYTES[precision]
+    shard = world_size if strategy == "fsdp" else 1
+    weights, grads, optimizer = wb * P / shard, gb * P / shard, ob * P / shard
+
+    half = precision in ("bf16-mixed", "fp16-mixed")
+    block_params = (count_params(cfg) - 2 * d - V * d * (1 if cfg.tie_embeddings else 2) - T * d) / max(L, 1)
+    if strategy == "fsdp" and world_size > 1:
+        # Unsharded working copies: the root (embeddings, head) plus about two blocks in flight
+        # (the one computing and the one being prefetched), in the compute dtype.
+        cdt = 2 if precision != "fp32" else 4
+        root = V * d * (1 if cfg.tie_embeddings else 2) + T * d
+        compute_copies = cdt * (root + 2 * block_params)
+    elif half:
+        compute_copies = 2 * P  # autocast caches a 16-bit copy of every weight for the step
+    else:
+        compute_copies = 0.0
+
+    per_layer = _activation_bytes_per_token_layer(cfg, precision)
+    resid = 2 if precision == "bf16-pure" else 4  # the residual stream's dtype
+    if activation_checkpointing:
+        # Each block keeps only its input; one block's activations are live during its recompute.
+        activations = tokens * d * (L * resid + per_layer)
+    else:
+        activations = tokens * d * L * per_layer
+    activations += tokens * d * (resid + (1 if cfg.drop_rate > 0 else 0) + 4)  # embeddings, dropout, final LN
+
+    # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,
+    # and the fp32 gradient of the logits at the start of backward.
+    logit_bytes = {"fp32": 4 + 4 + 4, "bf16-pure": 2 + 4 + 4 + 4}.get(precision, 2 + 4 + 4 + 4)
+    logits = tokens * V * logit_bytes
+    return MemoryEstimate(weights, grads, optimizer, compute_copies, activations, logits)
+
+
+def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: int, **kw) -> tuple[int, int] | None:
+    """The largest micro-batch dividing `global_per_rank` (sequences per rank per step) that fits
+    `budget_bytes`, with the accumulation steps that keep the global batch; None if even 1 does not fit."""
+    for mb in sorted((m for m in range(1, global_per_rank + 1) if global_per_rank % m == 0), reverse=True):
+        if estimate_training_memory(cfg, mb, **kw).total <= budget_bytes:
+            return mb, global_per_rank // mb
+    return None

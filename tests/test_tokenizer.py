@@ -1,0 +1,117 @@
+import pytest
+
+from gpttrain.errors import TokenizerError
+from gpttrain.tokenizer import EOT_TEXT, BPETokenizer, ByteTokenizer, GPT2Tokenizer, from_spec, payload_of
+
+UNICODE = "Hello world! Grüße, 你好, Здравствуйте, 🤖🚀 tabs\tand\nnewlines  — ⟨math⟩ ∑x² \x00\x7f é"
+CORPUS = ["def f(x):\n    return x * 2\n", "The quick brown fox jumps over the lazy dog. " * 20,
+          "Every effort moves you forward, said the painter.\n" * 10]
+
+
+@pytest.fixture
+def gpt2(shared_data):
+    return GPT2Tokenizer(shared_data("gpt2.tiktoken"))
+
+
+def test_gpt2_known_ids(gpt2):
+    assert gpt2.encode("Hello world") == [15496, 995]
+    assert gpt2.encode("Every effort moves you") == [6109, 3626, 6100, 345]
+    assert gpt2.vocab_size == 50257 and gpt2.eot_id == 50256
+    assert gpt2.decode([15496, 995, 50256]) == "Hello world" + EOT_TEXT
+
+
+def test_gpt2_end_of_text_in_text_is_ordinary(gpt2):
+    assert gpt2.eot_id not in gpt2.encode("a <|endoftext|> b")
+
+
+def test_gpt2_rebuilt_from_its_payload(gpt2):
+    again = from_spec(gpt2.spec(), payload_of(gpt2))
+    assert again.encode(UNICODE) == gpt2.encode(UNICODE)
+
+
+def test_gpt2_unavailable_offline(tmp_path, monkeypatch):
+    # An empty tiktoken cache and a proxy that refuses at once: no file, no cache, no network.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty-cache"))
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    with pytest.raises(TokenizerError, match="--tokenizer-file"):
+        GPT2Tokenizer(None)
+
+
+def test_gpt2_missing_and_bad_files(tmp_path):
+    with pytest.raises(TokenizerError, match=r"--tokenizer-file: '.*nope.tiktoken' does not exist"):
+        GPT2Tokenizer(tmp_path / "nope.tiktoken")
+    bad = tmp_path / "bad.tiktoken"
+    bad.write_text("not a ranks file at all\n")
+    with pytest.raises(TokenizerError, match="not a tiktoken ranks file"):
+        GPT2Tokenizer(bad)
+
+
+def make_tokenizers(gpt2_file):
+    return [ByteTokenizer(), GPT2Tokenizer(gpt2_file), BPETokenizer.train(CORPUS, 300)]
+
+
+def test_round_trip_every_kind(shared_data):
+    for tok in make_tokenizers(shared_data("gpt2.tiktoken")):
+        ids = tok.encode(UNICODE)
+        assert all(0 <= i < tok.vocab_size for i in ids), tok.kind
+        assert tok.eot_id not in ids
+        assert tok.decode(ids) == UNICODE, tok.kind
+        assert tok.decode(ids + [tok.eot_id]) == UNICODE + EOT_TEXT, tok.kind
+
+
+def test_round_trip_random_unicode():
+    import random
+
+    rng = random.Random(0)
+    tokens = [ByteTokenizer(), BPETokenizer.train(CORPUS, 300)]
+    for _ in range(50):
+        text = "".join(chr(rng.choice([rng.randrange(32, 127), rng.randrange(0xA0, 0xD7FF),
+                                       rng.randrange(0x10000, 0x10FFFF)])) for _ in range(rng.randrange(1, 40)))
+        for tok in tokens:
+            assert tok.decode(tok.encode(text)) == text
+
+
+def test_bpe_training_is_deterministic_and_serializable(tmp_path):
+    a = BPETokenizer.train(CORPUS, 320)
+    b = BPETokenizer.train(CORPUS, 320)
+    assert a.to_json() == b.to_json()
+    assert a.spec() == b.spec()
+    assert a.vocab_size == 320
+    path = tmp_path / "tokenizer.json"
+    a.save(path)
+    c = BPETokenizer.from_file(path)
+    assert c.encode(UNICODE) == a.encode(UNICODE)
+    d = from_spec(a.spec(), payload_of(a))
+    assert d.encode(CORPUS[1]) == a.encode(CORPUS[1])
+    assert len(a.encode(CORPUS[1])) < len(CORPUS[1]) / 2  # it learned merges
+
+
+def test_bpe_bad_file(tmp_path):
+    bad = tmp_path / "tok.json"
+    bad.write_text("{not json")
+    with pytest.raises(TokenizerError, match="not a tokenizers JSON file"):
+        BPETokenizer.from_file(bad)
+    with pytest.raises(TokenizerError, match="does not exist"):
+        BPETokenizer.from_file(tmp_path / "absent.json")
+
+
+def test_bpe_spec_mismatch_is_refused():
+    a = BPETokenizer.train(CORPUS, 300)
+    b = BPETokenizer.train(CORPUS[:1], 280)
+    with pytest.raises(TokenizerError, match="does not match"):
+        from_spec(a.spec(), payload_of(b))
+
+
+def test_byte_tokenizer():
+    tok = ByteTokenizer()
+    assert tok.encode("A") == [65]
+    assert tok.vocab_size == 257 and tok.eot_id == 256
+    assert from_spec(tok.spec()).encode("hé") == tok.encode("hé")
+
+
+def test_unknown_kind():
+    with pytest.raises(TokenizerError, match="unknown tokenizer kind 'sentencepiece'"):
+        from_spec({"kind": "sentencepiece"})
