@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -28,7 +29,8 @@ def _add_config_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace, rest: list[str]) -> Config:
     overrides = parse_dotted(rest)
-    for attr, key in (("data", "data.path"), ("run_dir", "run.dir"), ("device", "run.device")):
+    for attr, key in (("data", "data.path"), ("run_dir", "run.dir"), ("device", "run.device"),
+                      ("resume", "run.resume"), ("init_from", "run.init_from")):
         value = getattr(args, attr, None)
         if value is not None:
             overrides.insert(0, (key, value))
@@ -52,6 +54,35 @@ def build_parser() -> argparse.ArgumentParser:
                                    "corpus, Python's standard library sources) into token shards.")
     prepare_mod.add_prepare_arguments(p)
 
+    p = sub.add_parser("train", help="train a model (one process, or many under torchrun)", formatter_class=fmt,
+                       epilog=CONFIG_EPILOG,
+                       description="Train a GPT. With no arguments: the demo (the embedded corpus, a BPE tokenizer "
+                                   "trained on it, the demo preset on CPU in a few minutes). Under torchrun, one "
+                                   "process per GPU with DDP.")
+    _add_config_arguments(p)
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="continue from the newest complete checkpoint in the run dir (auto) or from PATH "
+                        "(= --run.resume)")
+    p.add_argument("--init-from", default=None, metavar="HF_DIR",
+                   help="start from a local Hugging Face GPT-2 layout model (= --run.init_from)")
+
+    p = sub.add_parser("plot", help="redraw loss.pdf/.png, throughput and lr plots of a run",
+                       description="Redraw the plots of a run from its metrics.jsonl.")
+    from gpttrain.plot import add_plot_arguments
+
+    add_plot_arguments(p)
+
+    p = sub.add_parser("bench", help="time training steps; one JSON line", formatter_class=fmt,
+                       epilog=CONFIG_EPILOG,
+                       description="Time warmed-up training steps (synthetic tokens unless --data) and print one "
+                                   "JSON line: tok_per_s, tflops, mfu, mem_peak_gib; on CPU also a plain PyTorch "
+                                   "loop's time and our overhead; on CUDA the measured bf16 matmul peak and "
+                                   "peak_ratio.")
+    _add_config_arguments(p)
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
+    p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
+    p.add_argument("--sweep", action="store_true", help="try micro-batch sizes 1, 2, 4, ... and report the best")
+
     p = sub.add_parser("info", help="resolved config, parameters, FLOPs per token, memory estimate",
                        formatter_class=fmt, epilog=CONFIG_EPILOG,
                        description="Print the resolved config, the parameter count, model FLOPs per token and "
@@ -72,6 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    if args.command == "train" and argv is None and len(sys.argv) == 2:
+        log.info("no arguments: running the demo (preset demo on the embedded corpus); see gpttrain train --help")
     try:
         if args.command == "prepare":
             if rest:
@@ -79,6 +112,26 @@ def main(argv: list[str] | None = None) -> int:
             from gpttrain.data.prepare import run_prepare
 
             return run_prepare(args)
+        if args.command == "train":
+            from gpttrain.trainer import run_training
+
+            if args.preset is None and args.config is None:
+                args.preset = "demo"  # the CPU demo is what a bare `gpttrain train` runs
+            return run_training(config_from_args(args, rest), quiet=args.quiet)
+        if args.command == "plot":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from gpttrain.plot import run_plot
+
+            return run_plot(args)
+        if args.command == "bench":
+            from gpttrain.bench import run_bench
+
+            def emit(row: dict) -> None:
+                print(json.dumps(row), flush=True)
+
+            return run_bench(config_from_args(args, rest), emit, warmup=args.warmup, steps=args.steps,
+                             sweep=args.sweep)
         if args.command == "info":
             from gpttrain.info import run_info
 

@@ -1,0 +1,206 @@
+"""`gpttrain bench`: time warmed-up training steps of our trainer, on synthetic tokens or real data.
+
+Prints one JSON line. On CPU it also times a minimal plain-PyTorch loop (same model, batch,
+precision) in the same run and reports our `overhead`; on CUDA it measures the card's bf16
+matmul peak in the same run and reports `peak_ratio` (model TFLOP/s over that peak).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from gpttrain import distributed as distmod
+from gpttrain.config import Config
+from gpttrain.errors import ConfigError
+from gpttrain.metrics import flops_per_token, lookup_peak_tflops, mfu
+from gpttrain.model import build_model
+from gpttrain.monitor import setup_logging
+from gpttrain.optim import build_optimizer
+from gpttrain.parallel import compile_wanted
+
+log = logging.getLogger("gpttrain")
+
+
+class SyntheticLoader:
+    """Random token windows of the right shape; enough of the loader interface for the trainer."""
+
+    def __init__(self, cfg: Config, device: torch.device, seed: int = 0):
+        self.B, self.T, self.V = cfg.train.micro_batch_size, cfg.model.context_length, cfg.model.vocab_size
+        self.device = device
+        self.gen = torch.Generator().manual_seed(seed)
+        self.batches_per_epoch = 10**9
+        self.windows_per_epoch = 10**9
+        self.progress = 0.0
+        self._pool = [torch.randint(0, self.V, (self.B, self.T + 1), generator=self.gen) for _ in range(4)]
+        self._i = 0
+
+    def next_batch(self):
+        w = self._pool[self._i % len(self._pool)]
+        self._i += 1
+        w = w.to(self.device, non_blocking=True)
+        return w[:, :-1], w[:, 1:]
+
+    def eval_batches(self, n):
+        for _ in range(n):
+            yield self.next_batch()
+
+    def state_dict(self):
+        return {"i": self._i}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> float:
+    """The card's measured bf16 matmul throughput (n^3 GEMMs), the ceiling we report against."""
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    _sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        a @ b
+    end.record()
+    _sync(device)
+    seconds = start.elapsed_time(end) / 1000
+    return 2 * n**3 * iters / seconds / 1e12
+
+
+def _time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float:
+    """Seconds per step after `warmup` steps; CUDA events on GPU, wall clock on CPU."""
+    for _ in range(warmup):
+        step_fn()
+    _sync(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step_fn()
+        end.record()
+        _sync(device)
+        return start.elapsed_time(end) / 1000 / steps
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step_fn()
+    return (time.perf_counter() - t0) / steps
+
+
+def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int) -> float:
+    """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else."""
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, device)
+    opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
+    loader = SyntheticLoader(cfg, device, seed=1)
+    dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
+    accum = cfg.train.grad_accum_steps
+
+    def step():
+        for _ in range(accum):
+            x, y = loader.next_batch()
+            if dtype is None:
+                loss = model(x, y)
+            else:
+                with torch.autocast(device.type, dtype=dtype):
+                    loss = model(x, y)
+            (loss / accum).backward()
+        if cfg.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return _time_steps(step, device, warmup, steps)
+
+
+def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False) -> int:
+    """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result)."""
+    from gpttrain.trainer import Trainer, build_loaders, resolve_vocab
+
+    if warmup < 0 or steps < 1:
+        raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")
+    with distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info:
+        setup_logging(info.is_main, quiet=True)
+        cfg = copy.deepcopy(cfg)
+        if cfg.data.path is not None:
+            from gpttrain.data.prepare import open_tokenizer
+
+            tok = open_tokenizer(Path(cfg.data.path))
+            cfg.model.vocab_size = resolve_vocab(cfg, tok.vocab_size)
+            loader, _ = build_loaders(cfg, info, Path(cfg.data.path))
+            source = "data"
+        else:
+            loader = SyntheticLoader(cfg, info.device, seed=cfg.train.seed)
+            source = "synthetic"
+        sizes = [cfg.train.micro_batch_size]
+        if sweep:
+            sizes = [2**i for i in range(0, 9) if 2**i <= max(256, cfg.train.micro_batch_size)]
+        results = []
+        for mb in sizes:
+            c = copy.deepcopy(cfg)
+            c.train.micro_batch_size = mb
+            if source == "synthetic":
+                loader = SyntheticLoader(c, info.device, seed=c.train.seed)
+            try:
+                res = _bench_one(c, info, loader, Trainer, warmup, steps)
+            except torch.cuda.OutOfMemoryError:
+                torch.cuda.empty_cache()
+                log.warning("micro-batch %d does not fit", mb)
+                break
+            res["source"] = source
+            results.append(res)
+            if info.is_main and sweep:
+                emit(res)
+        if not results:
+            raise ConfigError("bench: not even micro-batch 1 fits; try activation checkpointing or FSDP")
+        best = max(results, key=lambda r: r["tok_per_s"])
+        if sweep:
+            best = dict(best, best_micro_batch_size=best["micro_batch_size"])
+        if info.is_main:
+            emit(best)
+    return 0
+
+
+def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) -> dict:
+    device = info.device
+    cfg.run.dir = str(Path(cfg.run.dir) / "bench")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    trainer = trainer_cls(cfg, info, train_loader=loader)
+    step_s = _time_steps(trainer.train_step, device, warmup, steps)
+    tokens_per_step = trainer.tokens_per_step
+    tok_s = tokens_per_step / step_s
+    per_gpu = tok_s / info.world_size
+    fpt = flops_per_token(cfg.model)
+    tflops = per_gpu * fpt / 1e12
+    peak = cfg.log.peak_tflops
+    if peak is None and device.type == "cuda":
+        peak = lookup_peak_tflops(torch.cuda.get_device_name(device))
+    res = {
+        "preset": cfg.preset, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "world_size": info.world_size, "precision": trainer.precision,
+        "compile": compile_wanted(cfg.train.compile, device),
+        "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+        "context_length": cfg.model.context_length, "params": trainer.model.num_params(),
+        "step_s": step_s, "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu, "flops_per_token": fpt,
+        "tflops": tflops, "mfu": mfu(per_gpu, cfg.model, peak),
+        "mem_peak_gib": torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None,
+    }
+    del trainer
+    if device.type == "cuda":
+        peak_measured = matmul_peak_tflops(device)
+        res["matmul_peak_tflops"] = peak_measured
+        res["peak_ratio"] = tflops / peak_measured
+    else:
+        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps)
+        res["plain_step_s"] = plain
+        res["overhead"] = step_s / plain - 1
+    return res

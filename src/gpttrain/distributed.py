@@ -1,0 +1,134 @@
+"""Who am I (rank, local rank, world, device), backend choice, init/teardown, reductions.
+
+The world comes from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK); plain
+`gpttrain train` is one process and never initialises a process group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from gpttrain.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+    backend: str | None  # None: one process, no process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend is not None
+
+
+def env_world() -> tuple[int, int, int]:
+    """(rank, local_rank, world_size) from torchrun's environment, (0, 0, 1) without it."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """The device this process trains on; refuses CUDA/MPS where there is none."""
+    if requested == "auto":
+        if torch.cuda.is_available():
+            requested = "cuda"
+        else:
+            requested = "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError("--device: cuda was asked for but torch sees no CUDA GPU "
+                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
+                              "use --device cpu or install a CUDA build of torch")
+        n = torch.cuda.device_count()
+        if local_rank >= n:
+            raise ConfigError(f"--device: LOCAL_RANK {local_rank} has no GPU (this machine has {n}); "
+                              f"start at most {n} processes per node (torchrun --nproc_per_node {n})")
+        return torch.device("cuda", local_rank)
+    if requested == "mps":
+        if not torch.backends.mps.is_available():
+            raise ConfigError("--device: mps was asked for but this machine has no Apple GPU; use --device cpu")
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def choose_backend(requested: str, device: torch.device) -> str:
+    if requested != "auto":
+        if requested == "nccl" and device.type != "cuda":
+            raise ConfigError("--dist.backend: nccl needs CUDA devices; use gloo (or auto) on CPU")
+        return requested
+    if device.type == "cuda" and sys.platform != "win32":
+        return "nccl"
+    return "gloo"
+
+
+def init(device_request: str = "auto", backend_request: str = "auto", timeout_s: int = 1800) -> DistInfo:
+    rank, local_rank, world = env_world()
+    device = resolve_device(device_request, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world == 1:
+        return DistInfo(0, 0, 1, device, None)
+    backend = choose_backend(backend_request, device)
+    if sys.platform == "win32":
+        os.environ.setdefault("USE_LIBUV", "0")  # Windows' gloo TCP store lacks libuv
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    return DistInfo(dist.get_rank(), local_rank, dist.get_world_size(), device, backend)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def session(device_request: str = "auto", backend_request: str = "auto", timeout_s: int = 1800) -> Iterator[DistInfo]:
+    """Initialise the world and tear the process group down on every exit path."""
+    try:
+        yield init(device_request, backend_request, timeout_s)
+    finally:
+        teardown()
+
+
+def barrier(info: DistInfo) -> None:
+    if info.distributed:
+        if info.backend == "nccl":
+            dist.barrier(device_ids=[info.device.index])
+        else:
+            dist.barrier()
+
+
+def all_reduce(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce of `t` (sum, avg via sum / world, or max); a no-op on one process."""
+    if not info.distributed:
+        return t
+    if op == "max":
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    else:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        if op == "avg":
+            t /= info.world_size
+    return t
+
+
+def broadcast_object(obj, info: DistInfo, src: int = 0):
+    if not info.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

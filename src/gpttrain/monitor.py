@@ -1,0 +1,151 @@
+"""Rank-0 reporting: console lines or a tqdm bar, train.log, metrics.jsonl, TensorBoard, W&B.
+
+Other ranks get a Monitor that writes nothing, so the training loop calls it unconditionally.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger("gpttrain")
+
+
+class _TqdmHandler(logging.Handler):
+    """Console logging that does not tear a live progress bar apart."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stdout)
+
+
+def setup_logging(is_main: bool, quiet: bool = False) -> None:
+    """Rank 0 logs INFO to stdout; other ranks only warnings (so N ranks don't print N times)."""
+    level = logging.INFO if is_main and not quiet else logging.WARNING
+    log.setLevel(level)
+    if not log.handlers:
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(h)
+        log.propagate = False
+
+
+def memory_stats(device: torch.device) -> dict[str, float | None]:
+    """Allocated / reserved / peak GiB of this process's CUDA device (None on CPU)."""
+    if device.type != "cuda":
+        return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None}
+    g = 1024**3
+    return {
+        "mem_alloc_gib": torch.cuda.memory_allocated(device) / g,
+        "mem_reserved_gib": torch.cuda.memory_reserved(device) / g,
+        "mem_peak_gib": torch.cuda.max_memory_allocated(device) / g,
+    }
+
+
+def gpu_utilization(device: torch.device) -> float | None:
+    """GPU utilization in percent through NVML where available, else None."""
+    if device.type != "cuda":
+        return None
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # pynvml missing or NVML unavailable: omit, never invent
+        return None
+
+
+class Monitor:
+    def __init__(self, run_dir: Path, *, is_main: bool, total_steps: int, progress: str = "auto",
+                 tensorboard: bool = False, wandb: bool = False, config: dict | None = None,
+                 initial_step: int = 0):
+        self.is_main = is_main
+        self.run_dir = run_dir
+        self._bar = None
+        self._tb = None
+        self._wandb = None
+        self._file_handler = None
+        self._console_handler = None
+        if not is_main:
+            return
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
+        fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+        fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(fh)
+        self._file_handler = fh
+        use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
+        if use_bar:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
+                             file=sys.stdout)
+            # Route console logging through tqdm.write while the bar lives.
+            for h in list(log.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    log.removeHandler(h)
+                    self._console_handler = h
+            th = _TqdmHandler()
+            th.setFormatter(logging.Formatter("%(message)s"))
+            log.addHandler(th)
+            self._tqdm_handler = th
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                log.warning("--log.tensorboard: tensorboard is not installed (pip install 'gpttrain[tensorboard]'); "
+                            "continuing without it")
+            else:
+                self._tb = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+        if wandb:
+            try:
+                import wandb as wandb_mod
+            except ImportError:
+                log.warning("--log.wandb: wandb is not installed; continuing without it")
+            else:
+                self._wandb = wandb_mod.init(dir=str(run_dir), config=config, resume="allow")
+
+    def record(self, rec: dict[str, Any]) -> None:
+        """One metrics.jsonl line (plus TensorBoard / W&B scalars)."""
+        if not self.is_main:
+            return
+        self._metrics.write(json.dumps(rec) + "\n")
+        self._metrics.flush()
+        step = rec.get("step", 0)
+        scalars = {f"{rec['kind']}/{k}": v for k, v in rec.items()
+                   if k not in ("kind", "step") and isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._tb is not None:
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, step)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=step)
+
+    def advance(self, steps: int, postfix: dict[str, str] | None = None) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+            if postfix:
+                self._bar.set_postfix(postfix, refresh=False)
+
+    @property
+    def uses_bar(self) -> bool:
+        return self._bar is not None
+
+    def close(self) -> None:
+        if not self.is_main:
+            return
+        if self._bar is not None:
+            self._bar.close()
+            log.removeHandler(self._tqdm_handler)
+            if self._console_handler is not None:
+                log.addHandler(self._console_handler)
+        if self._file_handler is not None:
+            log.removeHandler(self._file_handler)
+            self._file_handler.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+        self._metrics.close()

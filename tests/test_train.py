@@ -1,0 +1,264 @@
+import json
+import math
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from gpttrain.errors import ConfigError, DataError, GpttrainError
+from gpttrain.optim import lr_at, param_groups
+from gpttrain.trainer import plan_steps, resolve_precision, round_up
+from tests.helpers import build_trainer, free_port, make_data, run_cli, single_info, tiny_config, torchrun
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+def steps_of(trainer, n):
+    losses = []
+    for _ in range(n):
+        res = trainer.train_step()
+        trainer.step += 1
+        losses.append(res.loss)
+    return losses
+
+
+def _rank_main(rank, world, port, data_dir, run_dir, flags, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpttrain import distributed as distmod
+
+    with distmod.session("cpu", "gloo") as info:
+        trainer = build_trainer(tiny_config(data_dir, run_dir, *flags), info)
+        losses = steps_of(trainer, 3)
+        if rank == 0:
+            torch.save({"losses": losses, "params": trainer.model.state_dict()}, out)
+
+
+def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):
+    out = tmp_path / "ddp.pt"
+    mp.spawn(_rank_main, args=(2, free_port(), data_dir, tmp_path / "r2", ["--train.micro_batch_size", "2", *STABLE],
+                               out), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = build_trainer(tiny_config(data_dir, tmp_path / "r1", "--train.micro_batch_size", "4", *STABLE),
+                           single_info())
+    losses = steps_of(single, 3)
+    for a, b in zip(ddp["losses"], losses):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6), (ddp["losses"], losses)
+    for name, p in single.model.state_dict().items():
+        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-6, atol=1e-6)
+
+
+# AdamW's first steps divide each gradient by its own magnitude (+ eps): a component whose gradient is
+# ~1e-9 turns float rounding of the summation order into a visible update difference. eps 1e-6 keeps the
+# comparison about the gradients being those of one big batch, not about that conditioning.
+STABLE = ("--optim.eps", "1e-6")
+
+
+def test_accumulation_equals_one_big_batch(data_dir, tmp_path):
+    acc = build_trainer(tiny_config(data_dir, tmp_path / "a", "--train.micro_batch_size", "2",
+                                    "--train.grad_accum_steps", "4", *STABLE), single_info())
+    big = build_trainer(tiny_config(data_dir, tmp_path / "b", "--train.micro_batch_size", "8", *STABLE),
+                        single_info())
+    la, lb = steps_of(acc, 3), steps_of(big, 3)
+    for a, b in zip(la, lb):
+        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
+    for (name, p), q in zip(acc.model.state_dict().items(), big.model.state_dict().values()):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def test_tiny_model_overfits_a_small_text(tmp_path):
+    data = make_data(tmp_path, text="the cat sat on the mat. " * 60)
+    cfg = tiny_config(data, tmp_path / "run", "--optim.lr", "3e-3", "--optim.warmup_steps", "10",
+                      "--train.max_steps", "150")
+    trainer = build_trainer(cfg, single_info())
+    losses = steps_of(trainer, 150)
+    assert min(losses[-10:]) < 0.5, losses[-10:]
+
+
+def test_end_to_end_single_process_outputs(data_dir, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+                 "--train.max_steps", "12", "--train.eval_every", "6", "--train.log_every", "3"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr + r.stdout
+    for name in ("config.json", "metrics.jsonl", "loss.pdf", "loss.png", "samples.txt", "train.log"):
+        assert (run / name).is_file(), name
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    evals = [r for r in recs if r["kind"] == "eval"]
+    assert [r["step"] for r in train] == [3, 6, 9, 12]
+    assert [r["step"] for r in evals] == [6, 12]
+    keys = {"step", "epoch", "tokens", "loss", "lr", "grad_norm", "tok_per_s", "tok_per_s_per_gpu", "tflops", "mfu",
+            "mem_peak_gib", "time"}
+    assert keys <= set(train[0])
+    assert train[0]["mfu"] is None  # CPU: unknown peak, omitted
+    assert {"train_loss", "val_loss", "val_ppl", "tokens"} <= set(evals[0])
+    assert train[-1]["tokens"] == 12 * 4 * 64
+    assert "Every effort moves you" in (run / "samples.txt").read_text()
+    assert (run / "loss.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_end_to_end(data_dir, tmp_path):
+    run = tmp_path / "run"
+    r = torchrun(["train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+                  "--train.max_steps", "30", "--train.eval_every", "15"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-4000:] + r.stdout[-2000:]
+    for name in ("config.json", "metrics.jsonl", "loss.pdf", "loss.png", "samples.txt"):
+        assert (run / name).is_file(), name
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in recs if r["kind"] == "train"]
+    assert train[-1]["step"] == 30
+    assert train[-1]["tokens"] == 30 * 4 * 64 * 2  # global tokens: both ranks
+    assert train[-1]["tok_per_s"] == pytest.approx(2 * train[-1]["tok_per_s_per_gpu"])
+    assert "world: 2 process(es)" in r.stdout
+
+
+@pytest.mark.slow
+def test_two_node_job_on_loopback(data_dir, tmp_path):
+    import subprocess
+    import sys
+
+    port = free_port()
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    procs = []
+    for node in range(2):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
+               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
+               "-m", "gpttrain", "train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+               "--train.max_steps", "6", "--train.eval_every", "6"]
+        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    assert "world: 2 process(es)" in outs[0][0]
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r for r in recs if r["kind"] == "train"][-1]["tokens"] == 6 * 4 * 64 * 2
+
+
+# ---- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_lr_schedule():
+    kw = dict(base_lr=1.0, total_steps=100, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, **kw) == pytest.approx(0.1)
+    assert lr_at(9, **kw) == pytest.approx(1.0)
+    assert lr_at(10, **kw) == pytest.approx(1.0)
+    assert lr_at(55, **kw) == pytest.approx(0.55)
+    assert lr_at(100, **kw) == pytest.approx(0.1)
+    assert lr_at(1000, **kw) == pytest.approx(0.1)
+    assert lr_at(50, base_lr=5e-4, total_steps=100, schedule="constant") == 5e-4
+
+
+def test_weight_decay_groups():
+    from gpttrain.config import ModelConfig
+    from gpttrain.model import GPT
+
+    for tie in (False, True):
+        model = GPT(ModelConfig(vocab_size=50, context_length=8, emb_dim=16, n_heads=2, n_layers=2, tie_embeddings=tie))
+        decay, no_decay = param_groups(model, 0.1)
+        names = {id(p): n for n, p in model.named_parameters()}
+        assert all(p.ndim == 2 and "emb" not in names[id(p)] for p in decay["params"])
+        assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
+        assert ("out_head.weight" in {names[id(p)] for p in decay["params"]}) == (not tie)
+
+
+def test_plan_steps_and_vocab_rounding(data_dir, tmp_path):
+    assert round_up(50257, 64) == 50304
+    cfg = tiny_config(data_dir, tmp_path, "--train.epochs", "2", "--train.grad_accum_steps", "2")
+    assert plan_steps(cfg, batches_per_epoch=10, tokens_per_step=100) == 10
+    cfg.train.max_steps = 3
+    assert plan_steps(cfg, 10, 100) == 3
+    cfg.train.max_tokens = 150
+    assert plan_steps(cfg, 10, 100) == 2
+
+
+def test_lr_scales_with_world_size_when_asked(data_dir, tmp_path):
+    from gpttrain.distributed import DistInfo
+
+    cfg = tiny_config(data_dir, tmp_path, "--optim.lr", "5e-4", "--optim.scale_lr_with_world", "true")
+    assert build_trainer(cfg, single_info()).base_lr == 5e-4
+    fake_world = DistInfo(0, 0, 4, torch.device("cpu"), None)  # no process group needed to read the lr
+    tr = build_trainer(cfg, fake_world)
+    assert tr.base_lr == pytest.approx(2e-3)
+
+
+# ---- bad input --------------------------------------------------------------------------------------
+
+
+def test_missing_data_dir(tmp_path):
+    r = run_cli(["train", "--preset", "tiny", "--data", str(tmp_path / "nope"), "--run-dir", str(tmp_path / "r")],
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert "--data" in r.stderr and "nope" in r.stderr and "does not exist" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_vocab_smaller_than_tokenizer(data_dir, tmp_path):
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(tmp_path / "r"),
+                 "--model.vocab_size", "100"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert "--model.vocab_size: 100 is smaller than the data's tokenizer vocabulary (257)" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_context_longer_than_the_data(data_dir, tmp_path):
+    with pytest.raises(DataError, match="fewer than one window"):
+        build_trainer(tiny_config(data_dir, tmp_path, "--model.context_length", "100000"), single_info())
+
+
+def test_micro_batch_below_one(tmp_path):
+    r = run_cli(["train", "--preset", "tiny", "--train.micro_batch_size", "0"], cwd=tmp_path)
+    assert r.returncode == 2 and "--train.micro_batch_size: 0 must be at least 1" in r.stderr
+    r = run_cli(["train", "--preset", "tiny", "--train.grad_accum_steps", "0"], cwd=tmp_path)
+    assert r.returncode == 2 and "--train.grad_accum_steps: 0 must be at least 1" in r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no GPU")
+def test_cuda_asked_where_there_is_none(data_dir, tmp_path):
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data_dir), "--device", "cuda",
+                 "--run-dir", str(tmp_path / "r")], cwd=tmp_path)
+    assert r.returncode == 2 and "--device: cuda was asked for but torch sees no CUDA GPU" in r.stderr
+
+
+def test_bf16_on_a_gpu_without_it(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    with pytest.raises(ConfigError, match="--train.precision: bf16-mixed needs bf16, which Tesla V100 lacks"):
+        resolve_precision("bf16-mixed", torch.device("cuda", 0))
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "fp16-mixed"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+
+
+def test_oom_is_answered_with_a_batch_that_fits(data_dir, tmp_path, monkeypatch):
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "r", "--train.micro_batch_size", "8"), single_info())
+
+    def boom(*a, **k):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    from gpttrain.memory import estimate_training_memory
+
+    # A GPU where micro-batch 2 fits and 8 does not.
+    fits = estimate_training_memory(trainer.cfg.model, 2, "fp32").total
+    too_big = estimate_training_memory(trainer.cfg.model, 4, "fp32").total
+    gpu_bytes = (fits + too_big) / 2 / 0.9
+    monkeypatch.setattr(trainer, "train_step", boom)
+    monkeypatch.setattr(trainer, "device_memory", lambda: gpu_bytes)
+    with pytest.raises(GpttrainError, match=r"CUDA out of memory at --train.micro_batch_size 8 .*gpttrain info "
+                                            r"estimates .* Try --train.micro_batch_size 2 --train.grad_accum_steps 4"):
+        trainer.fit()
+
+
+def test_bench_cpu_reports_overhead(tmp_path):
+    r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "3",
+                 "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    for key in ("tok_per_s", "tflops", "mfu", "mem_peak_gib", "overhead", "plain_step_s"):
+        assert key in row
+    assert row["mfu"] is None and row["tok_per_s"] > 0
