@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--sweep", action="store_true", help="try micro-batch sizes 1, 2, 4, ... and report the best")
 
+    from gpttrain.api import add_export_arguments, add_generate_arguments
+
+    p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, streaming)",
+                       description="Sample text from a checkpoint: temperature (0 = greedy), top-k, top-p, seed; "
+                                   "streams token by token and stops at end-of-text.")
+    add_generate_arguments(p)
+
+    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 model or plain safetensors",
+                       description="Export a checkpoint: --format hf writes config.json + model.safetensors that "
+                                   "transformers.GPT2LMHeadModel.from_pretrained(DIR) loads.")
+    add_export_arguments(p)
+
     p = sub.add_parser("info", help="resolved config, parameters, FLOPs per token, memory estimate",
                        formatter_class=fmt, epilog=CONFIG_EPILOG,
                        description="Print the resolved config, the parameter count, model FLOPs per token and "
@@ -132,6 +144,12 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_bench(config_from_args(args, rest), emit, warmup=args.warmup, steps=args.steps,
                              sweep=args.sweep)
+        if args.command in ("generate", "export"):
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from gpttrain.api import run_export, run_generate
+
+            return run_generate(args) if args.command == "generate" else run_export(args)
         if args.command == "info":
             from gpttrain.info import run_info
 

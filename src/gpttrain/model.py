@@ -65,6 +65,7 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.pos
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_heads, start + T, head_dim)
+            k, v = k.to(q.dtype), v.to(q.dtype)  # a cache kept in fp32 under autocast or FSDP's bf16 compute
         dropout_p = self.attn_drop if self.training else 0.0
         if start == 0:
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
@@ -123,23 +124,27 @@ class GPT(nn.Module):
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
+    def init_rule(self, name: str) -> tuple[str, float]:
+        """How parameter `name` is initialised: ("normal", std), ("zeros", 0) or ("ones", 0).
+
+        GPT-2 init: N(0, 0.02) weights and embeddings, zero biases, unit norm scales, and residual
+        projections scaled by 1/sqrt(2 x layers). A rule per name lets a sharded model (FSDP)
+        initialise each parameter exactly as the plain model does (parallel.py).
+        """
+        module_name, _, kind = name.rpartition(".")
+        if kind == "bias":
+            return ("zeros", 0.0)
+        if "norm" in module_name.rsplit(".", 1)[-1]:
+            return ("ones", 0.0)
+        if module_name.endswith(("attn.proj", "mlp.proj")):
+            return ("normal", 0.02 / math.sqrt(2 * self.cfg.n_layers))
+        return ("normal", 0.02)
+
     @torch.no_grad()
     def init_weights(self) -> None:
-        """GPT-2 init: N(0, 0.02) weights, zero biases, residual projections scaled by 1/sqrt(2 x layers)."""
-        resid_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, nn.Linear):
-                std = resid_std if name.endswith(("attn.proj", "mlp.proj")) else 0.02
-                if module is self.out_head and self.cfg.tie_embeddings:
-                    continue  # shares the embedding's weight, initialised below
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=0.02)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """Initialise every parameter by `init_rule`, in `named_parameters()` order (a tied head once)."""
+        for name, p in self.named_parameters():
+            fill_(p, *self.init_rule(name))
 
     def hidden(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Final-normed hidden states (B, T, emb_dim) for token ids idx (B, T)."""
@@ -169,12 +174,23 @@ class GPT(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
+@torch.no_grad()
+def fill_(t: torch.Tensor, kind: str, std: float) -> torch.Tensor:
+    if kind == "zeros":
+        return t.zero_()
+    if kind == "ones":
+        return t.fill_(1.0)
+    return t.normal_(mean=0.0, std=std)
+
+
 def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
     """Construct on the meta device, allocate on `device`, initialise: the only random numbers drawn
     are the init's own, so the same seed gives the same weights on any device and rank."""
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
+    if cfg.tie_embeddings:
+        model.out_head.weight = model.tok_emb.weight  # to_empty allocated the two separately
     model.init_weights()
     return model
 

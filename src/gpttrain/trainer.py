@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.tensor import DTensor
 
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
@@ -27,7 +28,13 @@ from gpttrain.metrics import flops_per_token, lookup_peak_tflops, mfu, model_tfl
 from gpttrain.model import GPT, build_model
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats, setup_logging
 from gpttrain.optim import build_optimizer, lr_at
-from gpttrain.parallel import apply_activation_checkpointing, compile_wanted, wrap_ddp
+from gpttrain.parallel import (
+    apply_activation_checkpointing,
+    build_fsdp_model,
+    compile_wanted,
+    strategy_for,
+    wrap_ddp,
+)
 
 log = logging.getLogger("gpttrain")
 
@@ -92,10 +99,8 @@ class StopFlag:
 
     def install(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
+            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner thread)
                 self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. inside a test runner thread)
-                pass
 
     def _handle(self, signum, frame) -> None:
         if self.requested and signum == signal.SIGINT:
@@ -135,11 +140,15 @@ class Trainer:
         self.evals_done = 0
         self.train_time = 0.0  # seconds of training steps, excluding the first (compile) step
 
+        self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
         torch.manual_seed(cfg.train.seed)
-        self.model: GPT = build_model(cfg.model, self.device)
-        if self.precision == "bf16-pure":
-            self.model.to(torch.bfloat16)
+        if self.strategy == "fsdp":
+            self.model: GPT = build_fsdp_model(cfg.model, info, self.precision, cfg.train.activation_checkpointing)
+        else:
+            self.model = build_model(cfg.model, self.device)
+            if self.precision == "bf16-pure":
+                self.model.to(torch.bfloat16)
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -168,13 +177,21 @@ class Trainer:
 
     def _wrap(self) -> torch.nn.Module:
         model: torch.nn.Module = self.model
-        if self.cfg.train.activation_checkpointing:
+        if self.cfg.train.activation_checkpointing and self.strategy != "fsdp":  # FSDP applied it before sharding
             apply_activation_checkpointing(self.model)
         if compile_wanted(self.cfg.train.compile, self.device):
             model = torch.compile(model)
-        if self.info.distributed:
+        if self.strategy == "ddp":
             model = wrap_ddp(model, self.info)
         return model
+
+    def _grad_sync(self, model: torch.nn.Module, last: bool):
+        """Gradients are reduced only on the last micro-step of an accumulation."""
+        if self.strategy == "ddp" and not last:
+            return model.no_sync()
+        if self.strategy == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
 
     def autocast(self):
         dtype = DTYPES.get(self.precision)
@@ -210,8 +227,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.train_loader.next_batch()
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or not self.info.distributed else model.no_sync()
-            with sync:
+            with self._grad_sync(model, last):
                 with self.autocast():
                     loss = model(x, y)
                 # Dividing by accum makes the summed gradients those of one batch of accum x micro.
@@ -221,13 +237,18 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        # One all-reduce carries the loss and the stop flag; the grad norm is already global (DDP synced).
-        packed = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), device=self.device)])
+        if isinstance(grad_norm, DTensor):
+            grad_norm = grad_norm.full_tensor()  # FSDP: the norm over all shards
+        # One all-reduce carries the loss, the stop flag and this rank's verdict on its gradients, so every
+        # rank takes the same decisions from the same summed numbers (a NaN on one rank is a NaN on all).
+        grads_bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
+        packed = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), device=self.device), grads_bad])
         distmod.all_reduce(packed, self.info, "sum")
         loss_val = packed[0].item() / self.info.world_size
         stop = packed[1].item() > 0
         norm_val = float(grad_norm)
-        finite = math.isfinite(loss_val) and math.isfinite(norm_val)
+        # With fp16 an overflowing gradient is routine: the scaler skips that step and lowers its scale.
+        finite = math.isfinite(loss_val) and (packed[2].item() == 0 or self.scaler.is_enabled())
         lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps,
                    warmup_steps=self.cfg.optim.warmup_steps, schedule=self.cfg.optim.schedule,
                    min_lr_ratio=self.cfg.optim.min_lr_ratio)
@@ -249,11 +270,19 @@ class Trainer:
         was_training = model.training
         model.eval()
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
+        batches = 0
         for x, y in loader.eval_batches(self.cfg.train.eval_batches):
             with self.autocast():
                 loss = self.model(x, y)  # the plain module: no DDP hooks, no recompiles on odd batch sizes
             totals[0] += loss.double() * x.shape[0]
             totals[1] += x.shape[0]
+            batches += 1
+        if self.strategy == "fsdp":
+            # FSDP forwards are collective: a rank with no windows in the last batches still runs them.
+            dummy = torch.zeros((1, 1), dtype=torch.long, device=self.device)
+            for _ in range(loader.eval_global_batches(self.cfg.train.eval_batches) - batches):
+                with self.autocast():
+                    self.model(dummy, dummy)
         distmod.all_reduce(totals, self.info, "sum")
         model.train(was_training)
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
@@ -265,15 +294,16 @@ class Trainer:
         return {"train_loss": train_loss, "val_loss": val_loss, "val_ppl": ppl}
 
     def sample(self) -> str | None:
-        """A greedy sample from the prompt (rank 0 only), as the original printed periodically."""
-        if not self.info.is_main or self.tokenizer is None:
+        """A greedy sample from the prompt, as the original printed periodically. Rank 0 alone with DDP;
+        every rank in step under FSDP (its forwards are collective), rank 0 reporting."""
+        if self.tokenizer is None or (not self.info.is_main and self.strategy != "fsdp"):
             return None
-        from gpttrain.generate import generate_text
+        from gpttrain.sampling import generate_text
 
         lg = self.cfg.log
         with self.autocast():
             texts = generate_text(self.model, self.tokenizer, lg.sample_prompt, lg.sample_tokens, temperature=0.0)
-        return lg.sample_prompt + texts[0]
+        return lg.sample_prompt + texts[0] if self.info.is_main else None
 
     # ---- the loop ------------------------------------------------------------------------------
 
@@ -338,8 +368,8 @@ class Trainer:
         log.info("model: %s parameters, %d layers x %d wide, %d heads, context %d, vocab %d",
                  f"{self.model.num_params():,}", cfg.model.n_layers, cfg.model.emb_dim, cfg.model.n_heads,
                  cfg.model.context_length, cfg.model.vocab_size)
-        log.info("world: %d process(es) on %s (backend %s), precision %s, compile %s", info.world_size,
-                 self.device, info.backend or "none", self.precision,
+        log.info("world: %d process(es) on %s (backend %s, %s), precision %s, compile %s", info.world_size,
+                 self.device, info.backend or "none", self.strategy, self.precision,
                  "on" if compile_wanted(t.compile, self.device) else "off")
         log.info("batch: micro-batch %d x %d accumulation x %d ranks = %d sequences = %s tokens per step; "
                  "%d steps (%.2f epochs of %d windows)", t.micro_batch_size, t.grad_accum_steps, info.world_size,
@@ -526,6 +556,9 @@ def run_training(cfg: Config, quiet: bool = False) -> int:
         cfg.model.vocab_size = vocab
         cfg.data.path = str(data_dir)
         train_loader, val_loader = build_loaders(cfg, info, data_dir)
+        from gpttrain.checkpoint import refuse_unrequested_resume
+
+        refuse_unrequested_resume(Path(cfg.run.dir), cfg.run.resume)  # before config.json is overwritten
         if info.is_main:
             Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
             log.info("resolved config:\n%s", cfg.to_json())

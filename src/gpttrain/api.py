@@ -1,0 +1,159 @@
+"""The Python API (`gpttrain.load`, `gpttrain.generate`) and the `generate` / `export` commands.
+
+Everything starts from a checkpoint alone: the resolved config and the tokenizer travel inside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpttrain.config import Config, from_dict
+from gpttrain.errors import ConfigError
+
+log = logging.getLogger("gpttrain")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Loaded:
+    """A trained model ready to use: `model` (eval mode), `tokenizer`, resolved `config`, `checkpoint` path."""
+
+    model: Any
+    tokenizer: Any
+    config: Config
+    checkpoint: Path
+
+    def generate(self, prompt: str, max_new_tokens: int = 100, **kw) -> str:
+        return generate(self, prompt, max_new_tokens, **kw)
+
+
+def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Loaded:
+    """Load a checkpoint folder, or a run dir's newest complete checkpoint, for inference."""
+    from gpttrain import checkpoint as ckpt
+    from gpttrain.distributed import resolve_device
+    from gpttrain.model import build_model
+
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
+    path = ckpt.resolve_checkpoint(path)
+    state = ckpt.verify(path)
+    cfg = from_dict(state["config"])
+    dev = resolve_device(device)
+    model = build_model(cfg.model, dev)
+    ckpt.load_model_state(model, ckpt.load_model_weights(path))
+    model.to(DTYPES[dtype]).eval()
+    tokenizer = ckpt.load_tokenizer(path, state)
+    if tokenizer is None:
+        raise ConfigError(f"checkpoint {path} carries no tokenizer; it cannot turn text into tokens")
+    return Loaded(model, tokenizer, cfg, path)
+
+
+def generate(model_or_loaded, prompt: str, max_new_tokens: int = 100, *, tokenizer=None, temperature: float = 0.8,
+             top_k: int | None = None, top_p: float | None = 0.95, seed: int | None = None, num_samples: int = 1,
+             stream=None) -> str | list[str]:
+    """Continue `prompt`. Returns the new text (a list when num_samples > 1); `stream(piece)` gets it live."""
+    from gpttrain.sampling import generate_text
+
+    if isinstance(model_or_loaded, Loaded):
+        model, tokenizer = model_or_loaded.model, tokenizer or model_or_loaded.tokenizer
+    else:
+        model = model_or_loaded
+    if tokenizer is None:
+        raise ConfigError("generate: pass tokenizer= with a bare model (or the result of gpttrain.load)")
+    texts = generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, seed=seed, num_samples=num_samples, stream=stream)
+    return texts[0] if num_samples == 1 else texts
+
+
+# ---- commands ----------------------------------------------------------------------------------
+
+
+def add_generate_arguments(p) -> None:
+    p.add_argument("--checkpoint", required=True, metavar="RUN_DIR|PATH",
+                   help="a run dir (its newest complete checkpoint) or a checkpoint folder")
+    p.add_argument("--prompt", default=None, help="the text to continue; '-' reads stdin (default: end-of-text, "
+                                                  "i.e. a fresh document)")
+    p.add_argument("--prompt-file", default=None, metavar="FILE", help="read the prompt from a file")
+    p.add_argument("--max-new-tokens", type=int, default=100, help="tokens to generate (default: 100)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: off)")
+    p.add_argument("--top-p", type=float, default=0.95, help="nucleus sampling mass in (0, 1] (default: 0.95)")
+    p.add_argument("--seed", type=int, default=None, help="make sampling reproducible (default: random)")
+    p.add_argument("--num-samples", type=int, default=1, help="independent continuations (default: 1)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="(default: auto)")
+    p.add_argument("--dtype", default="fp32", choices=list(DTYPES), help="(default: fp32)")
+    p.add_argument("--no-stream", action="store_true", help="print each sample when done instead of streaming")
+
+
+def _read_prompt(args) -> str:
+    if args.prompt is not None and args.prompt_file is not None:
+        raise ConfigError("--prompt and --prompt-file: give one of them, not both")
+    if args.prompt_file is not None:
+        p = Path(args.prompt_file)
+        if not p.is_file():
+            raise ConfigError(f"--prompt-file: {str(p)!r} does not exist")
+        return p.read_text(encoding="utf-8")
+    if args.prompt == "-":
+        return sys.stdin.read()
+    return args.prompt or ""
+
+
+def run_generate(args, out=sys.stdout) -> int:
+    from gpttrain.sampling import check_sampling_args
+
+    check_sampling_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, num_samples=args.num_samples)
+    prompt = _read_prompt(args)
+    loaded = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    log.info("loaded %s (%s parameters, step %s)", loaded.checkpoint, f"{loaded.model.num_params():,}",
+             loaded.checkpoint.name.removeprefix("step-").lstrip("0") or "0")
+    for i in range(args.num_samples):
+        seed = None if args.seed is None else args.seed + i
+        if args.num_samples > 1:
+            out.write(f"--- sample {i + 1}\n")
+        out.write(prompt)
+        out.flush()
+
+        def emit(piece: str) -> None:
+            out.write(piece)
+            out.flush()
+
+        text = generate(loaded, prompt, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                        top_p=args.top_p, seed=seed, stream=None if args.no_stream else emit)
+        if args.no_stream:
+            out.write(text)
+        out.write("\n")
+        out.flush()
+    return 0
+
+
+def add_export_arguments(p) -> None:
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run dir (newest complete checkpoint) or a checkpoint")
+    p.add_argument("--format", default="hf", choices=["hf", "safetensors"],
+                   help="hf: Hugging Face GPT-2 layout (config.json + model.safetensors) that "
+                        "transformers.GPT2LMHeadModel loads; safetensors: plain weights + our config (default: hf)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory (must be empty or absent)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+def run_export(args) -> int:
+    from gpttrain.export import export_hf, export_safetensors
+    from gpttrain.tokenizer import payload_of
+
+    loaded = load(args.checkpoint, device="cpu")
+    tok = loaded.tokenizer
+    if args.format == "hf":
+        out = export_hf(loaded.model, loaded.config.model, args.out, overwrite=args.overwrite,
+                        tokenizer_spec=tok.spec(), tokenizer_json=tok.payload() if tok.kind == "bpe" else None)
+    else:
+        out = export_safetensors(loaded.model, loaded.config.to_dict(), args.out, overwrite=args.overwrite,
+                                 tokenizer_spec=tok.spec(), tokenizer_payload=payload_of(tok))
+    log.info("wrote %s", out)
+    return 0

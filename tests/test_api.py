@@ -1,0 +1,106 @@
+"""The checkpoint-facing surface: gpttrain.load / generate, `gpttrain generate`, `gpttrain export`, --init-from."""
+
+import shutil
+
+import pytest
+import torch
+
+import gpttrain
+from gpttrain.trainer import run_training
+from tests.helpers import make_data, run_cli, tiny_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("api")
+    data = make_data(root)
+    cfg = tiny_config(data, root / "run", "--train.max_steps", "40", "--train.eval_every", "40",
+                      "--train.checkpoint_every", "20")
+    assert run_training(cfg, quiet=True) == 0
+    return root / "run"
+
+
+def test_load_and_generate(run_dir):
+    loaded = gpttrain.load(run_dir)
+    assert loaded.checkpoint.name == "step-000000040"
+    assert loaded.tokenizer.kind == "byte"
+    assert not loaded.model.training
+    a = gpttrain.generate(loaded, "Line 1", 20, seed=3)
+    b = loaded.generate("Line 1", 20, seed=3)
+    assert a == b and isinstance(a, str)
+    greedy = gpttrain.generate(loaded.model, "Line 1", 20, tokenizer=loaded.tokenizer, temperature=0)
+    assert greedy == gpttrain.generate(loaded, "Line 1", 20, temperature=0, seed=99)
+    assert len(gpttrain.generate(loaded, "Line", 5, num_samples=3, seed=1)) == 3
+
+
+def test_generate_cli_streams_the_same_text(run_dir, tmp_path):
+    args = ["generate", "--checkpoint", str(run_dir), "--prompt", "Line 4", "--max-new-tokens", "30", "--seed", "7"]
+    streamed = run_cli(args, cwd=tmp_path)
+    whole = run_cli([*args, "--no-stream"], cwd=tmp_path)
+    assert streamed.returncode == 0, streamed.stderr
+    assert streamed.stdout.splitlines()[-1].startswith("Line 4")
+    assert streamed.stdout.splitlines()[1:] == whole.stdout.splitlines()[1:]
+    ckpt = run_cli(["generate", "--checkpoint", str(run_dir / "checkpoints" / "step-000000020"), "--prompt",
+                    "Line", "--max-new-tokens", "5", "--temperature", "0"], cwd=tmp_path)
+    assert ckpt.returncode == 0 and "step 20" in ckpt.stdout
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "1.5"], "--top-p"),
+    (["--top-p", "0"], "--top-p"),
+    (["--temperature", "-1"], "--temperature"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+])
+def test_generate_bad_flags(run_dir, tmp_path, flags, message):
+    r = run_cli(["generate", "--checkpoint", str(run_dir), "--prompt", "x", *flags], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and message in r.stderr
+
+
+def test_generate_missing_or_incomplete_checkpoint(run_dir, tmp_path):
+    r = run_cli(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"], cwd=tmp_path)
+    assert r.returncode == 2 and "nowhere" in r.stderr and "does not exist" in r.stderr
+    broken = tmp_path / "step-000000020"
+    shutil.copytree(run_dir / "checkpoints" / "step-000000020", broken)
+    (broken / "COMPLETE").unlink()
+    r = run_cli(["generate", "--checkpoint", str(broken), "--prompt", "x"], cwd=tmp_path)
+    assert r.returncode == 2 and "incomplete" in r.stderr and str(broken) in r.stderr
+
+
+def test_export_hf_loads_in_transformers_with_the_same_logits(run_dir, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    r = run_cli(["export", str(run_dir), "--format", "hf", "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    hf = transformers.GPT2LMHeadModel.from_pretrained(out).eval()
+    loaded = gpttrain.load(run_dir)
+    idx = torch.randint(0, 257, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(idx).logits, loaded.model(idx), rtol=1e-4, atol=1e-4)
+    again = run_cli(["export", str(run_dir), "--format", "hf", "--out", str(out)], cwd=tmp_path)
+    assert again.returncode == 2 and "--out" in again.stderr
+
+
+def test_export_safetensors_and_init_from(run_dir, tmp_path):
+    out = tmp_path / "st"
+    r = run_cli(["export", str(run_dir), "--format", "safetensors", "--out", str(out)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (out / "model.safetensors").is_file() and (out / "config.json").is_file()
+    hf = tmp_path / "hf"
+    assert run_cli(["export", str(run_dir), "--out", str(hf)], cwd=tmp_path).returncode == 0
+    # Continued pre-training from the exported directory starts from exactly those weights.
+    from gpttrain.export import load_hf
+
+    (tmp_path / "d").mkdir()
+    data = make_data(tmp_path / "d")
+    cfg = tiny_config(data, tmp_path / "cont", "--run.init_from", str(hf), "--train.max_steps", "1")
+    from tests.helpers import build_trainer, single_info
+
+    trainer = build_trainer(cfg, single_info())
+    _, sd = load_hf(hf, trainer.cfg.model)
+    for name, p in trainer.model.state_dict().items():
+        assert torch.equal(p, sd[name]), name
+    # Shapes that differ from the config are named.
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(tmp_path / "bad"),
+                 "--init-from", str(hf), "--model.emb_dim", "32"], cwd=tmp_path)
+    assert r.returncode == 2 and "tok_emb.weight" in r.stderr
