@@ -16,8 +16,8 @@ import time
 import torch
 
 from gpttrain.config import resolve
-from gpttrain.sampling import generate_ids
 from gpttrain.model import build_model
+from gpttrain.sampling import generate_ids
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 

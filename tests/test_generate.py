@@ -7,8 +7,8 @@ from torch import nn
 
 from gpttrain.config import ModelConfig
 from gpttrain.errors import ConfigError
-from gpttrain.sampling import filter_logits, generate_ids, generate_text, sample_next
 from gpttrain.model import GPT
+from gpttrain.sampling import filter_logits, generate_ids, generate_text, sample_next
 from gpttrain.tokenizer import ByteTokenizer
 
 # The sampling module by path (`gpttrain.generate` is the high-level API function).
