@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -78,3 +81,76 @@ def torchrun(args: list[str], cwd: Path, nproc: int = 2, extra: list[str] | None
     env.update(env_extra or {})
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "gpttrain", *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---- launched jobs: background torchrun, its workers, their outputs --------------------------------
+
+
+def torchrun_popen(args: list[str], cwd: Path, log_path: Path, nproc: int = 2, extra: list[str] | None = None,
+                   env_extra: dict | None = None) -> subprocess.Popen:
+    """A torchrun job in the background, stdout and stderr into `log_path` (no pipe to fill up)."""
+    launcher = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+                *(extra or [])]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(env_extra or {})
+    with open(log_path, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "gpttrain", *args],
+                                cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def child_pids(pid: int) -> list[int]:
+    """Direct children of a process, from /proc (Linux)."""
+    kids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread ended meanwhile
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def worker_pids(agent_pid: int) -> dict[int, int]:
+    """{rank: pid} of a torchrun agent's live workers, read from their environment."""
+    ranks = {}
+    for pid in child_pids(agent_pid):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    return ranks
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError):  # a line being written right now
+            out.append(json.loads(line))
+    return out
+
+
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.02, proc: subprocess.Popen | None = None):
+    """Poll until predicate() is truthy (returns its value); fail after `timeout` s or if `proc` ends first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the job ended (exit {proc.returncode}) before {what}")
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stop_job(job: subprocess.Popen) -> None:
+    """Kill a background torchrun job that is still running: its workers first, so none is orphaned."""
+    if job.poll() is not None:
+        return
+    for pid in worker_pids(job.pid).values():
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+    job.kill()
+    job.wait(timeout=60)

@@ -8,8 +8,9 @@ Layout of `RUN_DIR/checkpoints/step-000000123/`:
   tokenizer.json | gpt2.tiktoken   the tokenizer's payload, so generate/export need nothing else
   COMPLETE              written last: every file's size and SHA-256
 
-A save goes into `.tmp-step-...`, is fsynced, renamed, and only then gets COMPLETE; discovery
-ignores folders without it. Loading never executes anything from the files.
+A save goes into `.tmp-step-...`, is fsynced, gets COMPLETE (the last file written), and is then
+renamed: the rename is the commit, so a final name never holds a partial save. Discovery also ignores
+folders without COMPLETE. Loading never executes anything from the files.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ log = logging.getLogger("gpttrain")
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "state.json")
 
 
 class CheckpointError(GpttrainError):
@@ -145,54 +147,93 @@ def _versions() -> dict[str, str]:
 # ---- save -------------------------------------------------------------------------------------
 
 
-def save(trainer, reason: str = "periodic") -> Path | None:
-    """Save the trainer's full state; collective (every rank calls it). Returns the final path."""
+def _agree(ok: bool, trainer) -> bool:
+    """True on every rank when `ok` is true on every rank (one all-reduce; every rank must call it)."""
+    flag = torch.tensor([1.0 if ok else 0.0], device=trainer.device)
+    distmod.all_reduce(flag, trainer.info, "sum")
+    return flag.item() == trainer.info.world_size
+
+
+def save(trainer, reason: str = "periodic") -> Path:
+    """Save the trainer's full state; collective (every rank calls it). Returns the final path.
+
+    Three phases, each closed by an agreement so that a failure on any rank fails the save on every
+    rank (no rank is left waiting in a collective): rank 0 prepares the temporary folder; every rank
+    writes its files; rank 0 writes COMPLETE inside the temporary folder and renames it. The rename is
+    the commit: a folder under a final name always holds COMPLETE, and a crash at any point leaves
+    only a `.tmp-` folder, which the next save's prune removes.
+    """
     info = trainer.info
     root = trainer.run_dir / "checkpoints"
     name = f"{PREFIX}{trainer.step:09d}"
     final, tmp = root / name, root / f".tmp-{name}"
-    if (final / COMPLETE).is_file():
-        return final  # already saved at this step (e.g. periodic, then final)
-    ok = torch.ones(1, device=trainer.device)
-    error: Exception | None = None
+    # Rank 0 decides whether this step is already saved (e.g. a signal right after a periodic save),
+    # so no rank skips a collective that the others enter.
+    status = torch.zeros(2, device=trainer.device)  # [failed, already saved]
+    error: BaseException | None = None
     if info.is_main:
-        try:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        except OSError as e:
-            error, ok[0] = e, 0
-    distmod.all_reduce(ok, info, "sum")
-    if ok.item() < info.world_size:
+        if (final / COMPLETE).is_file():
+            status[1] = 1
+        else:
+            try:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                error, status[0] = e, 1
+    distmod.all_reduce(status, info, "sum")
+    if status[1].item() > 0:
+        return final
+    if status[0].item() > 0:
         raise CheckpointError(f"checkpoint: cannot create {tmp}: {error or 'failed on rank 0'}")
-    ok = torch.ones(1, device=trainer.device)
+
     try:
         _write_json(tmp / f"rng-rank{info.rank:05d}.json", rng_state(trainer.device))
         if info.is_main:
             _write_rank0_files(trainer, tmp, reason)
-    except OSError as e:  # full disk, permissions, ...
-        error, ok[0] = e, 0
-    distmod.all_reduce(ok, info, "sum")  # every rank learns whether all writes succeeded
-    if ok.item() < info.world_size:
-        if info.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-        previous = list_checkpoints(trainer.run_dir)
-        kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-        raise CheckpointError(f"checkpoint save at step {trainer.step} failed ({error or 'on another rank'}); "
-                              f"{kept}; free disk space in {root} and resume with --resume auto")
+    except Exception as e:  # a full disk surfaces as OSError, RuntimeError (torch.save) or SafetensorError
+        error = e
+    if not _agree(error is None, trainer):
+        _save_failed(trainer, tmp, error)
+
     if info.is_main:
-        files = {}
-        for p in sorted(tmp.iterdir()):
-            _fsync_file(p)
-            files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
-        os.replace(tmp, final)
-        _write_json(final / (COMPLETE + ".tmp"), {"format_version": FORMAT_VERSION, "files": files})
-        os.replace(final / (COMPLETE + ".tmp"), final / COMPLETE)
-        _fsync_dir(final)
-        _fsync_dir(root)
+        try:
+            _commit(tmp, final)
+        except OSError as e:
+            error = e
+    if not _agree(error is None, trainer):
+        _save_failed(trainer, tmp, error)
+    if info.is_main:
         log.info("checkpoint saved: %s (%s)", final, reason)
         prune(trainer.run_dir, trainer.cfg.train.keep_checkpoints)
     distmod.barrier(info)
     return final
+
+
+def _commit(tmp: Path, final: Path) -> None:
+    """Fsync every file, write COMPLETE (their sizes and hashes) last, then rename tmp -> final."""
+    files = {}
+    for p in sorted(tmp.iterdir()):
+        _fsync_file(p)
+        files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    _write_json(tmp / COMPLETE, {"format_version": FORMAT_VERSION, "files": files})
+    _fsync_dir(tmp)
+    if final.exists():
+        # A folder under the final name without COMPLETE (an interrupted prune, an older gpttrain):
+        # discovery ignores it, but it would block the rename.
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _save_failed(trainer, tmp: Path, error: BaseException | None) -> None:
+    if trainer.info.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+    root = trainer.run_dir / "checkpoints"
+    previous = list_checkpoints(trainer.run_dir)
+    kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
+    what = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
+    raise CheckpointError(f"checkpoint save at step {trainer.step} into {root} failed ({what}); {kept}; "
+                          "free disk space (or fix the folder's permissions) and resume with --resume auto")
 
 
 def _write_rank0_files(trainer, tmp: Path, reason: str) -> None:
@@ -253,11 +294,17 @@ def verify(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(marker.read_text(encoding="utf-8"))
         files = manifest["files"]
-    except (ValueError, KeyError, TypeError):
-        raise CheckpointError(f"checkpoint {marker} is corrupt (not the manifest gpttrain writes)") from None
+        if not isinstance(files, dict) or not all(isinstance(w, dict) and {"size", "sha256"} <= w.keys()
+                                                  for w in files.values()):
+            raise TypeError
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(f"checkpoint file {marker} is corrupt (not the manifest gpttrain writes)") from None
+    for name in REQUIRED_FILES:
+        if name not in files:
+            raise CheckpointError(f"checkpoint file {marker} does not cover {name}: the checkpoint is corrupt")
     for name, want in files.items():
         p = path / name
-        if not p.is_file():
+        if Path(name).name != name or not p.is_file():
             raise CheckpointError(f"checkpoint file {p} is missing")
         size = p.stat().st_size
         if size != want["size"]:
@@ -289,7 +336,23 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return load_file(str(Path(path) / "model.safetensors"))
+    file = Path(path) / "model.safetensors"
+    try:
+        return load_file(str(file))
+    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+        raise CheckpointError(f"checkpoint file {file} cannot be read as safetensors: {e}") from None
+
+
+def load_optimizer_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """optimizer.pt through torch.load(weights_only=True): tensors and plain containers only, never code."""
+    file = Path(path) / "optimizer.pt"
+    try:
+        return torch.load(file, map_location=device, weights_only=True)
+    except Exception as e:  # pickle.UnpicklingError for anything but tensors/containers; RuntimeError if damaged
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"checkpoint file {file} was refused: it holds more than tensors and plain "
+                              f"containers, or is damaged ({type(e).__name__}: {first}); gpttrain never "
+                              "runs code from a checkpoint") from None
 
 
 def load_tokenizer(path: Path, state: dict[str, Any]):
@@ -308,7 +371,7 @@ MODEL_KEYS_THAT_MUST_MATCH = ("vocab_size", "context_length", "emb_dim", "n_head
 LOGGED_SETTINGS = ("optim", "train")
 
 
-def check_compatible(state: dict[str, Any], trainer) -> None:
+def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -> None:
     """Refuse a checkpoint whose model or tokenizer differ from the run; log changed training settings."""
     saved = state["config"]
     problems = []
@@ -322,7 +385,8 @@ def check_compatible(state: dict[str, Any], trainer) -> None:
         if saved_tok.get(key) != now_tok.get(key):
             problems.append(f"tokenizer.{key}: checkpoint {saved_tok.get(key)!r} vs data {now_tok.get(key)!r}")
     if problems:
-        raise ConfigError("cannot resume: the checkpoint does not fit this run:\n  " + "\n  ".join(problems)
+        which = f"checkpoint {path}" if path is not None else "the checkpoint"
+        raise ConfigError(f"cannot resume: {which} does not fit this run:\n  " + "\n  ".join(problems)
                           + "\nuse the checkpoint's settings, or start a new run with another --run-dir")
     now_cfg = trainer.cfg.to_dict()
     for section in LOGGED_SETTINGS:
@@ -333,9 +397,10 @@ def check_compatible(state: dict[str, Any], trainer) -> None:
 
 def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
     """Restore every piece of a verified checkpoint into the trainer (this rank's RNG included)."""
-    check_compatible(state, trainer)
-    load_model_state(trainer.model, load_model_weights(path))
-    opt = torch.load(path / "optimizer.pt", map_location=trainer.device, weights_only=True)
+    check_compatible(state, trainer, path)
+    weights = load_model_weights(path)
+    opt = load_optimizer_state(path, trainer.device)
+    load_model_state(trainer.model, weights)
     trainer.optimizer.load_state_dict(opt)
     trainer.load_state_dict(state["trainer"])
     if state.get("loader") is not None and trainer.train_loader is not None:
@@ -344,27 +409,55 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
         trainer.scaler.load_state_dict(state["scaler"])
     rng_file = path / f"rng-rank{trainer.info.rank:05d}.json"
     if state.get("world_size") == trainer.info.world_size and rng_file.is_file():
-        set_rng_state(json.loads(rng_file.read_text(encoding="utf-8")), trainer.device)
+        try:
+            rng = json.loads(rng_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint file {rng_file} is unreadable: {e}") from None
+        set_rng_state(rng, trainer.device)
     else:
         log.warning("resume: saved with %s ranks, now %d: data order continues exactly, random streams "
                     "(dropout) are reseeded", state.get("world_size"), trainer.info.world_size)
         torch.manual_seed(trainer.cfg.train.seed + 1000 * trainer.info.rank + trainer.step)
 
 
+def _step_folders(run_dir: Path) -> list[Path]:
+    """Every folder under a final checkpoint name, complete or not, oldest first."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
+
+
+def refuse_unrequested_resume(run_dir: Path, resume: str | None) -> None:
+    """A run dir that holds checkpoints is continued only on request, never overwritten by a new run."""
+    if resume is not None:
+        return
+    found = _step_folders(run_dir)
+    if found:
+        raise ConfigError(f"--run-dir {run_dir} already holds checkpoints (newest: {found[-1].name}); "
+                          "pass --resume auto to continue that run, or choose another --run-dir")
+
+
 def maybe_resume(trainer) -> Path | None:
     """Apply --resume (auto or a path). Returns the checkpoint used, or None for a fresh start."""
     request = trainer.cfg.run.resume
     run_dir = trainer.run_dir
-    existing = list_checkpoints(run_dir)
+    refuse_unrequested_resume(run_dir, request)
     if request is None:
-        if existing:
-            raise ConfigError(f"--run-dir {run_dir} already holds checkpoints (newest: {existing[-1].name}); "
-                              "pass --resume auto to continue that run, or choose another --run-dir")
         return None
     if request == "auto":
+        existing = list_checkpoints(run_dir)
+        incomplete = [p for p in _step_folders(run_dir) if p not in existing]
         if not existing:
+            if incomplete:
+                raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
+                                      f"complete ({', '.join(p.name for p in incomplete)}: no {COMPLETE} marker); "
+                                      "not starting from scratch silently; move them away to start afresh")
             log.info("resume auto: no complete checkpoint in %s; starting fresh", run_dir / "checkpoints")
             return None
+        for p in incomplete:
+            if p.name > existing[-1].name:
+                log.warning("resume auto: ignoring %s: no %s marker (an interrupted save)", p, COMPLETE)
         errors = []
         for path in reversed(existing):
             try:
@@ -373,6 +466,8 @@ def maybe_resume(trainer) -> Path | None:
                 log.warning("resume auto: skipping %s: %s", path.name, e)
                 errors.append(str(e))
                 continue
+            if errors:
+                log.warning("resume auto: falling back to %s, the newest checkpoint that verifies", path.name)
             load_into(trainer, path, state)
             log.info("resumed from %s (step %d)", path, trainer.step)
             return path

@@ -1,0 +1,683 @@
+"""Checkpoints and resume: exact continuation, atomic saves, signals, restarts, damage, non-finite guards.
+
+Single-process runs go through Trainer.fit() in this process (fast); multi-rank runs go through torchrun
+on gloo, or torch.multiprocessing where a test needs to reach inside a rank.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from gpttrain import checkpoint as ckpt
+from gpttrain.checkpoint import CheckpointError
+from gpttrain.errors import ConfigError, GpttrainError
+from tests.helpers import (
+    REPO,
+    build_trainer,
+    free_port,
+    make_data,
+    read_metrics,
+    run_cli,
+    single_info,
+    stop_job,
+    tiny_config,
+    torchrun,
+    torchrun_popen,
+    wait_for,
+    worker_pids,
+)
+
+STEP = "step-{:09d}"
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    return make_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture
+def gt_log(caplog):
+    """Records of the `gpttrain` logger (which does not propagate once the CLI has set it up)."""
+    logger = logging.getLogger("gpttrain")
+    old_level = logger.level
+    logger.addHandler(caplog.handler)
+    logger.setLevel(logging.INFO)
+    caplog.handler.setLevel(logging.INFO)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+    logger.setLevel(old_level)
+
+
+# ---- helpers --------------------------------------------------------------------------------------
+
+
+def fit(data_dir: Path, run: Path, *flags: str):
+    """A whole single-process run (the loop, its saves and its resume) in this process."""
+    trainer = build_trainer(tiny_config(data_dir, run, *flags), single_info())
+    assert trainer.fit() == 0
+    return trainer
+
+
+def train_args(data_dir: Path, run: Path, *flags: str) -> list[str]:
+    return ["train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run), "--device", "cpu",
+            "--log.progress", "lines", *flags]
+
+
+def losses(run: Path) -> dict[int, float]:
+    """Train loss per step; a step recorded twice (a restart replays it) keeps its last value."""
+    return {r["step"]: r["loss"] for r in read_metrics(run) if r["kind"] == "train"}
+
+
+def newest(run: Path) -> Path:
+    found = ckpt.list_checkpoints(run)
+    assert found, f"no complete checkpoint in {run}"
+    return found[-1]
+
+
+def assert_same_state(a: Path, b: Path) -> None:
+    """Model weights and optimizer states of two checkpoints are bit-identical."""
+    ma, mb = load_file(str(a / "model.safetensors")), load_file(str(b / "model.safetensors"))
+    assert ma.keys() == mb.keys()
+    for name in ma:
+        assert torch.equal(ma[name], mb[name]), f"{name} differs between {a} and {b}"
+    oa = torch.load(a / "optimizer.pt", weights_only=True)
+    ob = torch.load(b / "optimizer.pt", weights_only=True)
+    assert oa["param_groups"] == ob["param_groups"]
+    assert oa["state"].keys() == ob["state"].keys()
+    for i, state in oa["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, ob["state"][i][key]), f"optimizer state {i}.{key} differs"
+
+
+def copy_checkpoint(src: Path, run: Path) -> Path:
+    dst = run / "checkpoints" / src.name
+    shutil.copytree(src, dst)
+    return dst
+
+
+def rehash(folder: Path) -> None:
+    """Rewrite COMPLETE for the files as they are now (what a deliberate forger would do)."""
+    import hashlib
+
+    files = {}
+    for p in sorted(folder.iterdir()):
+        if p.name != ckpt.COMPLETE:
+            files[p.name] = {"size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+    (folder / ckpt.COMPLETE).write_text(json.dumps({"format_version": ckpt.FORMAT_VERSION, "files": files}))
+
+
+def flip_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path) -> None:
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+
+
+# ---- bit-exact resume ----------------------------------------------------------------------------------
+
+DROPOUT = ("--model.drop_rate", "0.1")  # resume must restore every rank's RNG to be exact
+
+
+def test_resume_is_bit_exact_one_rank(data_dir, tmp_path):
+    k = 3
+    flags = (*DROPOUT, "--train.max_steps", str(2 * k), "--train.log_every", "1")
+    a = tmp_path / "a"
+    fit(data_dir, a, *flags, "--train.checkpoint_every", str(k))
+    b = tmp_path / "b"
+    copy_checkpoint(a / "checkpoints" / STEP.format(k), b)
+    fit(data_dir, b, *flags, "--run.resume", "auto")
+
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == list(range(k + 1, 2 * k + 1))
+    assert [lb[s] for s in lb] == [la[s] for s in lb]  # exact, not approximate
+    assert newest(a).name == newest(b).name == STEP.format(2 * k)
+    assert_same_state(newest(a), newest(b))
+    resume = [r for r in read_metrics(b) if r["kind"] == "resume"]
+    assert len(resume) == 1 and resume[0]["step"] == k
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(data_dir, tmp_path_factory):
+    """An uninterrupted 2-rank run with dropout: 30 steps, a checkpoint every 5 (all kept)."""
+    run = tmp_path_factory.mktemp("two_rank") / "run"
+    r = torchrun(train_args(data_dir, run, *TWO_RANK_FLAGS), cwd=run.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return run
+
+
+TWO_RANK_FLAGS = (*DROPOUT, "--train.max_steps", "30", "--train.checkpoint_every", "5", "--train.keep_checkpoints",
+                  "10", "--train.eval_every", "1000", "--train.log_every", "1", "--resume", "auto")
+
+
+@pytest.mark.slow
+def test_resume_is_bit_exact_two_ranks(data_dir, two_rank_run, tmp_path):
+    k = 15
+    b = tmp_path / "b"
+    copy_checkpoint(two_rank_run / "checkpoints" / STEP.format(k), b)
+    r = torchrun(train_args(data_dir, b, *TWO_RANK_FLAGS), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert f"resumed from {b / 'checkpoints' / STEP.format(k)}" in r.stdout
+    la, lb = losses(two_rank_run), losses(b)
+    assert sorted(lb) == list(range(k + 1, 31))
+    assert [lb[s] for s in lb] == [la[s] for s in lb]
+    assert_same_state(newest(two_rank_run), newest(b))
+
+
+# ---- a save killed halfway -----------------------------------------------------------------------------
+
+
+def _save_then_hang(data_dir: str, run_dir: str, marker: str, where: str) -> None:
+    """Child process: save step 1 fully, then start saving step 2 and block halfway through a file."""
+    torch.set_num_threads(1)
+    trainer = build_trainer(tiny_config(Path(data_dir), Path(run_dir)), single_info())
+
+    def hang_after_half(data: bytes, target) -> None:
+        with open(target, "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.flush()
+            os.fsync(f.fileno())
+        Path(marker).write_text(str(target))
+        time.sleep(600)  # the parent kills us here
+
+    trainer.train_step()
+    trainer.step = 1
+    ckpt.save(trainer)
+    trainer.train_step()
+    trainer.step = 2
+    if where == "optimizer":
+        real_save = torch.save
+
+        def save_half(obj, f, *args, **kwargs):
+            buf = io.BytesIO()
+            real_save(obj, buf, *args, **kwargs)
+            hang_after_half(buf.getvalue(), f)
+
+        torch.save = save_half
+    else:
+        real_write = ckpt._write_json
+
+        def write_half(path, obj):
+            if Path(path).name != ckpt.COMPLETE:
+                return real_write(path, obj)
+            hang_after_half(json.dumps(obj).encode(), path)
+
+        ckpt._write_json = write_half
+    ckpt.save(trainer)
+
+
+@pytest.mark.parametrize("where", ["optimizer", "complete"])
+def test_save_killed_midway_keeps_previous_checkpoint(data_dir, tmp_path, where):
+    run, marker = tmp_path / "run", tmp_path / "mid-write"
+    code = "import sys; from tests.test_checkpoint import _save_then_hang; _save_then_hang(*sys.argv[1:])"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-c", code, str(data_dir), str(run), str(marker), where], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(marker.exists, 120, "the child to be halfway through writing step 2", proc=proc)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, err
+
+    root = run / "checkpoints"
+    first = root / STEP.format(1)
+    assert ckpt.list_checkpoints(run) == [first]
+    assert not (root / STEP.format(2)).exists()  # nothing under a final name
+    assert [p.name for p in root.iterdir() if p.name.startswith(".tmp-")] == [f".tmp-{STEP.format(2)}"]
+    assert ckpt.verify(first)["trainer"]["step"] == 1
+
+    fit(data_dir, run, "--run.resume", "auto", "--train.max_steps", "3")
+    assert [r for r in read_metrics(run) if r["kind"] == "resume"][0]["step"] == 1
+    assert sorted(losses(run)) == [2, 3]
+    assert sorted(p.name for p in root.iterdir()) == [STEP.format(1), STEP.format(3)]  # the .tmp- is pruned
+
+
+# ---- SIGTERM to one rank -------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_rank_stops_both_and_resumes_exactly(data_dir, tmp_path):
+    flags = (*DROPOUT, "--optim.schedule", "constant", "--train.eval_every", "100000", "--train.log_every", "1")
+    run = tmp_path / "run"
+    job = torchrun_popen(train_args(data_dir, run, *flags, "--train.max_steps", "100000"), tmp_path,
+                         tmp_path / "job.log")
+    try:
+        wait_for(lambda: len(losses(run)) >= 3, 120, "3 training steps", proc=job)
+        workers = wait_for(lambda: (w := worker_pids(job.pid)) and len(w) == 2 and w, 30, "2 workers", proc=job)
+        os.kill(workers[1], signal.SIGTERM)  # rank 1 only; rank 0 learns it through the per-step all-reduce
+        rc = job.wait(timeout=120)
+    finally:
+        stop_job(job)
+    out = (tmp_path / "job.log").read_text()
+    assert rc == 0, out[-4000:]
+    stop_step = max(losses(run))
+    saved = newest(run)
+    assert ckpt.list_checkpoints(run) == [saved]
+    assert saved.name == STEP.format(stop_step)
+    # Both ranks wrote their RNG into the same step's folder: they stopped at the same step.
+    assert (saved / "rng-rank00000.json").is_file() and (saved / "rng-rank00001.json").is_file()
+    state = ckpt.verify(saved)
+    assert state["reason"] == "signal" and state["trainer"]["step"] == stop_step
+    assert f"stop signal received by another rank: saving a checkpoint at step {stop_step}" in out
+
+    end = stop_step + 3
+    r = torchrun(train_args(data_dir, run, *flags, "--train.max_steps", str(end), "--resume", "auto"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fresh = tmp_path / "fresh"
+    r = torchrun(train_args(data_dir, fresh, *flags, "--train.max_steps", str(end)), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert_same_state(newest(run), newest(fresh))
+    lr, lf = losses(run), losses(fresh)
+    assert [lr[s] for s in range(stop_step + 1, end + 1)] == [lf[s] for s in range(stop_step + 1, end + 1)]
+    # metrics.jsonl continues: the first run's steps, a resume record, then the new steps.
+    kinds = [(rec["kind"], rec["step"]) for rec in read_metrics(run) if rec["kind"] in ("train", "resume")]
+    assert kinds == ([("train", s) for s in range(1, stop_step + 1)] + [("resume", stop_step)]
+                     + [("train", s) for s in range(stop_step + 1, end + 1)])
+
+
+# ---- torchrun --max-restarts ---------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_torchrun_restart_after_a_rank_is_killed(data_dir, two_rank_run, tmp_path):
+    run = tmp_path / "run"
+    # torch 2.13: restarted workers that share the rendezvous' TCP store read the first attempt's keys and
+    # connect to the dead worker's address (pytorch/pytorch#135712): with the default static rendezvous they
+    # always hang in init_process_group, with c10d they mostly fail. A c10d rendezvous with that sharing
+    # off gives every attempt a fresh store.
+    rdzv = ["--max-restarts", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}"]
+    job = torchrun_popen(train_args(data_dir, run, *TWO_RANK_FLAGS), tmp_path, tmp_path / "job.log", extra=rdzv,
+                         env_extra={"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
+    try:
+        first = run / "checkpoints" / STEP.format(5) / ckpt.COMPLETE
+        wait_for(first.is_file, 120, "the first periodic checkpoint", interval=0.005, proc=job)
+        workers = worker_pids(job.pid)
+        assert 1 in workers, "rank 1 is gone before it could be killed"
+        os.kill(workers[1], signal.SIGKILL)
+        rc = job.wait(timeout=180)
+    finally:
+        stop_job(job)
+    out = (tmp_path / "job.log").read_text()
+    assert rc == 0, out[-4000:]
+    resumes = [rec for rec in read_metrics(run) if rec["kind"] == "resume"]
+    assert len(resumes) == 1 and resumes[0]["step"] >= 5, out[-4000:]  # the restart went on from a checkpoint
+    assert max(losses(run)) == 30
+    assert_same_state(newest(run), newest(two_rank_run))
+
+
+# ---- saved with 2 ranks, continued with 1 ---------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_resume_two_ranks_then_one(data_dir, tmp_path, gt_log):
+    flags = ("--train.max_steps", "8", "--train.log_every", "1", "--train.eval_every", "1000", "--optim.eps", "1e-6")
+    a = tmp_path / "a"
+    r = torchrun(train_args(data_dir, a, *flags, "--train.checkpoint_every", "4"), cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    middle = a / "checkpoints" / STEP.format(4)
+    b = tmp_path / "b"
+    copy_checkpoint(middle, b)
+    one = fit(data_dir, b, *flags, "--train.micro_batch_size", "8", "--run.resume", "auto")  # same global batch
+
+    assert "saved with 2 ranks, now 1" in gt_log.text
+    saved_cursor = ckpt.verify(middle)["loader"]
+    assert saved_cursor["index"] == 4 * 8  # global samples: 4 steps of 2 ranks x 4
+    end_a, end_b = ckpt.verify(newest(a)), ckpt.verify(newest(b))
+    assert newest(b).name == STEP.format(8)
+    assert (end_b["loader"]["epoch"], end_b["loader"]["index"]) == (end_a["loader"]["epoch"], end_a["loader"]["index"])
+    assert end_b["trainer"]["tokens"] == end_a["trainer"]["tokens"] == one.tokens
+    la, lb = losses(a), losses(b)
+    assert sorted(lb) == [5, 6, 7, 8]
+    for s in lb:
+        assert lb[s] == pytest.approx(la[s], rel=1e-5, abs=1e-6)
+    ma, mb = load_file(str(newest(a) / "model.safetensors")), load_file(str(newest(b) / "model.safetensors"))
+    for name in ma:
+        torch.testing.assert_close(mb[name], ma[name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+# ---- refusals: mismatch, damage, missing -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def saved_run(data_dir, tmp_path_factory):
+    """A finished single-process run with complete checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("saved") / "run"
+    fit(data_dir, run, "--train.max_steps", "4", "--train.checkpoint_every", "2")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [STEP.format(2), STEP.format(4)]
+    return run
+
+
+@pytest.fixture
+def run_copy(saved_run, tmp_path):
+    dst = tmp_path / "run"
+    shutil.copytree(saved_run, dst)
+    return dst
+
+
+def resumer(data_dir: Path, run: Path, resume: str, *flags: str):
+    return build_trainer(tiny_config(data_dir, run, "--run.resume", resume, *flags), single_info())
+
+
+def test_config_mismatch_lists_every_key(data_dir, run_copy, tmp_path):
+    r = run_cli(train_args(data_dir, run_copy, "--resume", "auto", "--model.n_layers", "3", "--model.n_heads", "2"),
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error: cannot resume: checkpoint {run_copy / 'checkpoints' / STEP.format(4)} "
+                               "does not fit this run")
+    assert "model.n_layers: checkpoint 2 vs requested 3" in r.stderr
+    assert "model.n_heads: checkpoint 4 vs requested 2" in r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_changed_training_settings_are_allowed_and_logged(data_dir, run_copy, gt_log):
+    trainer = resumer(data_dir, run_copy, "auto", "--optim.lr", "5e-4", "--train.max_steps", "6")
+    assert ckpt.maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(4)
+    assert trainer.step == 4
+    assert "resume: optim.lr changed from 0.001 to 0.0005" in gt_log.text
+    assert "resume: train.max_steps changed from 4 to 6" in gt_log.text
+
+
+DAMAGES = {  # damage -> (file to damage, what the message names, relative to the checkpoint; its words)
+    "truncated": ("optimizer.pt", "optimizer.pt", r"optimizer\.pt is truncated or altered: \d+ bytes, \d+ expected"),
+    "flipped": ("model.safetensors", "model.safetensors", r"model\.safetensors is corrupt: its SHA-256 differs"),
+    "no_complete": ("COMPLETE", "", r"is incomplete \(no COMPLETE marker: the save was interrupted\)"),
+    "missing": (None, "", r"does not exist"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_or_missing_checkpoint_fails_with_one_message(data_dir, run_copy, tmp_path, damage):
+    import re
+
+    target = run_copy / "checkpoints" / STEP.format(4)
+    damaged, named, pattern = DAMAGES[damage]
+    if damage == "truncated":
+        truncate(target / damaged)
+    elif damage == "flipped":
+        flip_byte(target / damaged)
+    elif damage == "no_complete":
+        (target / damaged).unlink()
+    else:
+        target = run_copy / "checkpoints" / "step-000000099"
+    before = (run_copy / "metrics.jsonl").read_text()
+    r = run_cli(train_args(data_dir, run_copy, "--resume", str(target), "--train.max_steps", "6"), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint"), r.stderr
+    assert f" {target / named if named else target} " in lines[0], lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+    assert (run_copy / "metrics.jsonl").read_text() == before  # nothing ran
+
+
+def test_auto_falls_back_to_previous_complete_checkpoint(data_dir, run_copy, gt_log):
+    flip_byte(run_copy / "checkpoints" / STEP.format(4) / "optimizer.pt")
+    trainer = resumer(data_dir, run_copy, "auto")
+    assert ckpt.maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(2)
+    assert trainer.step == 2 and trainer.train_loader.index == 2 * 4
+    warnings = [r.getMessage() for r in gt_log.records if r.levelno == logging.WARNING]
+    assert any(STEP.format(4) in w and "optimizer.pt is corrupt" in w for w in warnings), warnings
+    assert any("falling back to " + STEP.format(2) in w for w in warnings), warnings
+
+
+def test_auto_ignores_a_newer_folder_without_complete(data_dir, run_copy, gt_log):
+    (run_copy / "checkpoints" / STEP.format(4) / ckpt.COMPLETE).unlink()
+    trainer = resumer(data_dir, run_copy, "auto")
+    assert ckpt.maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(2)
+    assert f"ignoring {run_copy / 'checkpoints' / STEP.format(4)}: no COMPLETE marker" in gt_log.text
+
+
+def test_auto_refuses_when_every_checkpoint_is_damaged(data_dir, run_copy):
+    truncate(run_copy / "checkpoints" / STEP.format(2) / "model.safetensors")
+    flip_byte(run_copy / "checkpoints" / STEP.format(4) / "state.json")
+    with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged; not starting from scratch") as e:
+        ckpt.maybe_resume(resumer(data_dir, run_copy, "auto"))
+    assert STEP.format(2) in str(e.value) and STEP.format(4) in str(e.value)
+
+
+def test_auto_refuses_when_no_folder_is_complete(data_dir, run_copy):
+    for step in (2, 4):
+        (run_copy / "checkpoints" / STEP.format(step) / ckpt.COMPLETE).unlink()
+    with pytest.raises(CheckpointError, match="none is complete .*not starting from scratch"):
+        ckpt.maybe_resume(resumer(data_dir, run_copy, "auto"))
+
+
+def test_auto_starts_fresh_when_there_is_no_checkpoint(data_dir, tmp_path, gt_log):
+    trainer = resumer(data_dir, tmp_path / "new", "auto")
+    assert ckpt.maybe_resume(trainer) is None and trainer.step == 0
+    assert "no complete checkpoint" in gt_log.text and "starting fresh" in gt_log.text
+
+
+def test_new_run_into_a_run_dir_with_checkpoints_is_refused(data_dir, run_copy, tmp_path):
+    (run_copy / "config.json").write_text('{"the": "first run"}\n')
+    r = run_cli(train_args(data_dir, run_copy, "--train.max_steps", "2"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: --run-dir {run_copy} already holds checkpoints (newest: {STEP.format(4)}); "
+                                "pass --resume auto to continue that run, or choose another --run-dir")
+    assert (run_copy / "config.json").read_text() == '{"the": "first run"}\n'  # the first run's config is kept
+    with pytest.raises(ConfigError, match="already holds checkpoints"):
+        ckpt.maybe_resume(build_trainer(tiny_config(data_dir, run_copy), single_info()))
+
+
+# ---- a crafted checkpoint ---------------------------------------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): a file appears if the loader runs code from the file."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_crafted_optimizer_file_cannot_run_code(data_dir, run_copy, tmp_path):
+    target = run_copy / "checkpoints" / STEP.format(4)
+    real = torch.load(target / "optimizer.pt", weights_only=True)
+    marker = tmp_path / "pwned"
+    real["state"][0]["exp_avg"] = _Payload(str(marker))
+    torch.save(real, target / "optimizer.pt")
+    rehash(target)  # the hashes match: verification alone would not stop it
+    ckpt.verify(target)
+
+    # The payload is live: an unsafe load would run it.
+    probe = tmp_path / "probe"
+    torch.save({"x": _Payload(str(probe))}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)["x"].close()
+    assert probe.exists()
+
+    r = run_cli(train_args(data_dir, run_copy, "--resume", str(target), "--train.max_steps", "6"), cwd=tmp_path)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"error: checkpoint file {target / 'optimizer.pt'} was refused")
+    assert "never runs code" in lines[0]
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="optimizer.pt was refused"):
+        ckpt.maybe_resume(resumer(data_dir, run_copy, str(target)))
+    assert not marker.exists()
+
+
+# ---- a full disk --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failure", ["enospc", "torch_save"])
+def test_full_disk_fails_loudly_and_keeps_previous(data_dir, tmp_path, monkeypatch, failure):
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config(data_dir, run), single_info())
+    trainer.train_step()
+    trainer.step = 1
+    first = ckpt.save(trainer)
+    trainer.train_step()
+    trainer.step = 2
+    if failure == "enospc":
+        import safetensors.torch
+
+        def full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(safetensors.torch, "save_file", full)
+    else:
+        # What torch.save really raises when the disk fills up: a RuntimeError, not an OSError.
+        def full(*args, **kwargs):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing "
+                               "file data/0: file write failed")
+
+        monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(CheckpointError) as e:
+        ckpt.save(trainer)
+    msg = str(e.value)
+    assert msg.startswith(f"checkpoint save at step 2 into {run / 'checkpoints'} failed")
+    assert ("No space left on device" if failure == "enospc" else "PytorchStreamWriter failed writing") in msg
+    assert f"the previous checkpoint {first} is intact" in msg and "--resume auto" in msg
+    assert ckpt.list_checkpoints(run) == [first]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [first.name]  # no final name, no .tmp-
+    ckpt.verify(first)
+
+
+# ---- pruning and commit ---------------------------------------------------------------------------------------
+
+
+def test_keep_checkpoints_keeps_the_newest(data_dir, tmp_path):
+    run = tmp_path / "run"
+    stale = run / "checkpoints" / ".tmp-step-000000099"  # an earlier save that was killed
+    stale.mkdir(parents=True)
+    fit(data_dir, run, "--train.max_steps", "5", "--train.checkpoint_every", "1", "--train.keep_checkpoints", "2")
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [STEP.format(4), STEP.format(5)]
+    for p in ckpt.list_checkpoints(run):
+        ckpt.verify(p)
+
+
+def test_save_replaces_an_incomplete_folder_of_the_same_step(data_dir, tmp_path):
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config(data_dir, run), single_info())
+    trainer.train_step()
+    trainer.step = 1
+    leftover = run / "checkpoints" / STEP.format(1)  # e.g. a prune interrupted after removing COMPLETE
+    leftover.mkdir(parents=True)
+    (leftover / "model.safetensors").write_bytes(b"half")
+    path = ckpt.save(trainer)
+    assert path == leftover and ckpt.verify(path)["trainer"]["step"] == 1
+    assert ckpt.save(trainer) == path  # the same step again: already saved, nothing rewritten
+
+
+# ---- non-finite loss or gradients -----------------------------------------------------------------------------
+
+
+def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpttrain import distributed as distmod
+
+    with distmod.session("cpu", "gloo") as info:
+        trainer = build_trainer(tiny_config(data_dir, run_dir, *DROPOUT, "--train.max_steps", "4",
+                                            "--train.nonfinite", "skip", "--train.max_skipped_steps", "1",
+                                            "--train.eval_every", "1000"), info)
+        calls = [0]
+        if rank == 1:
+            def poison(module, args, output):
+                if module.training:
+                    calls[0] += 1
+                    if calls[0] == 2:  # step 2's forward, on rank 1 only
+                        return output * float("nan")
+                return None
+
+            trainer.model.register_forward_hook(poison)
+        per_step = []
+        real_step = trainer.train_step
+
+        def recorded_step(stop_requested=False):
+            before = [p.detach().clone() for p in trainer.model.parameters()]
+            res = real_step(stop_requested)
+            unchanged = all(torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+            per_step.append([res.finite, unchanged])
+            return res
+
+        trainer.train_step = recorded_step
+        rc = trainer.fit()
+        torch.save({"rc": rc, "skipped": trainer.skipped_steps, "per_step": per_step,
+                    "params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+                    "adam_steps": [float(s["step"]) for s in trainer.optimizer.state.values()]},
+                   Path(out_dir) / f"rank{rank}.pt")
+
+
+@pytest.mark.slow
+def test_nan_on_one_rank_is_skipped_by_both(data_dir, tmp_path):
+    mp.spawn(_nan_rank_main, args=(2, free_port(), data_dir, tmp_path / "run", tmp_path), nprocs=2, join=True)
+    r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
+    for r in (r0, r1):
+        assert r["rc"] == 0 and r["skipped"] == 1
+        assert r["per_step"] == [[True, False], [False, True], [True, False], [True, False]]
+        assert set(r["adam_steps"]) == {3.0}  # the optimizer stepped 3 times out of 4
+    for name, p in r0["params"].items():
+        assert torch.equal(p, r1["params"][name]), name
+    step2 = [rec for rec in read_metrics(tmp_path / "run") if rec["kind"] == "train" and rec["step"] == 2]
+    assert step2 and step2[0]["loss"] != step2[0]["loss"]  # NaN recorded as it was
+
+
+HUGE_LR = ("--optim.lr", "1e30")  # step 1 sends the weights to ~1e30; every later loss is NaN
+
+
+def test_nonfinite_policy_stop_saves_then_fails(data_dir, tmp_path):
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config(data_dir, run, *HUGE_LR, "--train.max_steps", "4", "--train.nonfinite",
+                                        "stop"), single_info())
+    with pytest.raises(GpttrainError, match=r"training stopped at step 1: non-finite loss or gradients "
+                                            r"\(policy stop\); .*set --train.nonfinite skip"):
+        trainer.fit()
+    saved = newest(run)
+    assert saved.name == STEP.format(1)
+    assert ckpt.verify(saved)["reason"] == "nonfinite"
+    assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+
+
+def test_nonfinite_policy_skip_has_a_limit(data_dir, tmp_path):
+    run = tmp_path / "run"
+    r = run_cli(train_args(data_dir, run, *HUGE_LR, "--train.max_steps", "6", "--train.nonfinite", "skip",
+                           "--train.max_skipped_steps", "2"), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().startswith("error: training stopped at step 3: non-finite loss or gradients "
+                                       "(more than 2 skipped)")
+    assert "raise --train.max_skipped_steps" in r.stderr
+    assert r.stdout.count("step skipped") == 2
+    assert ckpt.verify(newest(run))["reason"] == "nonfinite"
+
+
+def test_nonfinite_gradient_with_finite_loss(data_dir, tmp_path):
+    """A NaN gradient alone is caught; with a grad scaler (fp16) an overflow is the scaler's to skip."""
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "r"), single_info())
+    weight = trainer.model.tok_emb.weight
+    handle = weight.register_hook(lambda g: g * float("nan"))
+    before = weight.detach().clone()
+    res = trainer.train_step()
+    assert not res.finite and res.loss == res.loss  # finite loss, NaN gradient: not finite
+    assert torch.equal(weight, before)
+    handle.remove()
+
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    handle = weight.register_hook(lambda g: g * float("inf"))
+    res = trainer.train_step()
+    handle.remove()
+    assert res.finite  # not a non-finite event: the scaler skipped the step and halved its scale
+    assert torch.equal(weight, before) and trainer.scaler.get_scale() == 512.0
+    assert trainer.train_step().finite and not torch.equal(weight, before)
