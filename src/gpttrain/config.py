@@ -84,6 +84,7 @@ class TrainConfig:
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
     activation_checkpointing: bool = False
+    fused_loss: Literal["auto", "on", "off"] = "auto"  # chunked head + cross-entropy; auto = on CUDA
     checkpoint_every: int = 0  # 0 = only at the end and on signals
     keep_checkpoints: int = 3
     nonfinite: Literal["skip", "stop"] = "stop"

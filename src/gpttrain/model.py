@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpttrain.config import ModelConfig
+from gpttrain.loss import linear_cross_entropy
 
 
 class KVCache:
@@ -121,6 +122,8 @@ class GPT(nn.Module):
         self.out_head = nn.Linear(cfg.emb_dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
             self.out_head.weight = self.tok_emb.weight
+        # Training loss through loss.linear_cross_entropy (no full logits); set from outside (trainer).
+        self.chunked_loss = False
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
@@ -164,6 +167,8 @@ class GPT(nn.Module):
                 cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab) or, with `targets` (B, T), the mean cross-entropy loss."""
         h = self.hidden(idx, cache)
+        if targets is not None and self.chunked_loss:
+            return linear_cross_entropy(h, self.out_head.weight, targets)
         logits = self.out_head(h)
         if targets is None:
             return logits

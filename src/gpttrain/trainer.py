@@ -149,6 +149,8 @@ class Trainer:
             self.model = build_model(cfg.model, self.device)
             if self.precision == "bf16-pure":
                 self.model.to(torch.bfloat16)
+        fused = cfg.train.fused_loss
+        self.model.chunked_loss = fused == "on" or (fused == "auto" and self.device.type == "cuda")
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -404,10 +406,11 @@ class Trainer:
                     log.error("step %d: non-finite loss %s or grad norm %s (%s); saving and stopping",
                               self.step + 1, res.loss, res.grad_norm, why)
                     ckpt.save(self, reason="nonfinite")
+                    more = ("set --train.nonfinite skip" if t.nonfinite == "stop"
+                            else "raise --train.max_skipped_steps")
                     raise GpttrainError(f"training stopped at step {self.step}: non-finite loss or gradients "
-                                        f"({why}); lower --optim.lr, raise --optim.warmup_steps or set "
-                                        "--train.nonfinite skip; the last good state is saved in "
-                                        f"{self.run_dir / 'checkpoints'}")
+                                        f"({why}); lower --optim.lr, raise --optim.warmup_steps or {more}; "
+                                        f"the last good state is saved in {self.run_dir / 'checkpoints'}")
             self.step += 1
             self.tokens += self.tokens_per_step
             if not first_step_of_process:
@@ -427,8 +430,8 @@ class Trainer:
                 self._eval_and_report(monitor)
                 t_last = time.perf_counter()  # evaluation time is not training throughput
             if res.stop:
-                log.info("%s received: saving a checkpoint at step %d and exiting", stop.signal_name or "stop signal",
-                         self.step)
+                why = f"{stop.signal_name} received" if stop.signal_name else "stop signal received by another rank"
+                log.info("%s: saving a checkpoint at step %d and exiting", why, self.step)
                 ckpt.save(self, reason="signal")
                 return 0
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:

@@ -1,0 +1,73 @@
+"""Output head + cross-entropy in row chunks, so the full (tokens x vocab) fp32 logits never exist.
+
+The standard path holds the head's logits, their fp32 copy, the log-softmax saved for backward and
+the logits' gradient at once: about 14 bytes x tokens x vocab (5.8 GB for the 1.42B model at micro-
+batch 8). Here each chunk of rows computes its logits, its loss and, in the same pass, its
+gradients with respect to the hidden states and the head's weight; only those gradients are kept
+(tokens x width and vocab x width), and backward scales them by the incoming gradient.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """The dtype autocast would run the head's matmul in (the tensor's own dtype without autocast)."""
+    dev = t.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return t.dtype
+
+
+def chunk_rows_for(vocab_size: int, budget_bytes: int = 1 << 28) -> int:
+    """Rows per chunk so that one chunk's fp32 logits take about `budget_bytes` (256 MiB by default)."""
+    return max(1, budget_bytes // (4 * vocab_size))
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, weight, targets, chunk_rows: int, compute_dtype: torch.dtype, need_grad: bool):
+        # h (N, d), weight (V, d), targets (N,)
+        n = h.shape[0]
+        hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
+        loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if need_grad else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
+        for start in range(0, n, chunk_rows):
+            end = min(start + chunk_rows, n)
+            logits = (hc[start:end] @ wc.t()).float()  # (rows, V)
+            tgt = targets[start:end]
+            lse = torch.logsumexp(logits, dim=-1)
+            loss_sum += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
+            if need_grad:
+                # d(mean loss)/d(logits) = (softmax - onehot) / N, computed in place over the logits.
+                probs = logits.sub_(lse[:, None]).exp_()
+                probs[torch.arange(end - start, device=h.device), tgt] -= 1.0
+                probs.div_(n)
+                pc = probs.to(compute_dtype)
+                grad_h[start:end] = (pc @ wc).to(h.dtype)
+                grad_w += (pc.t() @ hc[start:end]).float()
+        if need_grad:
+            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return loss_sum / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+
+
+def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         chunk_rows: int | None = None) -> torch.Tensor:
+    """Mean cross-entropy of `h @ weight.T` against `targets`, never materialising all the logits.
+
+    h (..., d) and targets (...) are flattened; the matmul runs in autocast's dtype when autocast is on
+    (as `nn.Linear` would), the softmax and loss in fp32. Equals `F.cross_entropy(F.linear(h, weight)
+    .float(), targets)` and its gradients.
+    """
+    d = h.shape[-1]
+    h2, t2 = h.reshape(-1, d), targets.reshape(-1)
+    rows = chunk_rows or chunk_rows_for(weight.shape[0])
+    need_grad = torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad)
+    return _ChunkedLinearCrossEntropy.apply(h2, weight, t2, rows, _compute_dtype(h), need_grad)
