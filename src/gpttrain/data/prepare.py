@@ -1,0 +1,742 @@
+"""Text sources -> token shards + meta.json, streaming in bounded memory, in worker processes.
+
+The way through:
+  inputs (files, directories, globs, .jsonl; none = the Python standard library's own sources)
+  -> documents -> train/val sides -> text pieces cut where tokenization cannot change
+  -> tasks tokenized by a process pool, results taken back in order
+  -> `train-NNNNN.bin` / `val-NNNNN.bin` shards in a temp dir beside `out`
+  -> moved into `out`, `meta.json` written last.
+
+Split rule: with many documents (10 / min(f, 1 - f) or more: about 10 in the smaller split) a document
+goes to val when a hash of its key (its path relative to the input directory, or its file name; plus
+":line" for a JSONL line) falls below `val_fraction`: deterministic, blind to size and order, and stable
+when files are added. With fewer documents each one is cut by characters: its first
+floor((1 - f) * chars) characters go to train, the rest to val, as the original script did with its
+single text. Every document side ends with one end-of-text token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import itertools
+import json
+import logging
+import os
+import sys
+import sysconfig
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gpttrain import __version__
+from gpttrain.data.shards import (
+    FORMAT_VERSION,
+    META_NAME,
+    SPLITS,
+    TOKENIZER_FILES,
+    ShardWriter,
+    install,
+    load_meta,
+    make_temp_dir,
+    remove_tree,
+    token_dtype,
+    verify_dir,
+    write_atomic,
+)
+from gpttrain.errors import ConfigError, DataError
+from gpttrain.tokenizer import BPETokenizer, ByteTokenizer, GPT2Tokenizer, Tokenizer, from_spec, payload_of
+
+__all__ = [
+    "add_prepare_arguments", "default_corpus_files", "load_meta", "open_tokenizer", "prepare", "resolve_inputs",
+    "run_prepare",
+]
+
+logger = logging.getLogger("gpttrain")
+
+TOKENIZERS = ("gpt2", "bpe", "byte")
+DEFAULT_OUT = "data/prepared"
+DEFAULT_SHARD_TOKENS = 100_000_000
+READ_CHARS = 1 << 20  # characters read from a file at a time
+PIECE_CHARS = 1 << 20  # text handed to a worker per task
+SUB_PIECE_CHARS = 1 << 16  # HF tokenizers encode long strings slowly; bpe training buffers 256 of these
+# workers=0 starts one worker per this many input bytes at most: below that, start-up (~0.3 s) outweighs the gain
+AUTO_BYTES_PER_WORKER = {"byte": 64 << 20, "gpt2": 8 << 20, "bpe": 2 << 20}
+MAX_PIECE_CHARS = 1 << 24  # a text with no safe cut point for this long is cut at a newline anyway
+TRAIN, VAL = 0, 1
+_EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def default_corpus_files() -> list[Path]:
+    """The embedded default corpus: the standard library's own .py files, without tests and site-packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_STDLIB_DIRS and not d.startswith(".")]
+        files.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+    if not files:
+        raise DataError(f"the default corpus (the Python standard library's .py files under {root}) is not "
+                        "there; give INPUT files to prepare")
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _normalize_extensions(extensions: Iterable[str]) -> tuple[str, ...]:
+    exts = []
+    for e in extensions:
+        e = e.strip().lower()
+        if e:
+            exts.append(e if e.startswith(".") else "." + e)
+    return tuple(exts)
+
+
+def _scan_dir(root: Path, exts: tuple[str, ...]) -> list[tuple[Path, str]]:
+    found: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .venv, our own temp dirs
+        found.extend(Path(dirpath, f) for f in filenames
+                     if not f.startswith(".") and f.lower().endswith(exts))
+    if not found:
+        raise DataError(f"input directory {root} holds no files ending in {', '.join(exts) or '(none)'}; "
+                        "name the extensions with --ext")
+    keyed = [(p, p.relative_to(root).as_posix()) for p in found]
+    return sorted(keyed, key=lambda pk: pk[1])
+
+
+def resolve_inputs(inputs: Sequence[str | Path], extensions: Iterable[str] = (".txt", ".md")) -> list[Path]:
+    """Files (any extension), directories (recursive, `extensions` only) and globs -> sorted, deduplicated files."""
+    return [p for p, _ in _resolve_keyed(inputs, extensions)]
+
+
+def _resolve_keyed(inputs: Sequence[str | Path], extensions: Iterable[str]) -> list[tuple[Path, str]]:
+    """resolve_inputs, each file with its split key: its path relative to the directory it was found in, or its name."""
+    exts = _normalize_extensions(extensions)
+    found: list[tuple[Path, str]] = []
+    for item in inputs:
+        p = Path(item).expanduser()
+        if p.is_file():
+            found.append((p, p.name))
+        elif p.is_dir():
+            found.extend(_scan_dir(p, exts))
+        elif any(c in str(item) for c in "*?["):
+            import glob
+
+            matches = sorted(glob.glob(str(p), recursive=True))
+            if not matches:
+                raise DataError(f"input glob {str(item)!r} matches no file")
+            for m in map(Path, matches):
+                if m.is_file():
+                    found.append((m, m.name))
+                elif m.is_dir():
+                    found.extend(_scan_dir(m, exts))
+        else:
+            raise DataError(f"input {str(item)!r} does not exist (give text files, directories, globs or .jsonl files)")
+    seen: set[Path] = set()
+    unique = []
+    for p, key in found:
+        r = p.resolve()
+        if r not in seen:
+            seen.add(r)
+            unique.append((r, key))
+    return unique
+
+
+def _default_corpus_keyed() -> list[tuple[Path, str]]:
+    root = Path(sysconfig.get_paths()["stdlib"]).resolve()
+    keyed = []
+    for p in default_corpus_files():
+        r = p.resolve()
+        keyed.append((r, r.relative_to(root).as_posix() if r.is_relative_to(root) else r.name))
+    return keyed
+
+
+def _source_records(paths: list[Path]) -> list[dict[str, Any]]:
+    records = []
+    for p in paths:
+        st = p.stat()
+        records.append({"path": str(p), "size": st.st_size, "mtime_ns": st.st_mtime_ns})
+    return records
+
+
+# --------------------------------------------------------------------------------------------- documents
+
+
+@dataclass
+class _Doc:
+    path: Path
+    key: str  # decides the document's split (document mode)
+    text: str | None = None  # a JSONL document is in memory; a text file is streamed
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
+
+
+def _jsonl_docs(path: Path, key: str, text_field: str) -> Iterator[_Doc]:
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                obj = json.loads(raw)
+            except ValueError as e:
+                raise DataError(f"{path}:{lineno}: not valid JSON ({e})") from None
+            text = obj.get(text_field) if isinstance(obj, dict) else None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{lineno}: no string field {text_field!r}; "
+                                "name the field that holds the text with --text-field")
+            yield _Doc(path, f"{key}:{lineno}", text)
+
+
+def _iter_docs(keyed: list[tuple[Path, str]], text_field: str) -> Iterator[_Doc]:
+    for p, key in keyed:
+        if _is_jsonl(p):
+            yield from _jsonl_docs(p, key, text_field)
+        else:
+            yield _Doc(p, key)
+
+
+def _open_text(path: Path):
+    # errors="replace": a stray invalid byte should not sink a whole corpus; universal newlines as the original
+    return open(path, encoding="utf-8", errors="replace")
+
+
+def _doc_chunks(doc: _Doc) -> Iterator[str]:
+    if doc.text is not None:
+        for i in range(0, len(doc.text), READ_CHARS):
+            yield doc.text[i:i + READ_CHARS]
+        return
+    with _open_text(doc.path) as f:
+        while chunk := f.read(READ_CHARS):
+            yield chunk
+
+
+def _count_chars(doc: _Doc) -> int:
+    return len(doc.text) if doc.text is not None else sum(len(c) for c in _doc_chunks(doc))
+
+
+def _count_documents(paths: list[Path]) -> int:
+    """Documents in the inputs (JSONL: lines, counted fast; blank ones too): enough to pick the split rule."""
+    n = 0
+    for p in paths:
+        if not _is_jsonl(p):
+            n += 1
+            continue
+        last = b"\n"
+        with open(p, "rb") as f:
+            while block := f.read(1 << 22):
+                n += block.count(b"\n")
+                last = block[-1:]
+        n += last != b"\n"
+    return n
+
+
+def _safe_cut(text: str, end: int) -> int:
+    """The last k <= end where text[k-2] is not space, text[k-1] is a newline, text[k] is not space; else 0.
+
+    There the GPT-2 split pattern (tiktoken's, and the ByteLevel pre-tokenizer's) ends a pre-token whatever
+    follows: the newline stands alone between two non-space characters. Anywhere a whitespace run touches the
+    cut, `\\s+(?!\\S)` would match differently on the two sides, so the tokens of the pieces would differ from
+    the tokens of the whole. str.isspace() is a superset of the pattern's \\s, so it errs on the safe side.
+    """
+    j = text.rfind("\n", 1, min(end, len(text) - 1))  # j = k - 1
+    while j > 0:
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j + 1
+        j = text.rfind("\n", 1, j)
+    return 0
+
+
+def _next_safe_cut(text: str, start: int) -> int:
+    """The first safe k >= start (see _safe_cut); 0 when there is none."""
+    j = text.find("\n", max(start - 1, 1), len(text) - 1)
+    while j > 0:
+        if not text[j - 1].isspace() and not text[j + 1].isspace():
+            return j + 1
+        j = text.find("\n", j + 1, len(text) - 1)
+    return 0
+
+
+def _cut_pieces(chunks: Iterable[str], target: int) -> Iterator[tuple[str, bool]]:
+    """Regroup text chunks into (piece, is_last) pieces of about `target` characters, cut at safe points.
+
+    A piece ends at the last safe point before `target` characters, else at the first one after.
+    """
+    buf = ""
+    pending: str | None = None
+    for chunk in chunks:
+        buf = buf + chunk if buf else chunk
+        while len(buf) >= target:
+            k = _safe_cut(buf, target) or _next_safe_cut(buf, target)
+            if k == 0:
+                if len(buf) < MAX_PIECE_CHARS:
+                    break  # read on until a safe point turns up
+                k = buf.rfind("\n") + 1 or target  # bounded memory over exactness at this one cut
+            if pending is not None:
+                yield pending, False
+            pending, buf = buf[:k], buf[k:]
+    if buf:
+        if pending is not None:
+            yield pending, False
+        pending = buf
+    if pending is not None:
+        yield pending, True
+
+
+def _tag_at(chunks: Iterable[str], cut: int) -> Iterator[tuple[int, str]]:
+    """(TRAIN, text) for the first `cut` characters of the stream, then (VAL, text)."""
+    pos = 0
+    for chunk in chunks:
+        end = pos + len(chunk)
+        if end <= cut:
+            yield TRAIN, chunk
+        elif pos >= cut:
+            yield VAL, chunk
+        else:
+            yield TRAIN, chunk[:cut - pos]
+            yield VAL, chunk[cut - pos:]
+        pos = end
+
+
+def _goes_to_val(key: str, val_fraction: float) -> bool:
+    """Document mode: a uniform draw in [0, 1) from the key's hash, below the fraction = val."""
+    u = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "little") / 2.0**64
+    return u < val_fraction
+
+
+def split_mode(num_documents: int, val_fraction: float) -> str:
+    """'document' when about 10 or more documents are expected in the smaller split, else 'tail'.
+
+    Fewer would leave the split's share of tokens to chance (90 documents at 0.1: no val at all 1 time in 10^4).
+    """
+    return "document" if num_documents * min(val_fraction, 1 - val_fraction) >= 10 else "tail"
+
+
+def _segments(keyed: list[tuple[Path, str]], text_field: str, mode: str, val_fraction: float,
+              target: int) -> Iterator[tuple[int, str, bool]]:
+    """(split, text piece, ends its document side) in corpus order."""
+    for doc in _iter_docs(keyed, text_field):
+        if mode == "document":
+            side = VAL if _goes_to_val(doc.key, val_fraction) else TRAIN
+            tagged: Iterator[tuple[int, str]] = ((side, c) for c in _doc_chunks(doc))
+        else:
+            tagged = _tag_at(_doc_chunks(doc), int((1 - val_fraction) * _count_chars(doc)))
+        for side, group in itertools.groupby((t for t in tagged if t[1]), key=lambda t: t[0]):
+            for piece, last in _cut_pieces((c for _, c in group), target):
+                yield side, piece, last
+
+
+# -------------------------------------------------------------------------------------------- tokenizing
+
+
+class _Encoder:
+    """Turns a task [(split, text, ends_doc), ...] into [(split, tokens, text bytes, ends_doc), ...]."""
+
+    def __init__(self, tok: Tokenizer):
+        self.tok = tok
+        self.dtype = token_dtype(tok.vocab_size)
+        self.eot = tok.eot_id
+
+    def _ids(self, text: str) -> np.ndarray:
+        if self.tok.kind == "byte":  # same ids as ByteTokenizer.encode, without a Python list per byte
+            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(self.dtype)
+        if self.tok.kind == "bpe" and len(text) > SUB_PIECE_CHARS:
+            subs = [p for p, _ in _cut_pieces([text], SUB_PIECE_CHARS)]
+            return np.fromiter(itertools.chain.from_iterable(self.tok.encode_batch(subs)), dtype=self.dtype)
+        return np.array(self.tok.encode(text), dtype=self.dtype)
+
+    def __call__(self, task: list[tuple[int, str, bool]]) -> list[tuple[int, np.ndarray, int, bool]]:
+        out = []
+        for side, text, last in task:
+            ids = self._ids(text)
+            if last:
+                ids = np.append(ids, np.asarray(self.eot, dtype=self.dtype))
+            out.append((side, ids, len(text.encode("utf-8")), last))
+        return out
+
+
+_worker_encoder: _Encoder | None = None
+
+
+def _init_worker(spec: dict[str, Any], payload: str | None) -> None:
+    import signal
+
+    # Ctrl-C is the parent's to handle: it stops feeding tasks and shuts the pool down in order.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # One thread per worker process: the pool is the parallelism.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    global _worker_encoder
+    _worker_encoder = _Encoder(from_spec(spec, payload))
+
+
+def _encode_in_worker(task: list[tuple[int, str, bool]]) -> list[tuple[int, np.ndarray, int, bool]]:
+    assert _worker_encoder is not None
+    return _worker_encoder(task)
+
+
+def _tasks(segments: Iterable[tuple[int, str, bool]], target: int) -> Iterator[list]:
+    """Small documents travel together so each task carries about `target` characters."""
+    task: list = []
+    chars = 0
+    for seg in segments:
+        if task and chars + len(seg[1]) > target:
+            yield task
+            task, chars = [], 0
+        task.append(seg)
+        chars += len(seg[1])
+    if task:
+        yield task
+
+
+def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int) -> Iterator[list]:
+    """Encode tasks in order; at most 2 * workers tasks are in flight, so memory stays bounded.
+
+    Pool.imap would read the whole task iterator ahead (all the corpus text at once); a window of
+    futures keeps the same order with backpressure. A ProcessPoolExecutor (not a Pool) fails fast when
+    a worker dies, where a Pool would start replacements forever.
+    """
+    if workers == 1:
+        encoder = _Encoder(tok)
+        yield from map(encoder, tasks)
+        return
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+
+    # spawn: the parent may hold threads (HF tokenizers after training, torch), which fork does not copy safely.
+    ctx = mp.get_context("spawn")
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(tok.spec(), payload_of(tok))) as pool:
+            window: deque = deque()
+            try:
+                for task in tasks:
+                    window.append(pool.submit(_encode_in_worker, task))
+                    if len(window) >= 2 * workers:
+                        yield window.popleft().result()
+                while window:
+                    yield window.popleft().result()
+            finally:
+                for f in window:
+                    f.cancel()
+    except BrokenProcessPool:
+        raise DataError(
+            "a tokenizer worker process died before finishing (out of memory, killed, or a script that calls "
+            "prepare() without an `if __name__ == \"__main__\":` guard, which spawned workers re-run); "
+            "fix that or pass workers=1 (--workers 1)"
+        ) from None
+
+
+def _progress_bar(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, file=sys.stderr,
+                dynamic_ncols=True, leave=False)
+
+
+def _train_bpe(keyed: list[tuple[Path, str]], text_field: str, vocab_size: int, total: int,
+               progress: bool) -> BPETokenizer:
+    t0 = time.perf_counter()
+    with _progress_bar(total, "train bpe", progress) as bar:
+        def texts() -> Iterator[str]:
+            for doc in _iter_docs(keyed, text_field):
+                for piece, _ in _cut_pieces(_doc_chunks(doc), SUB_PIECE_CHARS):
+                    bar.update(len(piece))  # characters: close enough to bytes for a progress bar
+                    yield piece
+
+        tok = BPETokenizer.train(texts(), vocab_size)
+        bar.update(max(0, bar.total - bar.n))
+    logger.info("trained a bpe tokenizer of %d tokens in %.1f s", tok.vocab_size, time.perf_counter() - t0)
+    return tok
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fingerprint(sources: list[dict], tok_request: dict, settings: dict) -> tuple[str, dict[str, str]]:
+    parts = {"sources": _digest(sources), "tokenizer": _digest(tok_request), "settings": _digest(settings)}
+    return _digest(parts), parts
+
+
+def _why_rebuild(old: dict, sources: list[dict], tok_request: dict, settings: dict) -> list[str]:
+    reasons = []
+    old_src = {s["path"]: s for s in old.get("sources", [])}
+    new_src = {s["path"]: s for s in sources}
+    if old_src != new_src or [s["path"] for s in old.get("sources", [])] != [s["path"] for s in sources]:
+        added = [p for p in new_src if p not in old_src]
+        removed = [p for p in old_src if p not in new_src]
+        modified = [p for p in new_src if p in old_src and old_src[p] != new_src[p]]
+        detail = [f"{len(v)} {k} ({', '.join(Path(p).name for p in v[:3])}{', ...' if len(v) > 3 else ''})"
+                  for k, v in (("added", added), ("removed", removed), ("modified", modified)) if v]
+        reasons.append("sources changed: " + ("; ".join(detail) or "reordered"))
+    if old.get("tokenizer_request") != tok_request:
+        reasons.append(f"tokenizer changed: {old.get('tokenizer_request')} -> {tok_request}")
+    old_settings = old.get("settings", {})
+    for key in sorted(set(settings) | set(old_settings)):
+        if old_settings.get(key) != settings.get(key):
+            reasons.append(f"setting {key} changed: {old_settings.get(key)!r} -> {settings.get(key)!r}")
+    return reasons or ["the fingerprint differs"]
+
+
+# ----------------------------------------------------------------------------------------------- prepare
+
+
+def _validate(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size: int, val_fraction: float,
+              workers: int, shard_tokens: int) -> None:
+    if tokenizer not in TOKENIZERS:
+        raise ConfigError(f"--tokenizer {tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
+    if tokenizer == "byte" and tokenizer_file is not None:
+        raise ConfigError(f"--tokenizer-file {tokenizer_file}: the byte tokenizer takes no file; "
+                          "use it with --tokenizer gpt2 or bpe")
+    if not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
+        raise ConfigError(f"--val-fraction {val_fraction}: must lie strictly between 0 and 1 (e.g. 0.1)")
+    if tokenizer == "bpe" and tokenizer_file is None and bpe_vocab_size < 258:
+        raise ConfigError(f"--vocab-size {bpe_vocab_size}: a bpe vocabulary needs >= 258 tokens "
+                          "(256 bytes, <|endoftext|> and at least one merge)")
+    if workers < 0:
+        raise ConfigError(f"--workers {workers}: must be >= 0 (0 = all cores, 1 = no worker processes)")
+    if shard_tokens < 1:
+        raise ConfigError(f"--shard-tokens {shard_tokens}: must be >= 1")
+
+
+def _default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
+
+
+def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size: int) -> dict:
+    """What decides the tokenizer before it exists (a bpe one is trained later, deterministically)."""
+    req: dict[str, Any] = {"kind": tokenizer}
+    if tokenizer_file is not None:
+        p = Path(tokenizer_file)
+        if not p.is_file():
+            raise DataError(f"--tokenizer-file {str(tokenizer_file)!r} does not exist")
+        req["file_sha256"] = _file_sha256(p)
+    elif tokenizer == "bpe":
+        req["vocab_size"] = bpe_vocab_size
+    return req
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    tokenizer: str = "bpe",
+    tokenizer_file: str | Path | None = None,
+    bpe_vocab_size: int = 8192,
+    val_fraction: float = 0.1,
+    text_field: str = "text",
+    extensions: Iterable[str] = (".txt", ".md"),
+    workers: int = 0,
+    progress: bool = True,
+    shard_tokens: int = DEFAULT_SHARD_TOKENS,
+) -> dict:
+    """Tokenize `inputs` (none = the embedded default corpus) into shards + meta.json in `out`; return the meta.
+
+    Reuses `out` when its fingerprint (sources, tokenizer, settings) matches and its files verify.
+    """
+    t_start = time.perf_counter()
+    _validate(tokenizer, tokenizer_file, bpe_vocab_size, val_fraction, workers, shard_tokens)
+    if isinstance(inputs, (str, Path)):  # one path, not a sequence of characters
+        inputs = [inputs]
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
+    exts = _normalize_extensions(extensions)
+    keyed = _resolve_keyed(inputs, exts) if inputs else _default_corpus_keyed()
+    paths = [p for p, _ in keyed]
+    sources = _source_records(paths)
+    tok_request = _tokenizer_request(tokenizer, tokenizer_file, bpe_vocab_size)
+    settings = {"val_fraction": val_fraction, "text_field": text_field, "extensions": list(exts),
+                "shard_tokens": shard_tokens, "format_version": FORMAT_VERSION}
+    fingerprint, parts = _fingerprint(sources, tok_request, settings)
+
+    if (out / META_NAME).is_file():
+        try:
+            old = load_meta(out)
+        except DataError as e:
+            logger.info("%s: rebuilding: %s", out, e)
+        else:
+            problem = verify_dir(out, old) if old.get("fingerprint") == fingerprint else None
+            if old.get("fingerprint") == fingerprint and problem is None:
+                logger.info("%s: up to date, reusing (%d train + %d val tokens)", out,
+                            old["splits"]["train"]["tokens"], old["splits"]["val"]["tokens"])
+                return old
+            why = [problem] if problem else _why_rebuild(old, sources, tok_request, settings)
+            logger.info("%s: rebuilding: %s", out, "; ".join(why))
+
+    total_bytes = sum(s["size"] for s in sources)
+    mode = split_mode(_count_documents(paths), val_fraction)
+    if tokenizer == "gpt2":
+        tok: Tokenizer = GPT2Tokenizer(tokenizer_file)
+    elif tokenizer == "byte":
+        tok = ByteTokenizer()
+    elif tokenizer_file is not None:
+        tok = BPETokenizer.from_file(tokenizer_file)
+    else:
+        tok = _train_bpe(keyed, text_field, bpe_vocab_size, total_bytes, progress)
+    n_workers = workers or max(1, min(_default_workers(), total_bytes // AUTO_BYTES_PER_WORKER[tokenizer]))
+    dtype = token_dtype(tok.vocab_size)
+
+    tmp = make_temp_dir(out)
+    writers = {side: ShardWriter(tmp, SPLITS[side], dtype, shard_tokens) for side in (TRAIN, VAL)}
+    stats = {side: {"tokens": 0, "documents": 0, "eot_tokens": 0, "text_bytes": 0} for side in (TRAIN, VAL)}
+    try:
+        payload = payload_of(tok)
+        tok_file = TOKENIZER_FILES[tok.kind] if payload is not None else None
+        if tok_file is not None:
+            data = payload.encode("utf-8") if tok.kind == "bpe" else base64.b64decode(payload)
+            write_atomic(tmp / tok_file, data)
+        elif tok.kind == "gpt2":
+            logger.warning("gpt2 from tiktoken's cache: %s will need that cache; pass --tokenizer-file to "
+                           "keep a copy of the ranks file beside the shards", out)
+
+        t_encode = time.perf_counter()
+        segments = _segments(keyed, text_field, mode, val_fraction, PIECE_CHARS)
+        with _progress_bar(total_bytes, "tokenize", progress) as bar:
+            for result in _ordered_results(tok, _tasks(segments, PIECE_CHARS), n_workers):
+                for side, ids, nbytes, last in result:
+                    writers[side].write(ids)
+                    st = stats[side]
+                    st["tokens"] += len(ids)
+                    st["text_bytes"] += nbytes
+                    st["documents"] += last  # one document side ends here, with its end-of-text token
+                    st["eot_tokens"] += last
+                    bar.update(nbytes)
+                tokens = stats[TRAIN]["tokens"] + stats[VAL]["tokens"]
+                bar.set_postfix_str(f"{tokens / max(time.perf_counter() - t_encode, 1e-9):,.0f} tok/s", refresh=False)
+            bar.update(max(0, bar.total - bar.n))  # JSONL files are larger than the text they hold
+        seconds_encode = time.perf_counter() - t_encode
+        names = {side: writers[side].close() for side in (TRAIN, VAL)}
+        for side in (TRAIN, VAL):
+            if stats[side]["tokens"] < 2:
+                raise DataError(f"the {SPLITS[side]} split would hold {stats[side]['tokens']} tokens, each split "
+                                f"needs at least 2: give more text or another --val-fraction (now {val_fraction})")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "gpttrain_version": __version__,
+            "created_unix": int(time.time()),
+            "tokenizer": tok.spec(),
+            "tokenizer_file": tok_file,
+            "tokenizer_request": tok_request,
+            "dtype": dtype.name,
+            "default_corpus": not inputs,
+            "sources": sources,
+            "settings": settings,
+            "fingerprint": fingerprint,
+            "fingerprint_parts": parts,
+            "split_mode": mode,
+            "splits": {SPLITS[side]: {"shards": names[side], **stats[side]} for side in (TRAIN, VAL)},
+            "total_text_bytes": stats[TRAIN]["text_bytes"] + stats[VAL]["text_bytes"],
+            "total_tokens": stats[TRAIN]["tokens"] + stats[VAL]["tokens"],
+        }
+        install(tmp, out, meta)
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    finally:
+        remove_tree(tmp)
+
+    _log_summary(out, meta, mode, time.perf_counter() - t_start, seconds_encode)
+    return meta
+
+
+def _log_summary(out: Path, meta: dict, mode: str, seconds: float, seconds_encode: float) -> None:
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    mb = meta["total_text_bytes"] / 1e6
+    tokens = meta["total_tokens"]
+    logger.info(
+        "prepared %s (%s split): train %d tokens, %d documents, %d shards; val %d tokens (%.1f%%), %d documents, "
+        "%d shards; %.2f MB in %.1f s (tokenizing %.1f s: %.1f MB/s, %.0f tokens/s)",
+        out, mode, tr["tokens"], tr["documents"], len(tr["shards"]), va["tokens"], 100 * va["tokens"] / max(tokens, 1),
+        va["documents"], len(va["shards"]), mb, seconds, seconds_encode, mb / max(seconds_encode, 1e-9),
+        tokens / max(seconds_encode, 1e-9),
+    )
+
+
+def open_tokenizer(data_dir: str | Path, meta: dict | None = None) -> Tokenizer:
+    """Rebuild the tokenizer a data dir was prepared with, from the payload file beside its shards."""
+    d = Path(data_dir)
+    meta = meta if meta is not None else load_meta(d)
+    spec = meta["tokenizer"]
+    name = meta.get("tokenizer_file")
+    if name is None:
+        return from_spec(spec)
+    path = d / name
+    if not path.is_file():
+        raise DataError(f"{path} is missing; prepare {d} again")
+    if spec.get("kind") == "bpe":
+        return from_spec(spec, path.read_text(encoding="utf-8"))
+    tok = from_spec(spec, tokenizer_file=path)
+    if spec.get("sha256") is not None and tok.spec().get("sha256") != spec["sha256"]:
+        raise DataError(f"{path} is not the ranks file {d} was prepared with; prepare it again")
+    return tok
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags of `gpttrain prepare`."""
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
+                        help="text files (any extension), directories (searched recursively for --ext files), "
+                             "globs, or .jsonl files (one document per line); none = the embedded default "
+                             "corpus, the Python standard library's own .py sources")
+    parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                        help=f"directory for the shards and meta.json (default: {DEFAULT_OUT})")
+    parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe",
+                        help="gpt2 (tiktoken), bpe (trained on the inputs) or byte (default: bpe)")
+    parser.add_argument("--tokenizer-file", default=None, metavar="FILE",
+                        help="gpt2: a gpt2.tiktoken ranks file (default: tiktoken's cache); bpe: a tokenizer.json "
+                             "to use instead of training one (default: none, train)")
+    parser.add_argument("--vocab-size", type=int, default=8192, metavar="N",
+                        help="vocabulary size of a trained bpe tokenizer, >= 258 (default: 8192)")
+    parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
+                        help="share of the text held out for validation, in (0, 1) (default: 0.1)")
+    parser.add_argument("--text-field", default="text", metavar="NAME",
+                        help="the field of each .jsonl line that holds the text (default: text)")
+    parser.add_argument("--ext", default=".txt,.md", metavar="EXTS",
+                        help="comma-separated extensions read from input directories (default: .txt,.md)")
+    parser.add_argument("--workers", type=int, default=0, metavar="N",
+                        help="tokenizer processes; 0 = all cores (fewer for a small input), 1 = in this process "
+                             "(default: 0)")
+    parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
+                        help=f"tokens per shard file at most (default: {DEFAULT_SHARD_TOKENS})")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (default: shown)")
+
+
+def run_prepare(args: argparse.Namespace) -> int:
+    """`gpttrain prepare`; returns the exit status. GpttrainError propagates for the CLI to print as one line."""
+    try:
+        prepare(
+            args.inputs, args.out, tokenizer=args.tokenizer, tokenizer_file=args.tokenizer_file,
+            bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field,
+            extensions=[e for e in args.ext.split(",") if e.strip()], workers=args.workers,
+            progress=not args.no_progress, shard_tokens=args.shard_tokens,
+        )
+    except OSError as e:  # unreadable input, full disk: one line naming the file rather than a traceback
+        raise DataError(f"prepare: {e.filename}: {e.strerror}" if e.filename else f"prepare: {e}") from None
+    return 0

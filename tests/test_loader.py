@@ -1,0 +1,263 @@
+"""Shard reading, token streams and the window loader: order, rank slices, resume, eval sets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from gpttrain.data.loader import TokenStream, WindowLoader, read_shard
+from gpttrain.data.shards import FORMAT_VERSION, HEADER_SIZE, ShardWriter, load_meta
+from gpttrain.errors import DataError
+
+
+def make_data_dir(root: Path, train: np.ndarray, val: np.ndarray | None = None, shard_tokens: int = 10**9) -> Path:
+    """A prepared dir holding exactly these tokens, written without a tokenizer."""
+    root.mkdir(parents=True, exist_ok=True)
+    val = np.arange(50, dtype=np.int64) if val is None else val
+    splits = {}
+    for name, tokens in (("train", train), ("val", val)):
+        w = ShardWriter(root, name, np.dtype("<u2"), shard_tokens)
+        w.write(tokens)
+        splits[name] = {"shards": w.close(), "tokens": len(tokens), "documents": 1, "eot_tokens": 1}
+    meta = {"format_version": FORMAT_VERSION, "tokenizer": {"kind": "byte", "vocab_size": 257, "eot_id": 256},
+            "tokenizer_file": None, "fingerprint": "test", "splits": splits}
+    (root / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+def tokens_of(n: int) -> np.ndarray:
+    return (np.arange(n, dtype=np.int64) * 7) % 60000  # distinct neighbours, fits uint16
+
+
+def loader(d: Path, **kw) -> WindowLoader:
+    args = dict(context_length=8, micro_batch_size=2, seed=3)
+    args.update(kw)
+    return WindowLoader(d, "train", **args)
+
+
+# ---- shards and streams ---------------------------------------------------------------------------
+
+
+def test_read_shard_checks_header_and_size(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(100))
+    shard = d / "train-00000.bin"
+    assert np.array_equal(read_shard(shard), tokens_of(100))
+
+    raw = shard.read_bytes()
+    truncated = tmp_path / "truncated.bin"
+    truncated.write_bytes(raw[:-3])
+    with pytest.raises(DataError, match="truncated.bin.*truncated"):
+        read_shard(truncated)
+    short = tmp_path / "short.bin"
+    short.write_bytes(raw[:10])
+    with pytest.raises(DataError, match="short.bin"):
+        read_shard(short)
+    bad_magic = tmp_path / "magic.bin"
+    bad_magic.write_bytes(b"X" + raw[1:])
+    with pytest.raises(DataError, match="magic.bin.*magic"):
+        read_shard(bad_magic)
+    bad_version = tmp_path / "version.bin"
+    bad_version.write_bytes(raw[:8] + (99).to_bytes(4, "little") + raw[12:])
+    with pytest.raises(DataError, match="version.bin.*version 99"):
+        read_shard(bad_version)
+    bad_dtype = tmp_path / "dtype.bin"
+    bad_dtype.write_bytes(raw[:12] + (3).to_bytes(4, "little") + raw[16:])
+    with pytest.raises(DataError, match="dtype.bin"):
+        read_shard(bad_dtype)
+    assert len(raw) == HEADER_SIZE + 2 * 100
+
+
+def test_shard_writer_rotates_and_stream_runs_across_boundaries(tmp_path):
+    tokens = tokens_of(1000)
+    d = make_data_dir(tmp_path / "d", tokens, shard_tokens=128)
+    meta = load_meta(d)
+    assert len(meta["splits"]["train"]["shards"]) == 8  # 7 full shards of 128, one of 104
+    stream = TokenStream([d / n for n in meta["splits"]["train"]["shards"]])
+    assert len(stream) == 1000
+    for start, length in [(0, 1000), (120, 20), (127, 1), (128, 0), (250, 300), (999, 1)]:
+        got = stream.get(start, length)
+        assert got.dtype == np.int64
+        assert np.array_equal(got, tokens[start:start + length])
+    with pytest.raises(IndexError):
+        stream.get(990, 11)
+
+
+def test_uint32_shards_round_trip(tmp_path):
+    tokens = np.array([0, 70000, 2**32 - 1, 5], dtype=np.int64)
+    w = ShardWriter(tmp_path, "train", np.dtype("<u4"), 3)
+    w.write(tokens)
+    names = w.close()
+    assert np.array_equal(TokenStream([tmp_path / n for n in names]).get(0, 4), tokens)
+
+
+# ---- windows and batches ---------------------------------------------------------------------------
+
+
+def test_sequential_windows_are_the_text(tmp_path):
+    tokens = tokens_of(1000)
+    d = make_data_dir(tmp_path / "d", tokens, shard_tokens=100)
+    T, s = 8, 5
+    ld = loader(d, stride=s, shuffle=False, micro_batch_size=3)
+    assert ld.num_windows == (1000 - (T + 1)) // s + 1
+    x, y = ld.next_batch()
+    assert x.shape == y.shape == (3, T) and x.dtype == y.dtype == torch.int64
+    for row in range(3):
+        window = tokens[row * s:row * s + T + 1]
+        assert np.array_equal(x[row].numpy(), window[:-1])
+        assert np.array_equal(y[row].numpy(), window[1:])
+    x2, _ = ld.next_batch()
+    assert np.array_equal(x2[0].numpy(), tokens[3 * s:3 * s + T])
+
+
+def test_default_stride_is_context_length_without_overlap(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(100))
+    ld = loader(d, shuffle=False, micro_batch_size=1)
+    assert ld.stride == 8 and ld.num_windows == (100 - 9) // 8 + 1
+    x0, _ = ld.next_batch()
+    x1, _ = ld.next_batch()
+    assert np.array_equal(x1[0].numpy(), tokens_of(100)[8:16])
+    assert x0[0, -1] != x1[0, 0]
+
+
+def test_epoch_drops_incomplete_batch_and_advances(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 23 + 1))  # 23 windows
+    ld = loader(d, micro_batch_size=2, world_size=2, rank=0)
+    assert ld.num_windows == 23 and ld.batches_per_epoch == 5  # 5 global batches of 4, 3 windows dropped
+    assert ld.windows_per_epoch == 23
+    for i in range(5):
+        assert ld.epoch == 0 and ld.index == 4 * i
+        ld.next_batch()
+    assert ld.epoch == 1 and ld.index == 0 and ld.progress == 1.0
+
+
+def test_epoch_covers_distinct_windows_and_reshuffles(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 40 + 1))  # 40 windows
+    ld = loader(d, micro_batch_size=5, shuffle=True)
+    firsts = []
+    for _ in range(2 * ld.batches_per_epoch):
+        x, _ = ld.next_batch()
+        firsts.append(x[:, 0].numpy() // 7 // 8)  # the window index each row starts at
+    epoch0, epoch1 = np.concatenate(firsts[:8]), np.concatenate(firsts[8:])
+    assert sorted(epoch0) == list(range(40)) == sorted(epoch1)
+    assert not np.array_equal(epoch0, epoch1)
+    assert not np.array_equal(epoch0, np.arange(40))
+
+
+def test_ranks_together_equal_one_rank_with_the_whole_batch(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 50 + 1))
+    one = loader(d, micro_batch_size=6, shuffle=True)
+    ranks = [loader(d, micro_batch_size=3, rank=r, world_size=2, shuffle=True) for r in range(2)]
+    for _ in range(20):  # 8 global batches per epoch: crosses two epoch boundaries
+        xa, ya = one.next_batch()
+        parts = [ld.next_batch() for ld in ranks]
+        assert torch.equal(xa, torch.cat([p[0] for p in parts]))
+        assert torch.equal(ya, torch.cat([p[1] for p in parts]))
+    assert one.epoch == ranks[0].epoch == ranks[1].epoch == 2
+    assert one.state_dict() == ranks[1].state_dict()
+
+
+def test_resume_continues_at_the_same_sample_across_an_epoch(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 30 + 1))  # 30 windows, 7 batches of 4
+    a = loader(d, micro_batch_size=4)
+    for _ in range(5):
+        a.next_batch()
+    sd = a.state_dict()
+    b = loader(d, micro_batch_size=4, seed=999)  # the saved seed wins
+    b.load_state_dict(json.loads(json.dumps(sd)))  # survives a JSON round trip
+    for _ in range(6):  # crosses the end of epoch 0
+        xa, ya = a.next_batch()
+        xb, yb = b.next_batch()
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    assert a.epoch == b.epoch == 1
+
+
+def test_resume_with_another_world_size(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 60 + 1))
+    ranks = [loader(d, micro_batch_size=2, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        for ld in ranks:
+            ld.next_batch()
+    sd = ranks[0].state_dict()
+    assert sd["index"] == 12  # global samples, not per-rank batches
+    reference = [ld.next_batch()[0] for ld in ranks]
+
+    single = loader(d, micro_batch_size=4)
+    single.load_state_dict(sd)
+    x, _ = single.next_batch()
+    assert torch.equal(x, torch.cat(reference))
+
+
+def test_state_of_other_data_is_refused(tmp_path):
+    a = loader(make_data_dir(tmp_path / "a", tokens_of(8 * 30 + 1)))
+    b = loader(make_data_dir(tmp_path / "b", tokens_of(8 * 31 + 1)))
+    with pytest.raises(DataError, match="30 windows.*31"):
+        b.load_state_dict(a.state_dict())
+
+
+def test_too_few_tokens_or_windows(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(20), val=tokens_of(30))
+    with pytest.raises(DataError, match=r"train split of .* holds 20 tokens: fewer than one window of "
+                                         r"context_length\+1 = 33; lower --model.context_length"):
+        loader(d, context_length=32)
+    with pytest.raises(DataError, match=r"holds 2 windows .* global batch .* = 4; lower --train.micro_batch_size"):
+        loader(d, micro_batch_size=2, world_size=2)
+    # The val split only serves eval_batches: a small one is fine until someone asks it for training batches.
+    val = WindowLoader(d, "val", context_length=8, micro_batch_size=4, world_size=2, shuffle=False)
+    assert val.num_windows == 3 and val.eval_count(10) == 3
+    with pytest.raises(DataError, match="val split"):
+        val.next_batch()
+
+
+def test_missing_meta_names_the_dir(tmp_path):
+    d = re.escape(str(tmp_path))
+    with pytest.raises(DataError, match=rf"{d} has no meta.json; run `gpttrain prepare .* --out {d}`"):
+        loader(tmp_path)
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(DataError, match="meta.json is unreadable"):
+        load_meta(tmp_path)
+
+
+# ---- evaluation -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_batches, num_windows", [(3, 100), (5, 13)])
+def test_eval_batches_partition_the_same_set_as_one_rank(tmp_path, num_batches, num_windows):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * num_windows + 1))
+    world, b = 3, 2
+    one = loader(d, micro_batch_size=b * world, shuffle=False, require_full_batch=False)
+    ranks = [loader(d, micro_batch_size=b, rank=r, world_size=world, require_full_batch=False) for r in range(world)]
+
+    def starts(ld):
+        rows = [x[:, 0].numpy() // 7 // 8 for x, _ in ld.eval_batches(num_batches)]
+        assert all(len(r) for r in rows)  # only non-empty batches
+        return np.concatenate(rows) if rows else np.empty(0, dtype=np.int64)
+
+    full = starts(one)
+    expected = min(num_batches * b * world, num_windows)
+    assert len(full) == len(set(full)) == expected
+    if num_windows > expected:
+        assert full[0] == 0 and full[-1] >= num_windows * (expected - 1) // expected  # spread over the split
+    per_rank = [starts(ld) for ld in ranks]
+    assert sum(len(p) for p in per_rank) == expected
+    assert [ld.eval_count(num_batches) for ld in ranks] == [len(p) for p in per_rank]
+    assert sorted(np.concatenate(per_rank)) == sorted(full)
+    assert len({ld.eval_global_batches(num_batches) for ld in ranks}) == 1
+
+
+def test_eval_batches_do_not_touch_the_training_cursor(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 40 + 1))
+    ld = loader(d, micro_batch_size=4)
+    ld.next_batch()
+    before = ld.state_dict()
+    first = [x for x, _ in ld.eval_batches(2)]
+    assert ld.state_dict() == before
+    assert all(torch.equal(a, b) for a, b in zip(first, (x for x, _ in ld.eval_batches(2))))
+    x_next, _ = ld.next_batch()
+    ref = loader(d, micro_batch_size=4)
+    ref.next_batch()
+    assert torch.equal(ref.next_batch()[0], x_next)

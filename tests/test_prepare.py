@@ -1,0 +1,408 @@
+"""prepare: inputs, tokenizing in pieces, the split, shards + meta.json, atomicity, reuse, the CLI flags."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpttrain.data import prepare as prep
+from gpttrain.data import shards
+from gpttrain.data.loader import open_split
+from gpttrain.data.prepare import default_corpus_files, load_meta, open_tokenizer, prepare, resolve_inputs
+from gpttrain.errors import ConfigError, DataError
+from gpttrain.tokenizer import BPETokenizer, GPT2Tokenizer
+
+BYTE_EOT = 256
+
+
+def write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def stream(out: Path, split: str) -> np.ndarray:
+    s = open_split(out, split)
+    return s.get(0, len(s))
+
+
+def byte_ids(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def run(inputs, out, **kw) -> dict:
+    kw.setdefault("tokenizer", "byte")
+    kw.setdefault("progress", False)
+    kw.setdefault("workers", 1)
+    return prepare([str(i) for i in inputs], out, **kw)
+
+
+# ---- reference data ---------------------------------------------------------------------------------------
+
+
+def test_tinyshakespeare_gpt2_counts_and_90_10_split(tmp_path, shared_data):
+    text_file, ranks = shared_data("tinyshakespeare.txt"), shared_data("gpt2.tiktoken")
+    out = tmp_path / "ts"
+    meta = run([text_file], out, tokenizer="gpt2", tokenizer_file=ranks)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    assert tr["eot_tokens"] == va["eot_tokens"] == 1 and meta["split_mode"] == "tail"
+    assert tr["tokens"] - tr["eot_tokens"] + va["tokens"] - va["eot_tokens"] == 338_025
+    assert abs(va["tokens"] / (tr["tokens"] + va["tokens"]) - 0.1) < 0.01
+    assert meta["tokenizer"]["kind"] == "gpt2" and meta["tokenizer_file"] == "gpt2.tiktoken"
+    assert meta["dtype"] == "uint16" and meta["total_text_bytes"] == 1_115_394
+
+    # Exactly the original's split: the first 90% of characters, tokenized on their own, then the rest.
+    text = text_file.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))
+    tok = open_tokenizer(out)
+    assert tok.spec() == GPT2Tokenizer(ranks).spec()
+    assert stream(out, "train").tolist() == tok.encode(text[:cut]) + [tok.eot_id]
+    assert stream(out, "val").tolist() == tok.encode(text[cut:]) + [tok.eot_id]
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "bpe"])
+def test_pieces_tokenize_exactly_as_the_whole(shared_data, kind):
+    """Pieces cut at the safe points give the same tokens as one call on the whole text."""
+    shakespeare = shared_data("tinyshakespeare.txt").read_text(encoding="utf-8")[:150_000]
+    code = "".join(p.read_text(encoding="utf-8") for p in default_corpus_files()[:40])[:150_000]
+    text = shakespeare + "  \n\n   x \t\n" + code + "\n\n\u00e9t\u00e9 \u2003 end\n  "
+    if kind == "gpt2":
+        tok = GPT2Tokenizer(shared_data("gpt2.tiktoken"))
+    else:
+        tok = BPETokenizer.train([text], 2000)
+    chunks = [text[i:i + 777] for i in range(0, len(text), 777)]
+    pieces = list(prep._cut_pieces(chunks, 2048))
+    assert "".join(p for p, _ in pieces) == text
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
+    assert len(pieces) > 50
+    assert np.median([len(p) for p, _ in pieces]) <= 2048  # about the target: under it where a safe point allows
+    ids = [i for p, _ in pieces for i in tok.encode(p)]
+    assert ids == tok.encode(text)
+    assert prep._Encoder(tok)([(0, text, True)])[0][1].tolist() == tok.encode(text) + [tok.eot_id]
+
+
+# ---- the embedded default corpus -------------------------------------------------------------------------
+
+
+def test_default_corpus_is_the_stdlib_sources():
+    files = default_corpus_files()
+    assert len(files) > 500
+    assert sum(f.stat().st_size for f in files) > 10_000_000
+    assert all(f.suffix == ".py" for f in files)
+    assert not any({"site-packages", "test", "tests", "idle_test"} & set(f.parts) for f in files)
+    assert files == default_corpus_files()  # a fixed order
+
+
+def test_no_inputs_prepares_the_default_corpus_offline(tmp_path, monkeypatch):
+    subset = default_corpus_files()[:12]
+    monkeypatch.setattr(prep, "default_corpus_files", lambda: subset)
+    meta = run([], tmp_path / "out", tokenizer="bpe", bpe_vocab_size=400)
+    assert meta["default_corpus"] is True
+    assert [s["path"] for s in meta["sources"]] == [str(p.resolve()) for p in subset]
+    nonempty = sum(1 for p in subset if p.stat().st_size)
+    assert meta["splits"]["train"]["documents"] == nonempty  # few documents: each one cut 90/10
+    assert meta["tokenizer"]["vocab_size"] == 400 and meta["tokenizer_file"] == "tokenizer.json"
+    tok = open_tokenizer(tmp_path / "out")
+    train = stream(tmp_path / "out", "train")
+    first = subset[0].read_text(encoding="utf-8")
+    assert tok.decode(train[:50]) == first[:len(tok.decode(train[:50]))]
+
+
+# ---- inputs -------------------------------------------------------------------------------------------------
+
+
+def make_corpus(root: Path, n: int = 150) -> list[Path]:
+    files = [write(root / f"part{i % 3}" / f"doc{i:03d}.txt", f"document {i}\n" + "word " * (i % 17 + 3))
+             for i in range(n)]
+    write(root / "part0" / "skip.bin", "not text")
+    write(root / ".hidden" / "skip.txt", "hidden")
+    return files
+
+
+def test_directory_of_many_documents_splits_by_document(tmp_path):
+    files = make_corpus(tmp_path / "corpus")
+    meta = run([tmp_path / "corpus"], tmp_path / "out")
+    assert meta["split_mode"] == "document"
+    assert [s["path"] for s in meta["sources"]] == sorted(str(f.resolve()) for f in files)
+    tr, va = meta["splits"]["train"], meta["splits"]["val"]
+    assert tr["documents"] + va["documents"] == 150 and 5 <= va["documents"] <= 30
+    assert tr["eot_tokens"] == tr["documents"] and va["eot_tokens"] == va["documents"]
+    total_bytes = sum(f.stat().st_size for f in files)
+    assert tr["tokens"] + va["tokens"] == total_bytes + 150
+    # Every document whole in one split, in corpus order, each followed by end-of-text.
+    docs = [byte_ids(f.read_text()) + [BYTE_EOT] for f in sorted(files, key=lambda f: f.relative_to(tmp_path))]
+    train_docs = _split_docs(stream(tmp_path / "out", "train").tolist())
+    val_docs = _split_docs(stream(tmp_path / "out", "val").tolist())
+    assert sorted(train_docs + val_docs) == sorted(docs)
+    assert train_docs == [d for d in docs if d in train_docs]  # corpus order kept
+    # Deterministic: the same corpus somewhere else splits the same way.
+    again = run([tmp_path / "corpus"], tmp_path / "out2")
+    assert again["splits"]["val"]["documents"] == va["documents"]
+    assert (tmp_path / "out2" / "val-00000.bin").read_bytes() == (tmp_path / "out" / "val-00000.bin").read_bytes()
+
+
+def _split_docs(ids: list[int]) -> list[list[int]]:
+    docs, cur = [], []
+    for i in ids:
+        cur.append(i)
+        if i == BYTE_EOT:
+            docs.append(cur)
+            cur = []
+    return docs
+
+
+def test_glob_and_extensions(tmp_path):
+    make_corpus(tmp_path / "c", n=6)
+    write(tmp_path / "c" / "part1" / "notes.md", "markdown")
+    write(tmp_path / "c" / "part1" / "data.csv", "a,b")
+    assert [p.name for p in resolve_inputs([tmp_path / "c" / "part1" / "*.txt"])] == ["doc001.txt", "doc004.txt"]
+    assert [p.name for p in resolve_inputs([str(tmp_path / "c" / "**" / "doc00[12].txt")])] == ["doc001.txt",
+                                                                                               "doc002.txt"]
+    names = [p.name for p in resolve_inputs([tmp_path / "c" / "part1"], extensions=("csv", ".MD"))]
+    assert names == ["data.csv", "notes.md"]
+    # A file named explicitly is read whatever its extension.
+    assert resolve_inputs([tmp_path / "c" / "part1" / "data.csv"]) == [(tmp_path / "c/part1/data.csv").resolve()]
+    meta = run([tmp_path / "c" / "part*" / "doc00[0-2].txt"], tmp_path / "out")
+    assert len(meta["sources"]) == 3
+
+
+def test_jsonl_documents_and_text_field(tmp_path):
+    docs = ["first document", "second \u00e9t\u00e9\nline", "third"]
+    lines = [json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)]
+    src = write(tmp_path / "d.jsonl", lines[0] + "\n\n" + lines[1] + "\n" + lines[2])  # blank line, no final newline
+    meta = run([src], tmp_path / "out", text_field="body")
+    assert meta["splits"]["train"]["documents"] == 3 and meta["split_mode"] == "tail"
+    train, val = [], []
+    for d in docs:  # each document cut at 90% of its characters
+        cut = int(0.9 * len(d))
+        train += byte_ids(d[:cut]) + [BYTE_EOT]
+        val += byte_ids(d[cut:]) + [BYTE_EOT]
+    assert stream(tmp_path / "out", "train").tolist() == train
+    assert stream(tmp_path / "out", "val").tolist() == val
+
+
+def test_bad_jsonl_lines_name_file_and_line(tmp_path):
+    bad = write(tmp_path / "bad.jsonl", '{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2: not valid JSON"):
+        run([bad], tmp_path / "out")
+    nofield = write(tmp_path / "nofield.jsonl", '{"text": "ok"}\n\n{"content": "x"}\n')
+    with pytest.raises(DataError, match=r"nofield.jsonl:3: no string field 'text'.*--text-field"):
+        run([nofield], tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_missing_inputs_are_named(tmp_path):
+    with pytest.raises(DataError, match="input '.*nowhere.txt' does not exist"):
+        run([tmp_path / "nowhere.txt"], tmp_path / "out")
+    with pytest.raises(DataError, match=r"glob '.*\*.zzz' matches no file"):
+        run([tmp_path / "*.zzz"], tmp_path / "out")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="input directory .*empty holds no files ending in .txt, .md; .*--ext"):
+        run([tmp_path / "empty"], tmp_path / "out")
+
+
+# ---- the split ------------------------------------------------------------------------------------------------
+
+
+def test_single_document_tail_split_by_characters(tmp_path):
+    text = "\u00e9" * 30 + "abc\n" * 10  # 2-byte characters: the cut counts characters, not bytes
+    meta = run([write(tmp_path / "one.txt", text)], tmp_path / "out")
+    cut = int(0.9 * len(text))
+    assert stream(tmp_path / "out", "train").tolist() == byte_ids(text[:cut]) + [BYTE_EOT]
+    assert stream(tmp_path / "out", "val").tolist() == byte_ids(text[cut:]) + [BYTE_EOT]
+    assert meta["splits"]["val"]["eot_tokens"] == 1
+
+
+def test_a_split_with_under_two_tokens_is_refused(tmp_path):
+    with pytest.raises(DataError, match="train split would hold 0 tokens.*more text or another --val-fraction"):
+        run([write(tmp_path / "tiny.txt", "a")], tmp_path / "out")
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_big_file_streams_in_pieces(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "READ_CHARS", 1000)
+    monkeypatch.setattr(prep, "PIECE_CHARS", 3000)
+    text = "".join(f"line {i} of the text\n" for i in range(5000))
+    tasks = []
+    real = prep._Encoder.__call__
+    monkeypatch.setattr(prep._Encoder, "__call__", lambda self, task: tasks.append(task) or real(self, task))
+    run([write(tmp_path / "big.txt", text)], tmp_path / "out", val_fraction=0.25)
+    assert len(tasks) > 20 and max(sum(len(text) for _, text, _ in t) for t in tasks) <= 3000  # bounded pieces
+    assert sum(last for t in tasks for _, _, last in t) == 2  # one end of each split's side, no EOT in between
+    cut = int(0.75 * len(text))
+    assert stream(tmp_path / "out", "train").tolist() == byte_ids(text[:cut]) + [BYTE_EOT]
+
+
+# ---- shards, atomicity, reuse ------------------------------------------------------------------------------
+
+
+def test_many_shards_hold_the_same_stream(tmp_path):
+    make_corpus(tmp_path / "c")
+    one = run([tmp_path / "c"], tmp_path / "one")
+    many = run([tmp_path / "c"], tmp_path / "many", shard_tokens=500)
+    assert len(one["splits"]["train"]["shards"]) == 1
+    assert len(many["splits"]["train"]["shards"]) == -(-many["splits"]["train"]["tokens"] // 500) > 5
+    for split in ("train", "val"):
+        assert np.array_equal(stream(tmp_path / "one", split), stream(tmp_path / "many", split))
+    assert many["splits"]["train"]["shards"][:2] == ["train-00000.bin", "train-00001.bin"]
+
+
+def test_crash_mid_write_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
+    make_corpus(tmp_path / "c")
+    out = tmp_path / "out"
+    calls = []
+    real = shards.ShardWriter._finalize
+
+    def crash_after_first(self):
+        real(self)
+        calls.append(self.names[-1])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(shards.ShardWriter, "_finalize", crash_after_first)
+    with pytest.raises(OSError, match="No space"):
+        run([tmp_path / "c"], out, shard_tokens=300)
+    assert calls == ["train-00000.bin"]
+    assert not out.exists() or not any(out.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "out") == ["c"]  # no temp dir left behind
+    monkeypatch.undo()
+    meta = run([tmp_path / "c"], out, shard_tokens=300)
+    assert load_meta(out)["fingerprint"] == meta["fingerprint"]
+
+    # A crash while rebuilding leaves the previous complete version in place.
+    write(tmp_path / "c" / "part0" / "doc000.txt", "changed")
+    monkeypatch.setattr(shards.ShardWriter, "_finalize", crash_after_first)
+    with pytest.raises(OSError):
+        run([tmp_path / "c"], out, shard_tokens=300)
+    assert load_meta(out) == meta
+    assert shards.verify_dir(out, meta) is None
+
+
+def test_second_run_reuses_and_changes_rebuild_with_a_reason(tmp_path, caplog, monkeypatch):
+    # caplog listens at the root logger; another test's logging setup may have stopped propagation.
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    src = write(tmp_path / "a.txt", "hello there\n" * 50)
+    out = tmp_path / "out"
+    first = run([src], out)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    caplog.set_level(logging.INFO, logger="gpttrain")
+
+    caplog.clear()
+    assert run([src], out) == first
+    assert "up to date, reusing" in caplog.text
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+    caplog.clear()
+    write(src, "new text\n" * 40)
+    run([src], out)
+    assert "sources changed" in caplog.text and "1 modified (a.txt)" in caplog.text
+
+    caplog.clear()
+    run([src], out, val_fraction=0.2)
+    assert "setting val_fraction changed: 0.1 -> 0.2" in caplog.text
+
+    caplog.clear()
+    meta = run([src], out, val_fraction=0.2, tokenizer="bpe", bpe_vocab_size=300)
+    assert "tokenizer changed" in caplog.text
+    assert meta["tokenizer"]["kind"] == "bpe" and (out / "tokenizer.json").is_file()
+
+    # A damaged shard is noticed even when the fingerprint matches.
+    caplog.clear()
+    (out / "val-00000.bin").write_bytes(b"junk")
+    run([src], out, val_fraction=0.2, tokenizer="bpe", bpe_vocab_size=300)
+    assert "rebuilding" in caplog.text and "val-00000.bin" in caplog.text
+    assert shards.verify_dir(out, load_meta(out)) is None
+
+
+def test_unrelated_files_in_out_survive(tmp_path):
+    src = write(tmp_path / "a.txt", "some text\n" * 30)
+    write(tmp_path / "out" / "notes.txt", "mine")
+    write(tmp_path / "out" / "train-00007.bin", "stale shard of an older run")
+    run([src], tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+    assert not (tmp_path / "out" / "train-00007.bin").exists()
+
+
+# ---- tokenizers and workers ------------------------------------------------------------------------------
+
+
+def test_bpe_training_is_deterministic(tmp_path):
+    make_corpus(tmp_path / "c", n=40)
+    a = run([tmp_path / "c"], tmp_path / "a", tokenizer="bpe", bpe_vocab_size=300)
+    b = run([tmp_path / "c"], tmp_path / "b", tokenizer="bpe", bpe_vocab_size=300)
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert a["tokenizer"] == b["tokenizer"] and a["fingerprint"] == b["fingerprint"]
+    tok = open_tokenizer(tmp_path / "a")
+    assert tok.spec() == a["tokenizer"] and tok.decode(tok.encode("document 7\n")) == "document 7\n"
+    # Another process (other hash seeds, other thread timing) trains the same tokenizer.
+    code = ("import sys; from gpttrain.data.prepare import prepare; "
+            "prepare([sys.argv[1]], sys.argv[2], tokenizer='bpe', bpe_vocab_size=300, workers=1, progress=False)")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "c"), str(tmp_path / "p")], check=True,
+                   env={**os.environ, "PYTHONHASHSEED": "123"})
+    assert (tmp_path / "p" / "tokenizer.json").read_bytes() == (tmp_path / "a" / "tokenizer.json").read_bytes()
+    # An existing tokenizer.json is used as is instead of training.
+    c = run([tmp_path / "c"], tmp_path / "c2", tokenizer="bpe", tokenizer_file=tmp_path / "a" / "tokenizer.json")
+    assert c["tokenizer"] == a["tokenizer"] and np.array_equal(stream(tmp_path / "a", "val"),
+                                                                 stream(tmp_path / "c2", "val"))
+
+
+def test_two_workers_give_the_same_tokens_as_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(prep, "PIECE_CHARS", 2000)  # many tasks, so both workers take part
+    make_corpus(tmp_path / "c", n=200)
+    one = run([tmp_path / "c"], tmp_path / "w1", tokenizer="bpe", bpe_vocab_size=320, workers=1)
+    two = run([tmp_path / "c"], tmp_path / "w2", tokenizer="bpe", bpe_vocab_size=320, workers=2)
+    assert one["splits"] == two["splits"]
+    for split in ("train", "val"):
+        assert np.array_equal(stream(tmp_path / "w1", split), stream(tmp_path / "w2", split))
+
+
+# ---- meta and CLI --------------------------------------------------------------------------------------------
+
+
+def test_load_meta_names_the_dir(tmp_path):
+    with pytest.raises(DataError, match="has no meta.json; run `gpttrain prepare"):
+        load_meta(tmp_path)
+    (tmp_path / "meta.json").write_text('{"format_version": 1}')
+    with pytest.raises(DataError, match="lacks the tokenizer or the train/val split"):
+        load_meta(tmp_path)
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    prep.add_prepare_arguments(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--val-fraction", "1.5"], r"--val-fraction 1.5: must lie strictly between 0 and 1"),
+    (["--val-fraction", "0"], r"--val-fraction 0.0"),
+    (["--vocab-size", "100"], r"--vocab-size 100: .* >= 258"),
+    (["--workers", "-1"], r"--workers -1: must be >= 0"),
+    (["--shard-tokens", "0"], r"--shard-tokens 0"),
+    (["--tokenizer", "byte", "--tokenizer-file", "x"], r"--tokenizer-file x: the byte tokenizer takes no file"),
+])
+def test_cli_flags_are_validated(tmp_path, flags, match):
+    args = parse([str(write(tmp_path / "a.txt", "text")), "--out", str(tmp_path / "out"), *flags])
+    with pytest.raises(ConfigError, match=match):
+        prep.run_prepare(args)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_defaults_and_a_run(tmp_path):
+    args = parse([])
+    assert (args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.workers) == (
+        [], "data/prepared", "bpe", 8192, 0.1, 0)
+    (tmp_path / "c").mkdir()
+    write(tmp_path / "c" / "a.rst", "restructured text\n" * 20)
+    args = parse([str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--ext", "rst,.txt",
+                  "--workers", "1", "--no-progress", "--shard-tokens", "100"])
+    assert prep.run_prepare(args) == 0
+    meta = load_meta(tmp_path / "out")
+    assert meta["settings"]["extensions"] == [".rst", ".txt"] and len(meta["splits"]["train"]["shards"]) == 4
