@@ -20,8 +20,14 @@ def test_gpt2_known_ids(gpt2):
     assert gpt2.decode([15496, 995, 50256]) == "Hello world" + EOT_TEXT
 
 
-def test_gpt2_end_of_text_in_text_is_ordinary(gpt2):
-    assert gpt2.eot_id not in gpt2.encode("a <|endoftext|> b")
+def test_end_of_text_in_text_is_ordinary(gpt2):
+    text = "a <|endoftext|> b<|endoftext|>"
+    for tok in (gpt2, BPETokenizer.train(CORPUS, 300), ByteTokenizer()):
+        ids = tok.encode(text)
+        assert tok.eot_id not in ids, tok.kind
+        assert tok.decode(ids) == text, tok.kind
+        if hasattr(tok, "encode_batch"):
+            assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
 
 
 def test_gpt2_rebuilt_from_its_payload(gpt2):

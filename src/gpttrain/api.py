@@ -47,7 +47,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     cfg = from_dict(state["config"])
     dev = resolve_device(device)
     model = build_model(cfg.model, dev)
-    ckpt.load_model_state(model, ckpt.load_model_weights(path))
+    ckpt.load_full_model(model, path, state)  # one file, or the shards of an FSDP run
     model.to(DTYPES[dtype]).eval()
     tokenizer = ckpt.load_tokenizer(path, state)
     if tokenizer is None:

@@ -40,6 +40,8 @@ FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "state.json")
+SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files of an FSDP run, in place of the two above
+SHARDED_REQUIRED_FILES = (f"{SHARDED_DIR}/.metadata", "state.json")
 
 
 class CheckpointError(GpttrainError):
@@ -188,6 +190,8 @@ def save(trainer, reason: str = "periodic") -> Path:
 
     try:
         _write_json(tmp / f"rng-rank{info.rank:05d}.json", rng_state(trainer.device))
+        if _is_sharded(trainer):
+            _save_sharded(trainer, tmp / SHARDED_DIR)  # collective: every rank writes its shards
         if info.is_main:
             _write_rank0_files(trainer, tmp, reason)
     except Exception as e:  # a full disk surfaces as OSError, RuntimeError (torch.save) or SafetensorError
@@ -212,9 +216,11 @@ def save(trainer, reason: str = "periodic") -> Path:
 def _commit(tmp: Path, final: Path) -> None:
     """Fsync every file, write COMPLETE (their sizes and hashes) last, then rename tmp -> final."""
     files = {}
-    for p in sorted(tmp.iterdir()):
+    for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
         _fsync_file(p)
-        files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    if (tmp / SHARDED_DIR).is_dir():
+        _fsync_dir(tmp / SHARDED_DIR)
     _write_json(tmp / COMPLETE, {"format_version": FORMAT_VERSION, "files": files})
     _fsync_dir(tmp)
     if final.exists():
@@ -241,8 +247,10 @@ def _write_rank0_files(trainer, tmp: Path, reason: str) -> None:
 
     from gpttrain.tokenizer import payload_of
 
-    save_file(model_state_for_saving(trainer.model), str(tmp / "model.safetensors"))
-    torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
+    sharded = _is_sharded(trainer)
+    if not sharded:
+        save_file(model_state_for_saving(trainer.model), str(tmp / "model.safetensors"))
+        torch.save(trainer.optimizer.state_dict(), tmp / "optimizer.pt")
     tok = trainer.tokenizer
     tok_file = None
     if tok is not None:
@@ -258,6 +266,7 @@ def _write_rank0_files(trainer, tmp: Path, reason: str) -> None:
         "loader": trainer.train_loader.state_dict() if trainer.train_loader is not None else None,
         "scaler": trainer.scaler.state_dict() if trainer.scaler.is_enabled() else None,
         "world_size": trainer.info.world_size,
+        "sharded": sharded,
         "precision": trainer.precision,
         "config": trainer.cfg.to_dict(),
         "tokenizer": {"spec": tok.spec() if tok is not None else None, "file": tok_file},
@@ -299,12 +308,16 @@ def verify(path: Path) -> dict[str, Any]:
             raise TypeError
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(f"checkpoint file {marker} is corrupt (not the manifest gpttrain writes)") from None
-    for name in REQUIRED_FILES:
+    required = SHARDED_REQUIRED_FILES if SHARDED_REQUIRED_FILES[0] in files else REQUIRED_FILES
+    for name in required:
         if name not in files:
             raise CheckpointError(f"checkpoint file {marker} does not cover {name}: the checkpoint is corrupt")
     for name, want in files.items():
         p = path / name
-        if Path(name).name != name or not p.is_file():
+        # Plain names, or one level under sharded/: a manifest cannot point outside the folder.
+        parts = name.split("/")
+        plain = all(part and part not in (".", "..") and "\\" not in part for part in parts)
+        if not plain or len(parts) > 2 or (len(parts) == 2 and parts[0] != SHARDED_DIR) or not p.is_file():
             raise CheckpointError(f"checkpoint file {p} is missing")
         size = p.stat().st_size
         if size != want["size"]:
@@ -398,10 +411,17 @@ def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -
 def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
     """Restore every piece of a verified checkpoint into the trainer (this rank's RNG included)."""
     check_compatible(state, trainer, path)
-    weights = load_model_weights(path)
-    opt = load_optimizer_state(path, trainer.device)
-    load_model_state(trainer.model, weights)
-    trainer.optimizer.load_state_dict(opt)
+    if state.get("sharded"):
+        _load_sharded(trainer.model, trainer.optimizer, path / SHARDED_DIR)  # any world size: DCP reshards
+    elif _is_sharded(trainer):
+        raise CheckpointError(f"checkpoint {path} holds one full copy of the model (a DDP or one-process run); "
+                              "resume it with --dist.strategy ddp, or start the FSDP run from its weights "
+                              "with gpttrain export + --init-from")
+    else:
+        weights = load_model_weights(path)
+        opt = load_optimizer_state(path, trainer.device)
+        load_model_state(trainer.model, weights)
+        trainer.optimizer.load_state_dict(opt)
     trainer.load_state_dict(state["trainer"])
     if state.get("loader") is not None and trainer.train_loader is not None:
         trainer.train_loader.load_state_dict(state["loader"])
@@ -478,3 +498,88 @@ def maybe_resume(trainer) -> Path | None:
     load_into(trainer, path, state)
     log.info("resumed from %s (step %d)", path, trainer.step)
     return path
+
+
+# ---- sharded (FSDP) state through torch.distributed.checkpoint --------------------------------------
+
+
+def _is_sharded(trainer) -> bool:
+    return getattr(trainer, "strategy", None) == "fsdp"
+
+
+def _save_sharded(trainer, folder: Path) -> None:
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
+
+
+def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, folder: Path) -> None:
+    """Load DCP state into a model (FSDP-sharded or plain, any world size) and optionally its optimizer."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    if optimizer is None:
+        state = {"model": {k: v for k, v in model.state_dict().items()
+                           if not (k == "out_head.weight" and getattr(model.cfg, "tie_embeddings", False))}}
+    else:
+        model_sd, optim_sd = get_state_dict(model, optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+    try:
+        dcp.load(state, checkpoint_id=str(folder))
+    except Exception as e:  # CheckpointException and friends: a damaged or foreign folder
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"sharded checkpoint {folder} cannot be loaded ({type(e).__name__}: {first})") from None
+    if optimizer is None:
+        load_model_state(model, state["model"])
+    else:
+        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def load_full_model(model: torch.nn.Module, path: Path, state: dict[str, Any]) -> None:
+    """The full weights of a verified checkpoint into a plain model, from one file or from shards."""
+    if state.get("sharded"):
+        _load_sharded(model, None, Path(path) / SHARDED_DIR)
+    else:
+        load_model_state(model, load_model_weights(path))
+
+
+def consolidate(src: str | Path, out: str | Path) -> Path:
+    """Write a sharded (FSDP) checkpoint as one ordinary checkpoint folder: full model.safetensors and
+    optimizer.pt, resumable without FSDP and readable by tools that want one file."""
+    from gpttrain.config import from_dict
+    from gpttrain.model import build_model
+    from gpttrain.optim import build_optimizer
+
+    path = resolve_checkpoint(src)
+    state = verify(path)
+    out = Path(out)
+    if not state.get("sharded"):
+        raise CheckpointError(f"checkpoint {path} is already one file per part (not sharded); use it as it is")
+    if out.exists() and any(out.iterdir()):
+        raise CheckpointError(f"--out: {out} exists and is not empty; choose a new folder")
+    cfg = from_dict(state["config"])
+    model = build_model(cfg.model, "cpu")
+    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr, torch.device("cpu"))
+    _load_sharded(model, optimizer, path / SHARDED_DIR)
+    from safetensors.torch import save_file
+
+    tmp = out.parent / f".tmp-{out.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        save_file(model_state_for_saving(model), str(tmp / "model.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        for p in path.iterdir():
+            if p.is_file() and p.name not in (COMPLETE, "state.json"):
+                shutil.copy2(p, tmp / p.name)  # per-rank RNG, the tokenizer
+        _write_json(tmp / "state.json", dict(state, sharded=False, consolidated_from=str(path)))
+        if out.exists():
+            out.rmdir()
+        _commit(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("consolidated %s into %s", path, out)
+    return out

@@ -18,11 +18,14 @@ Any setting can be given as a dotted flag, e.g. --model.n_layers 6 --optim.lr 3e
 """ + "\n".join(f"  {flag:34s} {desc} (default {default})" for flag, desc, default in field_help())
 
 
-def _add_config_arguments(p: argparse.ArgumentParser) -> None:
+def _add_config_arguments(p: argparse.ArgumentParser, preset_default: str = "none") -> None:
     g = p.add_argument_group("configuration")
-    g.add_argument("--preset", default=None, help=f"a named configuration: {', '.join(PRESETS)} (default: none)")
+    g.add_argument("--preset", default=None,
+                   help=f"a named configuration: {', '.join(PRESETS)} (default: {preset_default})")
     g.add_argument("--config", default=None, metavar="FILE", help="a TOML file of settings (see configs/)")
-    g.add_argument("--data", default=None, metavar="DIR", help="prepared data dir (= --data.path)")
+    g.add_argument("--data", default=None, metavar="DIR",
+                   help="a prepared data dir, or a text file / folder to prepare first (= --data.path; "
+                        "default: the embedded corpus)")
     g.add_argument("--run-dir", default=None, metavar="DIR", help="where outputs go (= --run.dir)")
     g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="(= --run.device)")
 
@@ -59,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a GPT. With no arguments: the demo (the embedded corpus, a BPE tokenizer "
                                    "trained on it, the demo preset on CPU in a few minutes). Under torchrun, one "
                                    "process per GPU with DDP.")
-    _add_config_arguments(p)
+    _add_config_arguments(p, preset_default="demo when neither --preset nor --config is given")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest complete checkpoint in the run dir (auto) or from PATH "
                         "(= --run.resume)")
@@ -94,6 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Export a checkpoint: --format hf writes config.json + model.safetensors that "
                                    "transformers.GPT2LMHeadModel.from_pretrained(DIR) loads.")
     add_export_arguments(p)
+
+    p = sub.add_parser("consolidate", help="turn a sharded (FSDP) checkpoint into one ordinary checkpoint",
+                       description="Gather the shards of an FSDP checkpoint into one folder with model.safetensors "
+                                   "and optimizer.pt (generate and export also read sharded checkpoints directly).")
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run dir (newest complete checkpoint) or a checkpoint")
+    p.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder (absent or empty)")
 
     p = sub.add_parser("info", help="resolved config, parameters, FLOPs per token, memory estimate",
                        formatter_class=fmt, epilog=CONFIG_EPILOG,
@@ -150,6 +159,13 @@ def main(argv: list[str] | None = None) -> int:
             from gpttrain.api import run_export, run_generate
 
             return run_generate(args) if args.command == "generate" else run_export(args)
+        if args.command == "consolidate":
+            if rest:
+                parser.error(f"unrecognized arguments: {' '.join(rest)}")
+            from gpttrain.checkpoint import consolidate
+
+            consolidate(args.checkpoint, args.out)
+            return 0
         if args.command == "info":
             from gpttrain.info import run_info
 

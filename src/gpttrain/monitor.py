@@ -26,14 +26,9 @@ class _TqdmHandler(logging.Handler):
 
 
 def setup_logging(is_main: bool, quiet: bool = False) -> None:
-    """Rank 0 logs INFO to stdout; other ranks only warnings (so N ranks don't print N times)."""
-    level = logging.INFO if is_main and not quiet else logging.WARNING
-    log.setLevel(level)
-    if not log.handlers:
-        h = logging.StreamHandler(sys.stdout)
-        h.setFormatter(logging.Formatter("%(message)s"))
-        log.addHandler(h)
-        log.propagate = False
+    """Rank 0 logs INFO; other ranks only warnings (so N ranks don't print N times). Where the output
+    goes is the application's choice (the CLI sends it to stdout); a library caller keeps its own."""
+    log.setLevel(logging.INFO if is_main and not quiet else logging.WARNING)
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
@@ -68,7 +63,6 @@ class Monitor:
         self._tb = None
         self._wandb = None
         self._file_handler = None
-        self._console_handler = None
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -83,15 +77,13 @@ class Monitor:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              file=sys.stdout)
-            # Route console logging through tqdm.write while the bar lives.
-            for h in list(log.handlers):
-                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
-                    log.removeHandler(h)
-                    self._console_handler = h
+            # While the bar lives, console lines go through tqdm.write instead of the usual handlers.
             th = _TqdmHandler()
             th.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(th)
             self._tqdm_handler = th
+            self._propagate = log.propagate
+            log.propagate = False
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -139,8 +131,7 @@ class Monitor:
         if self._bar is not None:
             self._bar.close()
             log.removeHandler(self._tqdm_handler)
-            if self._console_handler is not None:
-                log.addHandler(self._console_handler)
+            log.propagate = self._propagate
         if self._file_handler is not None:
             log.removeHandler(self._file_handler)
             self._file_handler.close()

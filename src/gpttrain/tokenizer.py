@@ -188,9 +188,26 @@ class BPETokenizer:
             raise TokenizerError(f"--tokenizer-file: {p} is not a tokenizers JSON file") from None
 
     def encode(self, text: str) -> list[int]:
+        if EOT_TEXT in text:
+            return self._encode_literal_eot(text)
         return self._tok.encode(text, add_special_tokens=False).ids
 
+    def _encode_literal_eot(self, text: str) -> list[int]:
+        # HF matches added tokens inside text; like tiktoken's encode_ordinary, a literal "<|endoftext|>"
+        # in a document is ordinary text: encode it in two halves that the added token cannot match.
+        ids: list[int] = []
+        head, tail = EOT_TEXT[:2], EOT_TEXT[2:]
+        for i, part in enumerate(text.split(EOT_TEXT)):
+            if i:
+                ids += self._tok.encode(head, add_special_tokens=False).ids
+                ids += self._tok.encode(tail, add_special_tokens=False).ids
+            if part:
+                ids += self._tok.encode(part, add_special_tokens=False).ids
+        return ids
+
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if any(EOT_TEXT in t for t in texts):
+            return [self.encode(t) for t in texts]
         return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int]) -> str:
