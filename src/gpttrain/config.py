@@ -107,6 +107,8 @@ class LogConfig:
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 50
     sample_every: int = 1  # in evals; 0 disables samples
+    sample_temperature: float = 0.0  # 0 = greedy, as the original; samples use a fixed seed either way
+    sample_top_k: int | None = None
     tensorboard: bool = False
     wandb: bool = False
     progress: Literal["auto", "bar", "lines"] = "auto"
@@ -166,7 +168,8 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(max_steps=600, micro_batch_size=16, eval_every=100, eval_batches=8, log_every=20),
         "optim": dict(lr=2e-3, warmup_steps=30),
         "data": dict(tokenizer="bpe", bpe_vocab_size=8192),
-        "log": dict(sample_tokens=40, sample_every=2),
+        # A model this small loops under greedy decoding; a little sampling reads far better.
+        "log": dict(sample_tokens=60, sample_every=2, sample_temperature=0.7, sample_top_k=40),
     },
     "gpt2-124m": {
         "model": _gpt2_model(emb_dim=768, n_heads=12, n_layers=12),
@@ -448,6 +451,10 @@ def validate_config(cfg: Config) -> None:
     lg = cfg.log
     if lg.sample_tokens < 1:
         raise ConfigError(f"--log.sample_tokens: {lg.sample_tokens} must be at least 1")
+    if lg.sample_temperature < 0:
+        raise ConfigError(f"--log.sample_temperature: {lg.sample_temperature} must be >= 0 (0 = greedy)")
+    if lg.sample_top_k is not None and lg.sample_top_k < 1:
+        raise ConfigError(f"--log.sample_top_k: {lg.sample_top_k} must be at least 1 (or none)")
     if lg.sample_every < 0:
         raise ConfigError(f"--log.sample_every: {lg.sample_every} must be >= 0 (0 disables samples)")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:

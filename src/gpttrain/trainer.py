@@ -304,7 +304,9 @@ class Trainer:
 
         lg = self.cfg.log
         with self.autocast():
-            texts = generate_text(self.model, self.tokenizer, lg.sample_prompt, lg.sample_tokens, temperature=0.0)
+            texts = generate_text(self.model, self.tokenizer, lg.sample_prompt, lg.sample_tokens,
+                                  temperature=lg.sample_temperature, top_k=lg.sample_top_k,
+                                  seed=self.cfg.train.seed + self.step)  # a private generator: resumes stay exact
         return lg.sample_prompt + texts[0] if self.info.is_main else None
 
     # ---- the loop ------------------------------------------------------------------------------

@@ -70,7 +70,8 @@ SUB_PIECE_CHARS = 1 << 16  # HF tokenizers encode long strings slowly; bpe train
 AUTO_BYTES_PER_WORKER = {"byte": 64 << 20, "gpt2": 8 << 20, "bpe": 2 << 20}
 MAX_PIECE_CHARS = 1 << 24  # a text with no safe cut point for this long is cut at a newline anyway
 TRAIN, VAL = 0, 1
-_EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
+# encodings/ is mostly codec tables (12% of the bytes), neither code nor prose a model should imitate.
+_EXCLUDED_STDLIB_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "encodings"}
 
 
 # ----------------------------------------------------------------------------------------------- sources

@@ -1,0 +1,79 @@
+"""Training throughput of several presets in one call: one JSON line per run, then a summary line.
+
+    python benchmarks/train.py --device cuda                       # the GPU-speed issue's table
+    python benchmarks/train.py --device cpu --runs tiny:4x1 demo:8x1 --steps 3   # a CPU rehearsal
+
+Each run is `gpttrain bench` in its own process (a clean CUDA context and compile cache each), so every
+line carries the card's bf16 matmul peak measured in that same process next to our model TFLOP/s
+(`peak_ratio`), plus `mfu` against the datasheet peak and the peak memory. With `--data DIR` a second
+line per run times the same steps on real shards, and the summary reports the data pipeline's cost
+(`data_overhead`: real-data step time over synthetic step time - 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+# preset:micro_batch x accumulation, as in the GPU-speed issue's reference table.
+DEFAULT_RUNS = ("gpt-1.4b:8x4", "gpt-1.4b:16x2", "gpt2-124m:12x1", "gpt2-124m:32x1")
+
+
+def parse_run(text: str) -> tuple[str, int, int]:
+    try:
+        preset, shape = text.split(":")
+        mb, accum = shape.split("x")
+        return preset, int(mb), int(accum)
+    except ValueError:
+        raise SystemExit(f"--runs: {text!r} is not PRESET:MBxACCUM (e.g. gpt2-124m:32x1)") from None
+
+
+def bench(preset: str, mb: int, accum: int, args, data: str | None) -> dict:
+    cmd = [sys.executable, "-m", "gpttrain", "bench", "--preset", preset, "--device", args.device,
+           "--warmup", str(args.warmup), "--steps", str(args.steps), "--run-dir", args.run_dir,
+           "--train.micro_batch_size", str(mb), "--train.grad_accum_steps", str(accum),
+           "--train.compile", args.compile, "--train.precision", args.precision, *args.extra]
+    if data:
+        cmd += ["--data", data]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    if r.returncode != 0 or not lines:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
+        return {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "error": " | ".join(tail)}
+    return json.loads(lines[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), metavar="PRESET:MBxACCUM")
+    ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--compile", default="auto", choices=["auto", "on", "off"])
+    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--data", default=None, help="also time each run on these prepared shards")
+    ap.add_argument("--run-dir", default="runs/bench")
+    ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for gpttrain bench")
+    args = ap.parse_args(argv)
+    summary = []
+    for spec in args.runs:
+        preset, mb, accum = parse_run(spec)
+        row = bench(preset, mb, accum, args, None)
+        print(json.dumps(row), flush=True)
+        item = {k: row.get(k) for k in ("preset", "micro_batch_size", "grad_accum_steps", "tok_per_s", "tflops",
+                                          "peak_ratio", "mfu", "mem_peak_gib", "overhead", "error")}
+        if args.data and "error" not in row:
+            real = bench(preset, mb, accum, args, args.data)
+            print(json.dumps(real), flush=True)
+            if "step_s" in real:
+                item["data_overhead"] = real["step_s"] / row["step_s"] - 1
+        summary.append(item)
+    print(json.dumps({"summary": summary}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
