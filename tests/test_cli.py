@@ -1,0 +1,59 @@
+"""The command line as a user meets it: help, info, and one-line refusals with exit status 2."""
+
+import json
+
+import pytest
+
+from gpttrain.cli import main
+
+COMMANDS = ("prepare", "train", "plot", "bench", "generate", "export", "consolidate", "info")
+
+
+def test_top_level_help_lists_every_command(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for cmd in COMMANDS:
+        assert cmd in out
+
+
+@pytest.mark.parametrize("cmd", COMMANDS)
+def test_each_command_documents_its_flags(cmd, capsys):
+    with pytest.raises(SystemExit) as e:
+        main([cmd, "--help"])
+    assert e.value.code == 0
+    assert "usage: gpttrain " + cmd in capsys.readouterr().out
+
+
+def test_info_of_the_original_model(capsys):
+    assert main(["info", "--preset", "gpt-1.4b"]) == 0
+    out = capsys.readouterr().out
+    assert "1,416,597,504" in out
+    assert "8.470 GFLOP" in out
+    assert "FSDP x4" in out and "verdict:" in out
+
+
+def test_info_json(capsys):
+    assert main(["info", "--preset", "gpt2-124m", "--json", "--gpus", "2"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["parameters"] == 124_475_904
+    assert {r["strategy"] for r in d["memory_gib"]} == {"ddp", "fsdp"}
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["info", "--preset", "gpt5"], "--preset: unknown preset 'gpt5'; choose one of tiny, demo,"),
+    (["info", "--preset", "tiny", "--model.n_heads", "3"], "--model.n_heads: 3 does not divide --model.emb_dim 64"),
+    (["info", "--preset", "tiny", "--model.emb_dim", "0"], "--model.emb_dim: 0 must be a positive integer"),
+    (["info", "--config", "missing.toml"], "--config: file 'missing.toml' does not exist"),
+    (["info", "--preset", "tiny", "--optim.nope", "1"], "--optim.nope: no such setting"),
+    (["info", "--preset", "tiny", "--gpus", "0"], "--gpus: 0 must be at least 1"),
+    (["train", "--preset", "tiny", "--train.precision", "fp8"], "--train.precision: 'fp8' is not allowed"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err
+    assert len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())  # nothing written
