@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from gpttrain.data import prepare as prep
-from gpttrain.data import shards
+from gpttrain.data import shards, sources
 from gpttrain.data.loader import open_split
 from gpttrain.data.prepare import default_corpus_files, load_meta, open_tokenizer, prepare, resolve_inputs
 from gpttrain.errors import ConfigError, DataError
@@ -228,7 +228,7 @@ def test_a_split_with_under_two_tokens_is_refused(tmp_path):
 
 
 def test_big_file_streams_in_pieces(tmp_path, monkeypatch):
-    monkeypatch.setattr(prep, "READ_CHARS", 1000)
+    monkeypatch.setattr(sources, "READ_CHARS", 1000)
     monkeypatch.setattr(prep, "PIECE_CHARS", 3000)
     text = "".join(f"line {i} of the text\n" for i in range(5000))
     tasks = []

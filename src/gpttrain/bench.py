@@ -17,11 +17,12 @@ import torch
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
+from gpttrain.memory import GIB
 from gpttrain.metrics import flops_per_token, lookup_peak_tflops, mfu
 from gpttrain.model import build_model
 from gpttrain.monitor import setup_logging
 from gpttrain.optim import build_optimizer
-from gpttrain.parallel import compile_wanted
+from gpttrain.parallel import AUTOCAST_DTYPES, compile_wanted
 
 log = logging.getLogger("gpttrain")
 
@@ -100,7 +101,7 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     model = build_model(cfg.model, device)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     loader = SyntheticLoader(cfg, device, seed=1)
-    dtype = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
+    dtype = AUTOCAST_DTYPES.get(precision)
     accum = cfg.train.grad_accum_steps
 
     def step():
@@ -122,23 +123,20 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
 
 def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False) -> int:
     """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result)."""
-    from gpttrain.trainer import Trainer, build_loaders, resolve_vocab
+    from gpttrain.trainer import Trainer, build_loaders, ensure_data, resolve_vocab
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")
     with distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info:
         setup_logging(info.is_main, quiet=True)
         cfg = copy.deepcopy(cfg)
+        data_dir = None
         if cfg.data.path is not None:
             from gpttrain.data.prepare import open_tokenizer
 
-            tok = open_tokenizer(Path(cfg.data.path))
-            cfg.model.vocab_size = resolve_vocab(cfg, tok.vocab_size)
-            loader, _ = build_loaders(cfg, info, Path(cfg.data.path))
-            source = "data"
-        else:
-            loader = SyntheticLoader(cfg, info.device, seed=cfg.train.seed)
-            source = "synthetic"
+            data_dir = ensure_data(cfg, info)  # a prepared dir, or text to prepare first (as train does)
+            cfg.model.vocab_size = resolve_vocab(cfg, open_tokenizer(data_dir).vocab_size)
+        source = "synthetic" if data_dir is None else "data"
         sizes = [cfg.train.micro_batch_size]
         if sweep:
             sizes = [2**i for i in range(0, 9) if 2**i <= max(256, cfg.train.micro_batch_size)]
@@ -146,8 +144,11 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
         for mb in sizes:
             c = copy.deepcopy(cfg)
             c.train.micro_batch_size = mb
-            if source == "synthetic":
+            # A loader per size: its batches must have the micro-batch being timed.
+            if data_dir is None:
                 loader = SyntheticLoader(c, info.device, seed=c.train.seed)
+            else:
+                loader, _ = build_loaders(c, info, data_dir)
             try:
                 res = _bench_one(c, info, loader, Trainer, warmup, steps)
             except torch.cuda.OutOfMemoryError:
@@ -192,7 +193,7 @@ def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) 
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),
         "step_s": step_s, "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu, "flops_per_token": fpt,
         "tflops": tflops, "mfu": mfu(per_gpu, cfg.model, peak),
-        "mem_peak_gib": torch.cuda.max_memory_allocated(device) / 1024**3 if device.type == "cuda" else None,
+        "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
     }
     del trainer
     if device.type == "cuda":

@@ -459,45 +459,65 @@ def refuse_unrequested_resume(run_dir: Path, resume: str | None) -> None:
 
 
 def maybe_resume(trainer) -> Path | None:
-    """Apply --resume (auto or a path). Returns the checkpoint used, or None for a fresh start."""
+    """Apply --resume (auto or a path). Returns the checkpoint used, or None for a fresh start.
+
+    Rank 0 alone discovers and verifies (hashing a large checkpoint once, not once per rank) and
+    broadcasts its choice or its refusal, so every rank loads the same step or raises the same error.
+    """
+    info = trainer.info
+    choice: tuple = ("ok", None, None)
+    if info.is_main:
+        try:
+            path, state = _choose_checkpoint(trainer)
+            choice = ("ok", None if path is None else str(path), state)
+        except GpttrainError as e:
+            choice = ("error", "config" if isinstance(e, ConfigError) else "checkpoint", str(e))
+    choice = distmod.broadcast_object(choice, info)
+    if choice[0] == "error":
+        raise (ConfigError if choice[1] == "config" else CheckpointError)(choice[2])
+    _, path, state = choice
+    if path is None:
+        return None
+    load_into(trainer, Path(path), state)
+    log.info("resumed from %s (step %d)", path, trainer.step)
+    return Path(path)
+
+
+def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
+    """The verified checkpoint --resume asks for and its state, or (None, None) to start fresh."""
     request = trainer.cfg.run.resume
     run_dir = trainer.run_dir
     refuse_unrequested_resume(run_dir, request)
     if request is None:
-        return None
-    if request == "auto":
-        existing = list_checkpoints(run_dir)
-        incomplete = [p for p in _step_folders(run_dir) if p not in existing]
-        if not existing:
-            if incomplete:
-                raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
-                                      f"complete ({', '.join(p.name for p in incomplete)}: no {COMPLETE} marker); "
-                                      "not starting from scratch silently; move them away to start afresh")
-            log.info("resume auto: no complete checkpoint in %s; starting fresh", run_dir / "checkpoints")
-            return None
-        for p in incomplete:
-            if p.name > existing[-1].name:
-                log.warning("resume auto: ignoring %s: no %s marker (an interrupted save)", p, COMPLETE)
-        errors = []
-        for path in reversed(existing):
-            try:
-                state = verify(path)
-            except CheckpointError as e:
-                log.warning("resume auto: skipping %s: %s", path.name, e)
-                errors.append(str(e))
-                continue
-            if errors:
-                log.warning("resume auto: falling back to %s, the newest checkpoint that verifies", path.name)
-            load_into(trainer, path, state)
-            log.info("resumed from %s (step %d)", path, trainer.step)
-            return path
-        raise CheckpointError("resume auto: every checkpoint in " + str(run_dir / "checkpoints")
-                              + " is damaged; not starting from scratch silently:\n  " + "\n  ".join(errors))
-    path = resolve_checkpoint(request)
-    state = verify(path)
-    load_into(trainer, path, state)
-    log.info("resumed from %s (step %d)", path, trainer.step)
-    return path
+        return None, None
+    if request != "auto":
+        path = resolve_checkpoint(request)
+        return path, verify(path)
+    existing = list_checkpoints(run_dir)
+    incomplete = [p for p in _step_folders(run_dir) if p not in existing]
+    if not existing:
+        if incomplete:
+            raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
+                                  f"complete ({', '.join(p.name for p in incomplete)}: no {COMPLETE} marker); "
+                                  "not starting from scratch silently; move them away to start afresh")
+        log.info("resume auto: no complete checkpoint in %s; starting fresh", run_dir / "checkpoints")
+        return None, None
+    for p in incomplete:
+        if p.name > existing[-1].name:
+            log.warning("resume auto: ignoring %s: no %s marker (an interrupted save)", p, COMPLETE)
+    errors = []
+    for path in reversed(existing):
+        try:
+            state = verify(path)
+        except CheckpointError as e:
+            log.warning("resume auto: skipping %s: %s", path.name, e)
+            errors.append(str(e))
+            continue
+        if errors:
+            log.warning("resume auto: falling back to %s, the newest checkpoint that verifies", path.name)
+        return path, state
+    raise CheckpointError("resume auto: every checkpoint in " + str(run_dir / "checkpoints")
+                          + " is damaged; not starting from scratch silently:\n  " + "\n  ".join(errors))
 
 
 # ---- sharded (FSDP) state through torch.distributed.checkpoint --------------------------------------

@@ -50,14 +50,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"gpttrain {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # -q also after the command (`gpttrain train -q ...`); SUPPRESS keeps the top-level value otherwise.
+    quiet = argparse.ArgumentParser(add_help=False)
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                       help="only warnings and errors")
+
+    def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
+        return sub.add_parser(name, parents=[quiet], **kwargs)
 
     fmt = argparse.RawDescriptionHelpFormatter
-    p = sub.add_parser("prepare", help="tokenize text into shards + meta.json", formatter_class=fmt,
+    p = add_command("prepare", help="tokenize text into shards + meta.json", formatter_class=fmt,
                        description="Tokenize text files, directories, globs or JSONL (default: the embedded "
                                    "corpus, Python's standard library sources) into token shards.")
     prepare_mod.add_prepare_arguments(p)
 
-    p = sub.add_parser("train", help="train a model (one process, or many under torchrun)", formatter_class=fmt,
+    p = add_command("train", help="train a model (one process, or many under torchrun)", formatter_class=fmt,
                        epilog=CONFIG_EPILOG,
                        description="Train a GPT. With no arguments: the demo (the embedded corpus, a BPE tokenizer "
                                    "trained on it, the demo preset on CPU in a few minutes). Under torchrun, one "
@@ -69,13 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-from", default=None, metavar="HF_DIR",
                    help="start from a local Hugging Face GPT-2 layout model (= --run.init_from)")
 
-    p = sub.add_parser("plot", help="redraw loss.pdf/.png, throughput and lr plots of a run",
+    p = add_command("plot", help="redraw loss.pdf/.png, throughput and lr plots of a run",
                        description="Redraw the plots of a run from its metrics.jsonl.")
     from gpttrain.plot import add_plot_arguments
 
     add_plot_arguments(p)
 
-    p = sub.add_parser("bench", help="time training steps; one JSON line", formatter_class=fmt,
+    p = add_command("bench", help="time training steps; one JSON line", formatter_class=fmt,
                        epilog=CONFIG_EPILOG,
                        description="Time warmed-up training steps (synthetic tokens unless --data) and print one "
                                    "JSON line: tok_per_s, tflops, mfu, mem_peak_gib; on CPU also a plain PyTorch "
@@ -88,23 +95,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 
-    p = sub.add_parser("generate", help="continue a prompt with a trained model (KV cache, streaming)",
+    p = add_command("generate", help="continue a prompt with a trained model (KV cache, streaming)",
                        description="Sample text from a checkpoint: temperature (0 = greedy), top-k, top-p, seed; "
                                    "streams token by token and stops at end-of-text.")
     add_generate_arguments(p)
 
-    p = sub.add_parser("export", help="write a checkpoint as a Hugging Face GPT-2 model or plain safetensors",
+    p = add_command("export", help="write a checkpoint as a Hugging Face GPT-2 model or plain safetensors",
                        description="Export a checkpoint: --format hf writes config.json + model.safetensors that "
                                    "transformers.GPT2LMHeadModel.from_pretrained(DIR) loads.")
     add_export_arguments(p)
 
-    p = sub.add_parser("consolidate", help="turn a sharded (FSDP) checkpoint into one ordinary checkpoint",
+    p = add_command("consolidate", help="turn a sharded (FSDP) checkpoint into one ordinary checkpoint",
                        description="Gather the shards of an FSDP checkpoint into one folder with model.safetensors "
                                    "and optimizer.pt (generate and export also read sharded checkpoints directly).")
     p.add_argument("checkpoint", metavar="CHECKPOINT", help="a run dir (newest complete checkpoint) or a checkpoint")
     p.add_argument("--out", required=True, metavar="DIR", help="the new checkpoint folder (absent or empty)")
 
-    p = sub.add_parser("info", help="resolved config, parameters, FLOPs per token, memory estimate",
+    p = add_command("info", help="resolved config, parameters, FLOPs per token, memory estimate",
                        formatter_class=fmt, epilog=CONFIG_EPILOG,
                        description="Print the resolved config, the parameter count, model FLOPs per token and "
                                    "a training-memory estimate per GPU for each precision and strategy.")
@@ -119,8 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s",
-                        stream=sys.stdout, force=True)
+    level = logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
+    log.setLevel(level)  # the library may have lowered it in this process (rank != 0, quiet runs)
     if args.command is None:
         parser.print_help()
         return 0

@@ -6,8 +6,10 @@ the declared field types. Every refusal names the key, the value and what is all
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -260,14 +262,17 @@ def _convert(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
     if tp is float:
         if isinstance(value, bool):
             raise ConfigError(f"{key}: {value!r} is not a number")
+        number = None
         if isinstance(value, (int, float)):
-            return float(value)
-        if from_text and isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: {value!r} is not a number")
+            number = float(value)
+        elif from_text and isinstance(value, str):
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: {value!r} is not a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value

@@ -41,13 +41,13 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             lse = torch.logsumexp(logits, dim=-1)
             loss_sum += (lse - logits.gather(1, tgt[:, None]).squeeze(1)).sum()
             if need_grad:
-                # d(mean loss)/d(logits) = (softmax - onehot) / N, computed in place over the logits.
+                # d(sum loss)/d(logits) = softmax - onehot, in place over the logits. The 1/N of the mean is
+                # applied after the matmuls, in fp32: divided first, entries ~1/N would underflow in fp16.
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(end - start, device=h.device), tgt] -= 1.0
-                probs.div_(n)
                 pc = probs.to(compute_dtype)
-                grad_h[start:end] = (pc @ wc).to(h.dtype)
-                grad_w += (pc.t() @ hc[start:end]).float()
+                grad_h[start:end] = ((pc @ wc).float() / n).to(h.dtype)
+                grad_w += (pc.t() @ hc[start:end]).float() / n
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss_sum / n

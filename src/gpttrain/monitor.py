@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from gpttrain.memory import GIB
+
 log = logging.getLogger("gpttrain")
 
 
@@ -35,7 +37,7 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
     """Allocated / reserved / peak GiB of this process's CUDA device (None on CPU)."""
     if device.type != "cuda":
         return {"mem_alloc_gib": None, "mem_reserved_gib": None, "mem_peak_gib": None}
-    g = 1024**3
+    g = GIB
     return {
         "mem_alloc_gib": torch.cuda.memory_allocated(device) / g,
         "mem_reserved_gib": torch.cuda.memory_reserved(device) / g,

@@ -18,6 +18,9 @@ from gpttrain.config import ModelConfig
 from gpttrain.distributed import DistInfo
 from gpttrain.model import GPT, fill_
 
+# The 16-bit compute dtype of each mixed precision (fp32 master weights); none for fp32 and bf16-pure.
+AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
+
 
 def _checkpointed_forward(block_forward, x, cache=None):
     if cache is not None or not torch.is_grad_enabled():
@@ -58,7 +61,7 @@ def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activatio
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     mesh = init_device_mesh(info.device.type, (info.world_size,))
-    compute = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}.get(precision)
+    compute = AUTOCAST_DTYPES.get(precision)
     # Parameters gathered in the compute dtype, gradients reduced in fp32: fp32 master weights stay sharded.
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     with torch.device("meta"):

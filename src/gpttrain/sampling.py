@@ -110,9 +110,12 @@ def sample_next(
 
 def _last_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """Logits (B, V) of the last position only: the vocabulary projection of the rest is never needed."""
+    from torch.distributed.fsdp import FSDPModule
+
     hidden = getattr(model, "hidden", None)
     head = getattr(model, "out_head", None)
-    if hidden is not None and head is not None:
+    # An FSDP module gathers its parameters in forward(): calling its parts directly would skip that.
+    if hidden is not None and head is not None and not isinstance(model, FSDPModule):
         return head(hidden(idx, cache)[:, -1])
     return model(idx, cache=cache)[:, -1]
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import logging
 import math
 import signal
@@ -29,6 +30,7 @@ from gpttrain.model import GPT, build_model
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats, setup_logging
 from gpttrain.optim import build_optimizer, lr_at
 from gpttrain.parallel import (
+    AUTOCAST_DTYPES,
     apply_activation_checkpointing,
     build_fsdp_model,
     compile_wanted,
@@ -37,9 +39,6 @@ from gpttrain.parallel import (
 )
 
 log = logging.getLogger("gpttrain")
-
-DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
-
 
 def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
@@ -138,7 +137,8 @@ class Trainer:
         self.tokens = 0
         self.skipped_steps = 0
         self.evals_done = 0
-        self.train_time = 0.0  # seconds of training steps, excluding the first (compile) step
+        self.train_time = 0.0  # seconds of training steps, excluding each process's first (compile) step
+        self.timed_steps = 0  # the steps train_time covers
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
@@ -181,22 +181,25 @@ class Trainer:
         model: torch.nn.Module = self.model
         if self.cfg.train.activation_checkpointing and self.strategy != "fsdp":  # FSDP applied it before sharding
             apply_activation_checkpointing(self.model)
+        # DDP first, then compile: the compiler splits the graph at DDP's buckets (DDPOptimizer), so
+        # gradient all-reduces overlap backward instead of all waiting for its end.
+        self.ddp = wrap_ddp(model, self.info) if self.strategy == "ddp" else None
+        if self.ddp is not None:
+            model = self.ddp
         if compile_wanted(self.cfg.train.compile, self.device):
             model = torch.compile(model)
-        if self.strategy == "ddp":
-            model = wrap_ddp(model, self.info)
         return model
 
     def _grad_sync(self, model: torch.nn.Module, last: bool):
         """Gradients are reduced only on the last micro-step of an accumulation."""
-        if self.strategy == "ddp" and not last:
-            return model.no_sync()
+        if self.ddp is not None and not last:
+            return self.ddp.no_sync()
         if self.strategy == "fsdp":
             self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
     def autocast(self):
-        dtype = DTYPES.get(self.precision)
+        dtype = AUTOCAST_DTYPES.get(self.precision)
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
@@ -206,7 +209,7 @@ class Trainer:
     def state_dict(self) -> dict[str, Any]:
         """Counters of the run (model/optimizer/loader/RNG are saved beside it by checkpoint.py)."""
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
-                "evals_done": self.evals_done, "train_time": self.train_time}
+                "evals_done": self.evals_done, "train_time": self.train_time, "timed_steps": self.timed_steps}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step = int(sd["step"])
@@ -214,6 +217,11 @@ class Trainer:
         self.skipped_steps = int(sd.get("skipped_steps", 0))
         self.evals_done = int(sd.get("evals_done", 0))
         self.train_time = float(sd.get("train_time", 0.0))
+        self.timed_steps = int(sd.get("timed_steps", 0))
+
+    def average_tok_s(self) -> float | None:
+        """Global tokens/s over every timed step of the run (resumes included, compile steps excluded)."""
+        return self.tokens_per_step * self.timed_steps / self.train_time if self.train_time > 0 else None
 
     def epoch_progress(self) -> float:
         return float(self.train_loader.progress) if self.train_loader is not None else 0.0
@@ -244,13 +252,15 @@ class Trainer:
         # One all-reduce carries the loss, the stop flag and this rank's verdict on its gradients, so every
         # rank takes the same decisions from the same summed numbers (a NaN on one rank is a NaN on all).
         grads_bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
-        packed = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), device=self.device), grads_bad])
+        packed = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), device=self.device), grads_bad,
+                              grad_norm.detach().float().reshape(())])
         distmod.all_reduce(packed, self.info, "sum")
-        loss_val = packed[0].item() / self.info.world_size
-        stop = packed[1].item() > 0
-        norm_val = float(grad_norm)
+        loss_sum_all, stop_votes, bad_votes, norm_sum = packed.tolist()  # the step's one host sync
+        loss_val = loss_sum_all / self.info.world_size
+        stop = stop_votes > 0
+        norm_val = norm_sum / self.info.world_size  # the global norm, the same on every rank
         # With fp16 an overflowing gradient is routine: the scaler skips that step and lowers its scale.
-        finite = math.isfinite(loss_val) and (packed[2].item() == 0 or self.scaler.is_enabled())
+        finite = math.isfinite(loss_val) and (bad_votes == 0 or self.scaler.is_enabled())
         lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps,
                    warmup_steps=self.cfg.optim.warmup_steps, schedule=self.cfg.optim.schedule,
                    min_lr_ratio=self.cfg.optim.min_lr_ratio)
@@ -350,6 +360,9 @@ class Trainer:
         from gpttrain import checkpoint as ckpt
 
         resumed = ckpt.maybe_resume(self)
+        if info.is_main:  # only now: a refused start or resume leaves the run dir as it was
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
         monitor = Monitor(self.run_dir, is_main=info.is_main, total_steps=self.total_steps,
                           progress=cfg.log.progress, tensorboard=cfg.log.tensorboard, wandb=cfg.log.wandb,
                           config=cfg.to_dict(), initial_step=self.step)
@@ -417,6 +430,7 @@ class Trainer:
             self.tokens += self.tokens_per_step
             if not first_step_of_process:
                 self.train_time += dt
+                self.timed_steps += 1
             first_step_of_process = False
             steps_since_log += 1
             monitor.advance(1, {"loss": f"{res.loss:.3f}"})
@@ -451,7 +465,7 @@ class Trainer:
             "kind": "train", "step": self.step, "epoch": round(self.epoch_progress(), 6), "tokens": self.tokens,
             "loss": res.loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
             "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu,
-            "tflops": model_tflops(tok_s, self.cfg.model), "mfu": mfu(per_gpu, self.cfg.model, self.peak_tflops),
+            "tflops": model_tflops(per_gpu, self.cfg.model), "mfu": mfu(per_gpu, self.cfg.model, self.peak_tflops),
             "mem_peak_gib": self._memory()["mem_peak_gib"], "gpu_util": gpu_utilization(self.device),
             "time": time.time(),
         }
@@ -459,13 +473,13 @@ class Trainer:
         if not monitor.uses_bar:
             mfu_txt = f", MFU {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
             log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s tok/s (%s per GPU), "
-                     "%.2f TFLOP/s%s", self.step, self.total_steps, rec["epoch"], res.loss, rec["lr"],
+                     "%.2f TFLOP/s per GPU%s", self.step, self.total_steps, rec["epoch"], res.loss, rec["lr"],
                      res.grad_norm, f"{tok_s:,.0f}", f"{per_gpu:,.0f}", rec["tflops"], mfu_txt)
 
     def _eval_and_report(self, monitor: Monitor) -> None:
         ev = self.evaluate()
         self.evals_done += 1
-        avg_tok_s = self.tokens_per_step * (self.step - 1) / self.train_time if self.train_time > 0 else None
+        avg_tok_s = self.average_tok_s()
         mem = self._memory()
         rec = {"kind": "eval", "step": self.step, "epoch": round(self.epoch_progress(), 6), "tokens": self.tokens,
                **ev, "avg_tok_per_s": avg_tok_s, **mem, "time": time.time()}
@@ -495,7 +509,7 @@ class Trainer:
     def _finish(self) -> None:
         if not self.info.is_main:
             return
-        avg = self.tokens_per_step * (self.step - 1) / self.train_time if self.train_time > 0 else None
+        avg = self.average_tok_s()
         log.info("done: %d steps, %s tokens%s", self.step, f"{self.tokens:,}",
                  f", average {avg:,.0f} tok/s" if avg else "")
         log.info("outputs in %s: config.json, metrics.jsonl, train.log, loss.pdf, loss.png, samples.txt, "
@@ -526,15 +540,24 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         if p.is_dir() and any(p.glob("*.bin")):
             raise DataError(f"--data: {path} holds shards but no meta.json (an interrupted prepare?); "
                             f"run `gpttrain prepare ... --out {path}` again")
-        out = Path("data") / f"{p.stem}-{cfg.data.tokenizer}"
+        # The full path and the tokenizer settings in the name: a/train.txt and b/train.txt never share a dir.
+        key = f"{p.resolve()}|{cfg.data.tokenizer}|{cfg.data.bpe_vocab_size}|{cfg.data.tokenizer_file}"
+        out = Path("data") / f"{p.stem}-{cfg.data.tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         inputs = [str(p)]
         what = str(p)
+    error = None
     if info.is_main:
         log.info("preparing %s into %s (tokenizer %s)", what, out, cfg.data.tokenizer)
-        prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
-                bpe_vocab_size=cfg.data.bpe_vocab_size, val_fraction=cfg.data.val_fraction,
-                text_field=cfg.data.text_field, workers=cfg.data.workers)
-    distmod.barrier(info)
+        try:
+            prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
+                    bpe_vocab_size=cfg.data.bpe_vocab_size, val_fraction=cfg.data.val_fraction,
+                    text_field=cfg.data.text_field, workers=cfg.data.workers)
+        except GpttrainError as e:
+            error = str(e)
+    # The other ranks wait for rank 0's data and share its verdict rather than hang at a barrier.
+    error = distmod.broadcast_object(error, info)
+    if error is not None:
+        raise DataError(error)
     return out
 
 
@@ -561,13 +584,7 @@ def run_training(cfg: Config, quiet: bool = False) -> int:
         cfg.model.vocab_size = vocab
         cfg.data.path = str(data_dir)
         train_loader, val_loader = build_loaders(cfg, info, data_dir)
-        from gpttrain.checkpoint import refuse_unrequested_resume
-
-        refuse_unrequested_resume(Path(cfg.run.dir), cfg.run.resume)  # before config.json is overwritten
-        if info.is_main:
-            Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-            log.info("resolved config:\n%s", cfg.to_json())
-            (Path(cfg.run.dir) / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
+        log.info("resolved config:\n%s", cfg.to_json())
         trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
                           data_dir=data_dir)
         return trainer.fit()
