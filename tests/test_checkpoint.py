@@ -386,6 +386,8 @@ def test_config_mismatch_lists_every_key(data_dir, run_copy, tmp_path):
     assert "model.n_layers: checkpoint 2 vs requested 3" in r.stderr
     assert "model.n_heads: checkpoint 4 vs requested 2" in r.stderr
     assert "Traceback" not in r.stderr
+    # The refused run wrote nothing: the first run's config.json still describes that run.
+    assert json.loads((run_copy / "config.json").read_text())["model"]["n_layers"] == 2
 
 
 def test_changed_training_settings_are_allowed_and_logged(data_dir, run_copy, gt_log):

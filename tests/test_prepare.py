@@ -406,3 +406,20 @@ def test_cli_defaults_and_a_run(tmp_path):
     assert prep.run_prepare(args) == 0
     meta = load_meta(tmp_path / "out")
     assert meta["settings"]["extensions"] == [".rst", ".txt"] and len(meta["splits"]["train"]["shards"]) == 4
+
+
+def test_binary_file_is_refused(tmp_path):
+    blob = tmp_path / "weights.dat"
+    blob.write_bytes(bytes(range(256)) * 40)
+    with pytest.raises(DataError, match=r"weights.dat does not look like UTF-8 text \(NUL bytes\)"):
+        prepare([blob], tmp_path / "out", tokenizer="byte", workers=1, progress=False)
+    noisy = tmp_path / "latin1.txt"
+    noisy.write_bytes("café crème brûlée ".encode("latin-1") * 200)
+    with pytest.raises(DataError, match=r"latin1.txt does not look like UTF-8 text \(\d+ undecodable bytes"):
+        prepare([noisy], tmp_path / "out", tokenizer="byte", workers=1, progress=False)
+    assert not (tmp_path / "out").exists()
+    ok = tmp_path / "ok.txt"
+    ok.write_text("plain text with one stray byte: ", encoding="utf-8")
+    with open(ok, "ab") as f:
+        f.write(b"\xff" + b" and more text. " * 100)
+    prepare([ok], tmp_path / "out", tokenizer="byte", workers=1, progress=False)  # one bad byte is tolerated

@@ -262,3 +262,19 @@ def test_bench_cpu_reports_overhead(tmp_path):
     for key in ("tok_per_s", "tflops", "mfu", "mem_peak_gib", "overhead", "plain_step_s"):
         assert key in row
     assert row["mfu"] is None and row["tok_per_s"] > 0
+
+
+def test_average_throughput_counts_only_timed_steps(data_dir, tmp_path):
+    # Each process's first step (compile, warm-up) is untimed; after a resume the average must still be
+    # tokens of timed steps over their time, not steps since the start over it.
+    tr = build_trainer(tiny_config(data_dir, tmp_path), single_info())
+    tr.load_state_dict({"step": 10, "tokens": 10 * tr.tokens_per_step, "train_time": 2.0, "timed_steps": 8})
+    assert tr.average_tok_s() == pytest.approx(tr.tokens_per_step * 8 / 2.0)
+    assert tr.state_dict()["timed_steps"] == 8
+
+
+def test_nan_or_infinite_settings_are_refused(tmp_path):
+    r = run_cli(["info", "--preset", "tiny", "--optim.lr", "nan"], cwd=tmp_path)
+    assert r.returncode == 2 and "--optim.lr: 'nan' is not a finite number" in r.stderr
+    r = run_cli(["info", "--preset", "tiny", "--optim.grad_clip", "inf"], cwd=tmp_path)
+    assert r.returncode == 2 and "--optim.grad_clip: 'inf' is not a finite number" in r.stderr

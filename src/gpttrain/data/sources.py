@@ -106,8 +106,30 @@ def _resolve_keyed(inputs: Sequence[str | Path], extensions: Iterable[str]) -> l
         r = p.resolve()
         if r not in seen:
             seen.add(r)
+            check_text_file(r)
             unique.append((r, key))
     return unique
+
+
+SNIFF_BYTES = 1 << 16
+MAX_INVALID_SHARE = 0.01
+
+
+def check_text_file(path: Path) -> None:
+    """Refuse a file whose start is not UTF-8 text (NUL bytes, or over 1% undecodable bytes): a binary
+    file given by mistake would otherwise be 'tokenized' into a stream of replacement characters."""
+    with open(path, "rb") as f:
+        head = f.read(SNIFF_BYTES)
+    if not head:
+        return
+    text = head.decode("utf-8", errors="replace")
+    invalid = text.count("\ufffd") - head.decode("utf-8", errors="ignore").count("\ufffd")
+    if len(head) == SNIFF_BYTES:  # a multi-byte character cut at the sniff's end is not an error
+        invalid = max(invalid - 1, 0)
+    if b"\x00" in head or invalid > MAX_INVALID_SHARE * len(text):
+        why = "NUL bytes" if b"\x00" in head else f"{invalid} undecodable bytes in its first {len(head):,}"
+        raise DataError(f"input {path} does not look like UTF-8 text ({why}); give text files, or choose "
+                        "which files of a directory are read with --ext")
 
 
 def _source_records(paths: list[Path]) -> list[dict[str, Any]]:
