@@ -85,6 +85,8 @@ class TrainConfig:
     seed: int = 1337
     precision: Literal["auto", "fp32", "bf16-mixed", "fp16-mixed", "bf16-pure"] = "auto"
     compile: Literal["auto", "on", "off"] = "auto"
+    # torch.compile's mode: reduce-overhead / max-autotune use CUDA graphs (worth measuring per model).
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     activation_checkpointing: bool = False
     fused_loss: Literal["auto", "on", "off"] = "auto"  # chunked head + cross-entropy; auto = on CUDA
     checkpoint_every: int = 0  # 0 = only at the end and on signals

@@ -187,7 +187,8 @@ class Trainer:
         if self.ddp is not None:
             model = self.ddp
         if compile_wanted(self.cfg.train.compile, self.device):
-            model = torch.compile(model)
+            mode = self.cfg.train.compile_mode
+            model = torch.compile(model, mode=None if mode == "default" else mode)
         return model
 
     def _grad_sync(self, model: torch.nn.Module, last: bool):

@@ -1,0 +1,56 @@
+"""Checks that only a CUDA GPU can run (`pytest -m gpu` on a GPU machine; skipped elsewhere)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gpttrain.loss import linear_cross_entropy
+from tests.helpers import build_trainer, make_data, run_cli, tiny_config
+
+pytestmark = pytest.mark.gpu
+
+
+def test_chunked_loss_matches_reference_under_bf16_autocast():
+    torch.manual_seed(0)
+    h = torch.randn(4096, 256, device="cuda", requires_grad=True)
+    w = (0.05 * torch.randn(8192, 256, device="cuda")).requires_grad_()
+    t = torch.randint(0, 8192, (4096,), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = linear_cross_entropy(h, w, t, 1000)
+        ref = F.cross_entropy(F.linear(h, w).float(), t)
+    torch.testing.assert_close(loss, ref, rtol=1e-3, atol=1e-3)
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref.backward()
+    torch.testing.assert_close(gh, h.grad, rtol=3e-2, atol=1e-5)
+    torch.testing.assert_close(gw, w.grad, rtol=3e-2, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed", "bf16-pure"])
+def test_training_steps_on_cuda_lower_the_loss(tmp_path, precision):
+    from gpttrain.distributed import DistInfo
+
+    data = make_data(tmp_path)
+    cfg = tiny_config(data, tmp_path / "run", "--run.device", "cuda", "--train.precision", precision,
+                      "--train.compile", "on", "--optim.lr", "3e-3")
+    trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
+    assert trainer.model.chunked_loss  # fused loss is the CUDA default
+    losses = []
+    for _ in range(30):
+        losses.append(trainer.train_step().loss)
+        trainer.step += 1
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
+    r = run_cli(["bench", "--preset", "tiny", "--device", "cuda", "--warmup", "2", "--steps", "5",
+                 "--run-dir", str(tmp_path)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["matmul_peak_tflops"] > 10
+    assert 0 < row["peak_ratio"] < 1
+    assert row["mem_peak_gib"] > 0
