@@ -24,9 +24,19 @@ TEXT = "".join(
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (32768+): a port the kernel hands out with bind(0) can be
+    taken by any outgoing connection before the rendezvous binds it, which flaked a test under load."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port in 20000-32000")
 
 
 def make_data(root: Path, text: str = TEXT, tokenizer: str = "byte") -> Path:
