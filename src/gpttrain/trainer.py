@@ -137,6 +137,7 @@ class Trainer:
         self.tokens = 0
         self.skipped_steps = 0
         self.evals_done = 0
+        self._bar_rates: dict[str, str] = {}
         self.train_time = 0.0  # seconds of training steps, excluding each process's first (compile) step
         self.timed_steps = 0  # the steps train_time covers
 
@@ -434,7 +435,7 @@ class Trainer:
                 self.timed_steps += 1
             first_step_of_process = False
             steps_since_log += 1
-            monitor.advance(1, {"loss": f"{res.loss:.3f}"})
+            monitor.advance(1, {"loss": f"{res.loss:.3f}", **self._bar_rates})
 
             last = self.step == self.total_steps
             if self.step % t.log_every == 0 or last:
@@ -471,6 +472,9 @@ class Trainer:
             "time": time.time(),
         }
         monitor.record(rec)
+        self._bar_rates = {"tok/s": f"{tok_s:,.0f}"}  # shown on the progress bar until the next log step
+        if rec["mfu"] is not None:
+            self._bar_rates["MFU"] = f"{rec['mfu'] * 100:.1f}%"
         if not monitor.uses_bar:
             mfu_txt = f", MFU {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
             log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s tok/s (%s per GPU), "
