@@ -64,11 +64,9 @@ def _rank(rank: int, world: int, port: int, preset: str, strategy: str, out: str
 
 
 def measure(preset: str, world: int, strategy: str) -> dict[str, float]:
-    import socket
+    from gpttrain.distributed import free_local_port
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_local_port()
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "sizes.json")
         mp.spawn(_rank, args=(world, port, preset, strategy, out), nprocs=world, join=True)

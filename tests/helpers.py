@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,19 +23,9 @@ TEXT = "".join(
 
 
 def free_port() -> int:
-    """A free port below Linux's ephemeral range (32768+): a port the kernel hands out with bind(0) can be
-    taken by any outgoing connection before the rendezvous binds it, which flaked a test under load."""
-    import random
+    from gpttrain.distributed import free_local_port
 
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
+    return free_local_port()
 
 
 def make_data(root: Path, text: str = TEXT, tokenizer: str = "byte") -> Path:

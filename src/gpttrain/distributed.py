@@ -100,7 +100,11 @@ def teardown() -> None:
 def session(device_request: str = "auto", backend_request: str = "auto", timeout_s: int = 1800) -> Iterator[DistInfo]:
     """Initialise the world and tear the process group down on every exit path."""
     try:
-        yield init(device_request, backend_request, timeout_s)
+        info = init(device_request, backend_request, timeout_s)
+        yield info
+        # On a normal exit, wait for every rank first: rank 0 hosts the rendezvous store, and a rank still
+        # talking to it when it goes away can abort ("terminate called without an active exception").
+        barrier(info)
     finally:
         teardown()
 
@@ -132,3 +136,21 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def free_local_port(low: int = 20000, high: int = 32000) -> int:
+    """A free TCP port on 127.0.0.1 for a local rendezvous (tests, benchmarks), chosen below Linux's ephemeral
+    range (32768+): a port the kernel hands out with bind(0) can be taken by any outgoing connection before
+    the rendezvous binds it again."""
+    import random
+    import socket
+
+    for _ in range(200):
+        port = random.randint(low, high)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port between {low} and {high}")
