@@ -61,6 +61,7 @@ def _rank(rank: int, world: int, port: int, preset: str, strategy: str, out: str
         if rank == 0:
             with open(out, "w") as f:
                 json.dump(dict(zip(("weights", "grads", "optimizer"), sizes.tolist())), f)
+        trainer.close()  # the wrappers must not outlive the process group
 
 
 def measure(preset: str, world: int, strategy: str) -> dict[str, float]:

@@ -621,6 +621,7 @@ def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir):
                     "params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
                     "adam_steps": [float(s["step"]) for s in trainer.optimizer.state.values()]},
                    Path(out_dir) / f"rank{rank}.pt")
+        trainer.close()  # DDP must not outlive the process group
 
 
 @pytest.mark.slow

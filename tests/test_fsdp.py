@@ -40,6 +40,7 @@ def _rank(rank, world, port, data_dir, run_dir, strategy, out):
         if rank == 0:
             with open(out, "w") as f:
                 json.dump({"losses": losses, "eval": ev}, f)
+        trainer.close()  # the wrappers must not outlive the process group
 
 
 def run_two_ranks(data_dir, tmp_path, strategy):

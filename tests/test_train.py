@@ -37,6 +37,7 @@ def _rank_main(rank, world, port, data_dir, run_dir, flags, out):
         losses = steps_of(trainer, 3)
         if rank == 0:
             torch.save({"losses": losses, "params": trainer.model.state_dict()}, out)
+        trainer.close()  # DDP must not outlive the process group
 
 
 def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):

@@ -195,6 +195,7 @@ def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) 
         "tflops": tflops, "mfu": mfu(per_gpu, cfg.model, peak),
         "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
     }
+    trainer.close()
     del trainer
     if device.type == "cuda":
         torch.cuda.empty_cache()  # the model and optimizer are gone: room for the 8192^3 matmuls

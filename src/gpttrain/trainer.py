@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import hashlib
 import logging
 import math
@@ -205,6 +206,14 @@ class Trainer:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def close(self) -> None:
+        """Drop what holds the process group (DDP's reducer, FSDP's state, the optimizer's references) before
+        the group is destroyed: a DDP module that outlives destroy_process_group can abort the process at
+        exit ("terminate called without an active exception"), seen in about one 2-rank run in eight."""
+        self.wrapped = self.ddp = None
+        self.model = self.optimizer = None
+        gc.collect()
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -592,4 +601,7 @@ def run_training(cfg: Config, quiet: bool = False) -> int:
         log.info("resolved config:\n%s", cfg.to_json())
         trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
                           data_dir=data_dir)
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        finally:
+            trainer.close()
