@@ -50,7 +50,7 @@ def test_cached_logits_equal_full_recompute_past_the_window(prompt_len):
     forced = torch.randint(0, 97, (batch, steps), generator=g)
     seen = {True: [], False: []}
     for use_cache in (True, False):
-        gen._generate(model, prompt, steps, use_cache=use_cache, forced_tokens=forced,
+        gen.generate_ids(model, prompt, steps, use_cache=use_cache, forced_tokens=forced,
                       logits_hook=lambda step, ws, logits, uc=use_cache: seen[uc].append((ws, logits.clone())))
 
     starts = reference_window_starts(prompt_len, steps, ctx)
@@ -304,7 +304,7 @@ def test_cuda_cache_matches_recompute(dtype):
     forced = torch.randint(0, 97, (2, 40), device="cuda")
     seen = {True: [], False: []}
     for use_cache in (True, False):
-        gen._generate(model, prompt, 40, use_cache=use_cache, forced_tokens=forced,
+        gen.generate_ids(model, prompt, 40, use_cache=use_cache, forced_tokens=forced,
                       logits_hook=lambda step, ws, logits, uc=use_cache: seen[uc].append(logits.float().cpu()))
     tol = 1e-4 if dtype == torch.float32 else 6e-2
     for a, b in zip(seen[True], seen[False]):

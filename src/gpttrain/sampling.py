@@ -154,7 +154,7 @@ def _prompt_tensor(prompt_ids: Sequence[int] | torch.Tensor, eot_id: int | None,
     return idx
 
 
-def _generate(
+def generate_ids(
     model: nn.Module,
     prompt_ids: Sequence[int] | torch.Tensor,
     max_new_tokens: int,
@@ -170,7 +170,14 @@ def _generate(
     logits_hook: Callable[[int, int, torch.Tensor], None] | None = None,
     forced_tokens: torch.Tensor | None = None,
 ) -> list[list[int]]:
-    """The decoding loop behind `generate_ids`.
+    """Generate up to `max_new_tokens` tokens after `prompt_ids` (a list of ids or a (B, T) tensor).
+
+    Returns the new tokens of each sample, without the prompt and without the end-of-text token
+    that stopped it (a sample stops at `eot_id`; the batch stops when all have). An empty prompt
+    starts from `eot_id`. `on_token(sample_index, token_id)` is called for every new token as it
+    comes. `vocab_limit` keeps sampling below that id (a model's vocabulary padded past the
+    tokenizer's). `seed` makes sampling reproducible; without it the global RNG is left untouched.
+    The model runs in eval mode under inference_mode; its training mode is restored afterwards.
 
     For tests and tools: `logits_hook(step, window_start, logits)` sees the logits (B, V) each step
     uses, and `forced_tokens` (B, max_new_tokens) replaces sampling by the given tokens (teacher
@@ -250,33 +257,6 @@ def _generate(
     if eot_id is not None:
         out = [row[:row.index(eot_id)] if eot_id in row else row for row in out]
     return out
-
-
-def generate_ids(
-    model: nn.Module,
-    prompt_ids: Sequence[int] | torch.Tensor,
-    max_new_tokens: int,
-    *,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    seed: int | None = None,
-    eot_id: int | None = None,
-    use_cache: bool = True,
-    on_token: Callable[[int, int], None] | None = None,
-    vocab_limit: int | None = None,
-) -> list[list[int]]:
-    """Generate up to `max_new_tokens` tokens after `prompt_ids` (a list of ids or a (B, T) tensor).
-
-    Returns the new tokens of each sample, without the prompt and without the end-of-text token
-    that stopped it (a sample stops at `eot_id`; the batch stops when all have). An empty prompt
-    starts from `eot_id`. `on_token(sample_index, token_id)` is called for every new token as it
-    comes. `vocab_limit` keeps sampling below that id (a model's vocabulary padded past the
-    tokenizer's). `seed` makes sampling reproducible; without it the global RNG is left untouched.
-    The model runs in eval mode under inference_mode; its training mode is restored afterwards.
-    """
-    return _generate(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                     seed=seed, eot_id=eot_id, use_cache=use_cache, on_token=on_token, vocab_limit=vocab_limit)
 
 
 class _StreamDecoder:
