@@ -55,7 +55,7 @@ def build_trainer(cfg, info):
     tok = open_tokenizer(data_dir)
     cfg.model.vocab_size = resolve_vocab(cfg, tok.vocab_size)
     train, val = build_loaders(cfg, info, data_dir)
-    return Trainer(cfg, info, train_loader=train, val_loader=val, tokenizer=tok, data_dir=data_dir)
+    return Trainer(cfg, info, train_loader=train, val_loader=val, tokenizer=tok)
 
 
 def single_info():

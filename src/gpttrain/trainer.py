@@ -26,7 +26,7 @@ from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, DataError, GpttrainError
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
-from gpttrain.metrics import flops_per_token, lookup_peak_tflops, mfu, model_tflops
+from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT, build_model
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats, setup_logging
 from gpttrain.optim import build_optimizer, lr_at
@@ -125,15 +125,13 @@ class StepResult:
 class Trainer:
     """Holds the model, optimizer, loaders and counters of one run; `fit()` runs it."""
 
-    def __init__(self, cfg: Config, info: DistInfo, *, train_loader=None, val_loader=None, tokenizer=None,
-                 data_dir: Path | None = None):
+    def __init__(self, cfg: Config, info: DistInfo, *, train_loader=None, val_loader=None, tokenizer=None):
         self.cfg = cfg = copy.deepcopy(cfg)
         self.info = info
         self.device = info.device
         self.run_dir = Path(cfg.run.dir)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         self.tokenizer = tokenizer  # the caller has fitted cfg.model.vocab_size to it (resolve_vocab)
-        self.data_dir = data_dir
         self.step = 0
         self.tokens = 0
         self.skipped_steps = 0
@@ -170,7 +168,6 @@ class Trainer:
         self.tokens_per_step = self.tokens_per_micro * cfg.train.grad_accum_steps
         batches_per_epoch = train_loader.batches_per_epoch if train_loader is not None else 1
         self.total_steps = plan_steps(cfg, batches_per_epoch, self.tokens_per_step)
-        self.flops_per_token = flops_per_token(cfg.model)
         self.peak_tflops = cfg.log.peak_tflops
         if self.peak_tflops is None and self.device.type == "cuda":
             self.peak_tflops = lookup_peak_tflops(torch.cuda.get_device_name(self.device))
@@ -193,7 +190,7 @@ class Trainer:
             model = torch.compile(model, mode=None if mode == "default" else mode)
         return model
 
-    def _grad_sync(self, model: torch.nn.Module, last: bool):
+    def _grad_sync(self, last: bool):
         """Gradients are reduced only on the last micro-step of an accumulation."""
         if self.ddp is not None and not last:
             return self.ddp.no_sync()
@@ -248,7 +245,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.train_loader.next_batch()
             last = micro == accum - 1
-            with self._grad_sync(model, last):
+            with self._grad_sync(last):
                 with self.autocast():
                     loss = model(x, y)
                 # Dividing by accum makes the summed gradients those of one batch of accum x micro.
@@ -599,8 +596,7 @@ def run_training(cfg: Config, quiet: bool = False) -> int:
         cfg.data.path = str(data_dir)
         train_loader, val_loader = build_loaders(cfg, info, data_dir)
         log.info("resolved config:\n%s", cfg.to_json())
-        trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer,
-                          data_dir=data_dir)
+        trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer)
         try:
             return trainer.fit()
         finally:
