@@ -585,7 +585,7 @@ def test_save_replaces_an_incomplete_folder_of_the_same_step(data_dir, tmp_path)
 # ---- non-finite loss or gradients -----------------------------------------------------------------------------
 
 
-def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir):
+def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir, strategy):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -594,7 +594,7 @@ def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir):
     with distmod.session("cpu", "gloo") as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, *DROPOUT, "--train.max_steps", "4",
                                             "--train.nonfinite", "skip", "--train.max_skipped_steps", "1",
-                                            "--train.eval_every", "1000"), info)
+                                            "--train.eval_every", "1000", "--dist.strategy", strategy), info)
         calls = [0]
         if rank == 1:
             def poison(module, args, output):
@@ -617,16 +617,19 @@ def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir):
 
         trainer.train_step = recorded_step
         rc = trainer.fit()
-        torch.save({"rc": rc, "skipped": trainer.skipped_steps, "per_step": per_step,
-                    "params": {k: v.clone() for k, v in trainer.model.state_dict().items()},
+        full = {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).clone()
+                for k, v in trainer.model.state_dict().items()}
+        torch.save({"rc": rc, "skipped": trainer.skipped_steps, "per_step": per_step, "params": full,
                     "adam_steps": [float(s["step"]) for s in trainer.optimizer.state.values()]},
                    Path(out_dir) / f"rank{rank}.pt")
         trainer.close()  # DDP must not outlive the process group
 
 
 @pytest.mark.slow
-def test_nan_on_one_rank_is_skipped_by_both(data_dir, tmp_path):
-    mp.spawn(_nan_rank_main, args=(2, free_port(), data_dir, tmp_path / "run", tmp_path), nprocs=2, join=True)
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_nan_on_one_rank_is_skipped_by_both(data_dir, tmp_path, strategy):
+    mp.spawn(_nan_rank_main, args=(2, free_port(), data_dir, tmp_path / "run", tmp_path, strategy), nprocs=2,
+             join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{i}.pt", weights_only=True) for i in (0, 1))
     for r in (r0, r1):
         assert r["rc"] == 0 and r["skipped"] == 1
@@ -645,13 +648,27 @@ def test_nonfinite_policy_stop_saves_then_fails(data_dir, tmp_path):
     run = tmp_path / "run"
     trainer = build_trainer(tiny_config(data_dir, run, *HUGE_LR, "--train.max_steps", "4", "--train.nonfinite",
                                         "stop"), single_info())
-    with pytest.raises(GpttrainError, match=r"training stopped at step 1: non-finite loss or gradients "
+    with pytest.raises(GpttrainError, match=r"training stopped at step 2: non-finite loss or gradients at step 2 "
                                             r"\(policy stop\); .*set --train.nonfinite skip"):
         trainer.fit()
     saved = newest(run)
-    assert saved.name == STEP.format(1)
+    assert saved.name == STEP.format(2)
     assert ckpt.verify(saved)["reason"] == "nonfinite"
     assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+
+
+def test_nonfinite_found_at_the_next_log_step(data_dir, tmp_path):
+    """The host reads the steps' numbers only at log steps: a NaN at step 2 is found at step 3, and the state
+    saved there holds no update from a non-finite step (steps 2 and 3 were skipped on the device)."""
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config(data_dir, run, *HUGE_LR, "--train.max_steps", "6", "--train.log_every", "3",
+                                        "--train.nonfinite", "stop"), single_info())
+    with pytest.raises(GpttrainError, match=r"training stopped at step 3: non-finite loss or gradients at step 2 "):
+        trainer.fit()
+    saved = newest(run)
+    assert saved.name == STEP.format(3)
+    assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
+    assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {1.0}  # only step 1 was applied
 
 
 def test_nonfinite_policy_skip_has_a_limit(data_dir, tmp_path):
@@ -659,7 +676,7 @@ def test_nonfinite_policy_skip_has_a_limit(data_dir, tmp_path):
     r = run_cli(train_args(data_dir, run, *HUGE_LR, "--train.max_steps", "6", "--train.nonfinite", "skip",
                            "--train.max_skipped_steps", "2"), cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: training stopped at step 3: non-finite loss or gradients "
+    assert r.stderr.strip().startswith("error: training stopped at step 4: non-finite loss or gradients at step 4 "
                                        "(more than 2 skipped)")
     assert "raise --train.max_skipped_steps" in r.stderr
     assert r.stdout.count("step skipped") == 2

@@ -46,6 +46,30 @@ def test_training_steps_on_cuda_lower_the_loss(tmp_path, precision):
     assert losses[-1] < losses[0] - 0.5, losses
 
 
+@pytest.mark.parametrize("precision", ["bf16-mixed", "fp16-mixed"])
+def test_training_steps_never_wait_for_the_gpu(tmp_path, precision):
+    """CUDA's sync debug mode raises on any host sync (.item(), a blocking copy...) inside the steps."""
+    from gpttrain.distributed import DistInfo
+
+    data = make_data(tmp_path)
+    cfg = tiny_config(data, tmp_path / "run", "--run.device", "cuda", "--train.precision", precision,
+                      "--train.compile", "on", "--train.grad_accum_steps", "2")
+    trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
+    for _ in range(2):  # compile and warm-up (the pinned-memory pool and the allocator fill here)
+        trainer.train_step()
+        trainer.step += 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        stats = []
+        for _ in range(3):
+            stats.append(trainer.train_step())
+            trainer.step += 1
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(s.finite for s in stats)
+
+
 def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
     r = run_cli(["bench", "--preset", "tiny", "--device", "cuda", "--warmup", "2", "--steps", "5",
                  "--run-dir", str(tmp_path)], cwd=tmp_path)

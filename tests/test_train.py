@@ -279,3 +279,51 @@ def test_nan_or_infinite_settings_are_refused(tmp_path):
     assert r.returncode == 2 and "--optim.lr: 'nan' is not a finite number" in r.stderr
     r = run_cli(["info", "--preset", "tiny", "--optim.grad_clip", "inf"], cwd=tmp_path)
     assert r.returncode == 2 and "--optim.grad_clip: 'inf' is not a finite number" in r.stderr
+
+
+SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__")
+
+
+def test_training_steps_read_nothing_back_between_log_steps(data_dir, tmp_path, monkeypatch):
+    """A training step must never wait for the device (no `.item()`, `.tolist()`, `if tensor:`...): the loop
+    reads the steps' numbers at log steps only. On a GPU each such read would stall the queue of kernels."""
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "8", "--train.log_every",
+                                        "4", "--train.eval_every", "8", "--log.sample_every", "0"), single_info())
+    assert trainer.optimizer.defaults["fused"]  # the default on CPU too: it skips bad steps on the device
+    reads: list[tuple[int, str, bool]] = []  # (step counter, method, inside train_step)
+    inside = [False]
+    for name in SYNCING:
+        real = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _real=real, _name=name, **k):
+            reads.append((trainer.step, _name, inside[0]))
+            return _real(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    real_step = trainer.train_step
+
+    def step(stop_requested=False):
+        inside[0] = True
+        try:
+            return real_step(stop_requested)
+        finally:
+            inside[0] = False
+
+    trainer.train_step = step
+    assert trainer.fit() == 0
+    monkeypatch.undo()
+    assert not [r for r in reads if r[2]], reads  # nothing inside any step
+    assert {s for s, _, _ in reads} <= {1, 4, 8}  # the first step (untimed), then the log steps
+
+
+def test_a_bad_step_is_skipped_without_a_fused_optimizer(data_dir, tmp_path):
+    """--optim.fused off: the optimizer cannot skip on the device, so the step asks the host (one sync)."""
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "r", "--optim.fused", "off"), single_info())
+    assert not trainer.optimizer.defaults["fused"]
+    weight = trainer.model.tok_emb.weight
+    before = weight.detach().clone()
+    handle = weight.register_hook(lambda g: g * float("nan"))
+    assert not trainer.train_step().finite
+    handle.remove()
+    assert torch.equal(weight, before)
+    assert trainer.train_step().finite and not torch.equal(weight, before)

@@ -14,7 +14,6 @@ import logging
 import math
 import signal
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -114,12 +113,46 @@ class StopFlag:
         self._previous.clear()
 
 
-@dataclass
-class StepResult:
-    loss: float
-    grad_norm: float
-    finite: bool
-    stop: bool
+class StepStats:
+    """One optimizer step's numbers, left on the device. Reading one waits for the device (a host sync), so
+    the loop reads them in batches at log steps through `read_steps`, never inside a step."""
+
+    def __init__(self, packed: torch.Tensor, world_size: int, scaler_enabled: bool):
+        self.packed = packed  # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks]
+        self._world = world_size
+        self._scaler = scaler_enabled
+        self._values: list[float] | None = None
+
+    @property
+    def values(self) -> list[float]:
+        if self._values is None:
+            self._values = self.packed.tolist()
+        return self._values
+
+    @property
+    def loss(self) -> float:
+        return self.values[0] / self._world
+
+    @property
+    def grad_norm(self) -> float:
+        return self.values[3] / self._world  # the global norm, the same on every rank
+
+    @property
+    def stop(self) -> bool:
+        return self.values[1] > 0
+
+    @property
+    def finite(self) -> bool:
+        # With fp16 an overflowing gradient is routine: the scaler skips that step and lowers its scale.
+        return math.isfinite(self.loss) and (self.values[2] == 0 or self._scaler)
+
+
+def read_steps(stats: list[StepStats]) -> None:
+    """Bring the numbers of several steps to the host with one sync."""
+    todo = [s for s in stats if s._values is None]
+    if todo:
+        for s, row in zip(todo, torch.stack([s.packed for s in todo]).tolist()):
+            s._values = row
 
 
 class Trainer:
@@ -161,6 +194,7 @@ class Trainer:
         self.base_lr = cfg.optim.lr * (info.world_size if cfg.optim.scale_lr_with_world else 1)
         self.optimizer = build_optimizer(self.model, cfg.optim, self.base_lr, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.precision == "fp16-mixed")
+        self._stop_flag = torch.zeros((), device=self.device)  # refilled each step: no host-to-device copy
 
         self.train_loader = train_loader
         self.val_loader = val_loader
@@ -236,7 +270,10 @@ class Trainer:
 
     # ---- one optimizer step -------------------------------------------------------------------
 
-    def train_step(self, stop_requested: bool = False) -> StepResult:
+    def train_step(self, stop_requested: bool = False) -> StepStats:
+        """One optimizer step, queued on the device without waiting for it: the non-finite check and the
+        skip of a bad update happen there too (fused AdamW's `found_inf`), so nothing here reads a value
+        back. The returned numbers are read when the loop needs them."""
         cfg = self.cfg.train
         model = self.wrapped
         model.train()
@@ -257,29 +294,35 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()  # FSDP: the norm over all shards
+        grad_norm = grad_norm.detach().float().reshape(())
         # One all-reduce carries the loss, the stop flag and this rank's verdict on its gradients, so every
         # rank takes the same decisions from the same summed numbers (a NaN on one rank is a NaN on all).
-        grads_bad = (~torch.isfinite(grad_norm.detach().float())).float().reshape(())
-        packed = torch.stack([loss_sum / accum, torch.tensor(float(stop_requested), device=self.device), grads_bad,
-                              grad_norm.detach().float().reshape(())])
+        packed = torch.stack([loss_sum / accum, self._stop_flag.fill_(float(stop_requested)),
+                              (~torch.isfinite(grad_norm)).float(), grad_norm])
         distmod.all_reduce(packed, self.info, "sum")
-        loss_sum_all, stop_votes, bad_votes, norm_sum = packed.tolist()  # the step's one host sync
-        loss_val = loss_sum_all / self.info.world_size
-        stop = stop_votes > 0
-        norm_val = norm_sum / self.info.world_size  # the global norm, the same on every rank
-        # With fp16 an overflowing gradient is routine: the scaler skips that step and lowers its scale.
-        finite = math.isfinite(loss_val) and (bad_votes == 0 or self.scaler.is_enabled())
         lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps,
                    warmup_steps=self.cfg.optim.warmup_steps, schedule=self.cfg.optim.schedule,
                    min_lr_ratio=self.cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if finite or self.scaler.is_enabled():
-            # With fp16 the scaler itself skips steps whose gradients overflowed.
+        if self.scaler.is_enabled():
+            # fp16: the scaler skips steps whose gradients overflowed (on the device with fused AdamW).
             self.scaler.step(self.optimizer)
             self.scaler.update()
+        else:
+            bad = ((packed[2] > 0) | ~torch.isfinite(packed[0])).float()  # the same verdict on every rank
+            if self.optimizer.defaults.get("fused"):
+                # Fused AdamW leaves parameters, moments and its step count as they were where found_inf is
+                # non-zero (the mechanism GradScaler uses), so a bad step is skipped without a host sync.
+                self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
+                try:
+                    self.optimizer.step()
+                finally:
+                    del self.optimizer.found_inf, self.optimizer.grad_scale
+            elif not bad.item():  # a host sync, for optimizers that cannot skip on the device (--optim.fused off)
+                self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss_val, norm_val, finite, stop)
+        return StepStats(packed, self.info.world_size, self.scaler.is_enabled())
 
     # ---- evaluation -----------------------------------------------------------------------------
 
@@ -409,83 +452,109 @@ class Trainer:
     def _loop(self, monitor: Monitor, stop: StopFlag) -> int:
         from gpttrain import checkpoint as ckpt
 
-        cfg = self.cfg
-        t = cfg.train
+        t = self.cfg.train
         self._log_start()
-        t_last = time.perf_counter()
-        steps_since_log = 0
+        pending: list[StepStats] = []  # steps queued on the device whose numbers the host has not read yet
+        t_mark = time.perf_counter()
+        log_time, log_steps = 0.0, 0  # training time and steps since the last train record
         first_step_of_process = True
+        bar_loss = {}
         while self.step < self.total_steps:
-            t0 = time.perf_counter()
-            res = self.train_step(stop.requested)
-            dt = time.perf_counter() - t0
-            if not res.finite:
-                if t.nonfinite == "skip" and self.skipped_steps < t.max_skipped_steps:
-                    self.skipped_steps += 1
-                    log.warning("step %d: non-finite loss %s or grad norm %s; step skipped (%d of at most %d)",
-                                self.step + 1, res.loss, res.grad_norm, self.skipped_steps, t.max_skipped_steps)
-                else:
-                    why = "policy stop" if t.nonfinite == "stop" else f"more than {t.max_skipped_steps} skipped"
-                    log.error("step %d: non-finite loss %s or grad norm %s (%s); saving and stopping",
-                              self.step + 1, res.loss, res.grad_norm, why)
-                    ckpt.save(self, reason="nonfinite")
-                    more = ("set --train.nonfinite skip" if t.nonfinite == "stop"
-                            else "raise --train.max_skipped_steps")
-                    raise GpttrainError(f"training stopped at step {self.step}: non-finite loss or gradients "
-                                        f"({why}); lower --optim.lr, raise --optim.warmup_steps or {more}; "
-                                        f"the last good state is saved in {self.run_dir / 'checkpoints'}")
+            pending.append(self.train_step(stop.requested))
             self.step += 1
             self.tokens += self.tokens_per_step
-            if not first_step_of_process:
-                self.train_time += dt
-                self.timed_steps += 1
-            first_step_of_process = False
-            steps_since_log += 1
-            monitor.advance(1, {"loss": f"{res.loss:.3f}", **self._bar_rates})
-
             last = self.step == self.total_steps
-            if self.step % t.log_every == 0 or last:
-                now = time.perf_counter()
-                interval = now - t_last
-                t_last = now
-                self._log_train(monitor, res, steps_since_log, interval)
-                steps_since_log = 0
-            if self.step % t.eval_every == 0 or last:
+            log_now = self.step % t.log_every == 0 or last
+            eval_now = self.step % t.eval_every == 0 or last
+            ckpt_now = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and not last
+            if not (log_now or eval_now or ckpt_now or first_step_of_process):
+                monitor.advance(1, {**bar_loss, **self._bar_rates})
+                continue
+            # The host waits for the device only here, at steps every rank knows in advance, so the
+            # decisions below (skip, stop) are taken at the same step everywhere.
+            read_steps(pending)
+            now = time.perf_counter()
+            if not first_step_of_process:  # each process's first step compiles and warms up: not timed
+                self.train_time += now - t_mark
+                self.timed_steps += len(pending)
+                log_time += now - t_mark
+                log_steps += len(pending)
+            first_step_of_process = False
+            t_mark = now
+            first = self.step - len(pending) + 1
+            for i, res in enumerate(pending):
+                if not res.finite:
+                    self._nonfinite(first + i, res)
+            res = pending[-1]
+            stop_now = any(r.stop for r in pending)
+            pending.clear()
+            bar_loss = {"loss": f"{res.loss:.3f}"}
+            monitor.advance(1, {**bar_loss, **self._bar_rates})
+            if log_now:
+                self._log_train(monitor, res, log_steps, log_time)
+                log_time, log_steps = 0.0, 0
+            if eval_now:
                 self._eval_and_report(monitor)
-                t_last = time.perf_counter()  # evaluation time is not training throughput
-            if res.stop:
+            if stop_now:
                 why = f"{stop.signal_name} received" if stop.signal_name else "stop signal received by another rank"
                 log.info("%s: saving a checkpoint at step %d and exiting", why, self.step)
                 ckpt.save(self, reason="signal")
                 return 0
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and not last:
+            if ckpt_now:
                 ckpt.save(self, reason="periodic")
-                t_last = time.perf_counter()
+            t_mark = time.perf_counter()  # evaluation and checkpoint time is not training throughput
         ckpt.save(self, reason="final")
         self._finish()
         return 0
 
-    def _log_train(self, monitor: Monitor, res: StepResult, steps: int, interval: float) -> None:
+    def _nonfinite(self, step: int, res: StepStats) -> None:
+        """A step whose loss or gradients were not finite: its update was already skipped on the device;
+        count it under --train.nonfinite skip, or save the (good) state and stop."""
+        from gpttrain import checkpoint as ckpt
+
+        t = self.cfg.train
+        if t.nonfinite == "skip" and self.skipped_steps < t.max_skipped_steps:
+            self.skipped_steps += 1
+            log.warning("step %d: non-finite loss %s or grad norm %s; step skipped (%d of at most %d)",
+                        step, res.loss, res.grad_norm, self.skipped_steps, t.max_skipped_steps)
+            return
+        why = "policy stop" if t.nonfinite == "stop" else f"more than {t.max_skipped_steps} skipped"
+        log.error("step %d: non-finite loss %s or grad norm %s (%s); its update was not applied; saving and "
+                  "stopping at step %d", step, res.loss, res.grad_norm, why, self.step)
+        ckpt.save(self, reason="nonfinite")
+        more = "set --train.nonfinite skip" if t.nonfinite == "stop" else "raise --train.max_skipped_steps"
+        raise GpttrainError(f"training stopped at step {self.step}: non-finite loss or gradients at step {step} "
+                            f"({why}); lower --optim.lr, raise --optim.warmup_steps or {more}; the state saved "
+                            f"in {self.run_dir / 'checkpoints'} has no update from a non-finite step")
+
+    def _log_train(self, monitor: Monitor, res: StepStats, steps: int, seconds: float) -> None:
+        """A train record: the step's loss and norm; throughput over the timed steps since the last record."""
         info = self.info
-        tok_s = steps * self.tokens_per_step / interval if interval > 0 else 0.0
-        per_gpu = tok_s / info.world_size
+        tok_s = per_gpu = tflops = None  # none before the first timed step (each process's first is not timed)
+        if steps > 0 and seconds > 0:
+            tok_s = steps * self.tokens_per_step / seconds
+            per_gpu = tok_s / info.world_size
+            tflops = model_tflops(per_gpu, self.cfg.model)
         rec = {
             "kind": "train", "step": self.step, "epoch": round(self.epoch_progress(), 6), "tokens": self.tokens,
             "loss": res.loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
-            "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu,
-            "tflops": model_tflops(per_gpu, self.cfg.model), "mfu": mfu(per_gpu, self.cfg.model, self.peak_tflops),
+            "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu, "tflops": tflops,
+            "mfu": mfu(per_gpu, self.cfg.model, self.peak_tflops) if per_gpu is not None else None,
             "mem_peak_gib": self._memory()["mem_peak_gib"], "gpu_util": gpu_utilization(self.device),
             "time": time.time(),
         }
         monitor.record(rec)
-        self._bar_rates = {"tok/s": f"{tok_s:,.0f}"}  # shown on the progress bar until the next log step
-        if rec["mfu"] is not None:
-            self._bar_rates["MFU"] = f"{rec['mfu'] * 100:.1f}%"
+        rate_txt = "first step of this process (compile, warm-up): not timed"
+        if tok_s is not None:
+            self._bar_rates = {"tok/s": f"{tok_s:,.0f}"}  # shown on the progress bar until the next log step
+            if rec["mfu"] is not None:
+                self._bar_rates["MFU"] = f"{rec['mfu'] * 100:.1f}%"
+            rate_txt = f"{tok_s:,.0f} tok/s ({per_gpu:,.0f} per GPU), {tflops:.2f} TFLOP/s per GPU"
+            if rec["mfu"] is not None:
+                rate_txt += f", MFU {rec['mfu'] * 100:.1f}%"
         if not monitor.uses_bar:
-            mfu_txt = f", MFU {rec['mfu'] * 100:.1f}%" if rec["mfu"] is not None else ""
-            log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s tok/s (%s per GPU), "
-                     "%.2f TFLOP/s per GPU%s", self.step, self.total_steps, rec["epoch"], res.loss, rec["lr"],
-                     res.grad_norm, f"{tok_s:,.0f}", f"{per_gpu:,.0f}", rec["tflops"], mfu_txt)
+            log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s", self.step, self.total_steps,
+                     rec["epoch"], res.loss, rec["lr"], res.grad_norm, rate_txt)
 
     def _eval_and_report(self, monitor: Monitor) -> None:
         ev = self.evaluate()
