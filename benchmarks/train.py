@@ -2,6 +2,11 @@
 
     python benchmarks/train.py --device cuda                       # the GPU-speed issue's table
     python benchmarks/train.py --device cpu --runs tiny:4x1 demo:8x1 --steps 3   # a CPU rehearsal
+    python benchmarks/train.py --runs gpt2-124m:32x1 gpt2-124m:32x1+train.attention=cudnn+train.fp8=true
+
+A run is PRESET:MBxACCUM, then any number of +key=value config settings (the variant being measured; they
+are echoed in the row as `variant`). `--budget-s` stops starting new runs once that many seconds have gone,
+so a device session's one call ends in time with whatever it measured so far.
 
 Each run is `gpttrain bench` in its own process (a clean CUDA context and compile cache each), so every
 line carries the card's bf16 matmul peak measured in that same process next to our model TFLOP/s
@@ -17,33 +22,46 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 # preset:micro_batch x accumulation, as in the GPU-speed issue's reference table.
 DEFAULT_RUNS = ("gpt-1.4b:8x4", "gpt-1.4b:16x2", "gpt2-124m:12x1", "gpt2-124m:32x1")
 
 
-def parse_run(text: str) -> tuple[str, int, int]:
+def parse_run(text: str) -> tuple[str, int, int, dict[str, str]]:
+    """`gpt2-124m:32x1+train.fp8=true` -> ("gpt2-124m", 32, 1, {"train.fp8": "true"})."""
+    head, *settings = text.split("+")
     try:
-        preset, shape = text.split(":")
+        preset, shape = head.split(":")
         mb, accum = shape.split("x")
-        return preset, int(mb), int(accum)
+        variant = dict(s.split("=", 1) for s in settings)
+        return preset, int(mb), int(accum), variant
     except ValueError:
-        raise SystemExit(f"--runs: {text!r} is not PRESET:MBxACCUM (e.g. gpt2-124m:32x1)") from None
+        raise SystemExit(f"--runs: {text!r} is not PRESET:MBxACCUM[+key=value...] (e.g. gpt2-124m:32x1 or "
+                         "gpt2-124m:32x1+train.attention=cudnn)") from None
 
 
-def bench(preset: str, mb: int, accum: int, args, data: str | None) -> dict:
+def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data: str | None) -> dict:
     cmd = [sys.executable, "-m", "gpttrain", "bench", "--preset", preset, "--device", args.device,
            "--warmup", str(args.warmup), "--steps", str(args.steps), "--run-dir", args.run_dir,
            "--train.micro_batch_size", str(mb), "--train.grad_accum_steps", str(accum),
            "--train.compile", args.compile, "--train.precision", args.precision, *args.extra]
+    for key, value in variant.items():
+        cmd += [f"--{key}", value]
     if data:
         cmd += ["--data", data]
+    t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+    row = {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum}
     if r.returncode != 0 or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        return {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "error": " | ".join(tail)}
-    return json.loads(lines[-1])
+        row["error"] = " | ".join(tail)
+    else:
+        row = json.loads(lines[-1])
+    row["variant"] = variant
+    row["wall_s"] = round(time.perf_counter() - t0, 1)  # the whole process: start, compile, timing, matmul peak
+    return row
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,17 +74,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--data", default=None, help="also time each run on these prepared shards")
     ap.add_argument("--run-dir", default="runs/bench")
+    ap.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for gpttrain bench")
     args = ap.parse_args(argv)
+    runs = [parse_run(spec) for spec in args.runs]  # all checked before the first one starts
     summary = []
-    for spec in args.runs:
-        preset, mb, accum = parse_run(spec)
-        row = bench(preset, mb, accum, args, None)
+    start = time.perf_counter()
+    for preset, mb, accum, variant in runs:
+        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+            summary.append({"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "variant": variant,
+                            "error": f"not run: --budget-s {args.budget_s:g} spent"})
+            continue
+        row = bench(preset, mb, accum, variant, args, None)
         print(json.dumps(row), flush=True)
-        item = {k: row.get(k) for k in ("preset", "micro_batch_size", "grad_accum_steps", "tok_per_s", "tflops",
-                                          "peak_ratio", "mfu", "mem_peak_gib", "overhead", "error")}
+        item = {k: row.get(k) for k in ("preset", "micro_batch_size", "grad_accum_steps", "variant", "tok_per_s",
+                                          "tflops", "peak_ratio", "mfu", "mem_peak_gib", "overhead", "wall_s",
+                                          "error")}
         if args.data and "error" not in row:
-            real = bench(preset, mb, accum, args, args.data)
+            real = bench(preset, mb, accum, variant, args, args.data)
             print(json.dumps(real), flush=True)
             if "step_s" in real:
                 item["data_overhead"] = real["step_s"] / row["step_s"] - 1

@@ -67,7 +67,7 @@ class OptimConfig:
     warmup_steps: int = 0
     min_lr_ratio: float = 0.1  # cosine floor as a fraction of lr
     scale_lr_with_world: bool = False  # the original's lr = 5e-4 * world_size
-    fused: Literal["auto", "on", "off"] = "auto"
+    fused: Literal["auto", "on", "off"] = "auto"  # fused AdamW; auto = on CUDA and CPU (off: a host sync per step)
 
 
 @dataclass
@@ -87,6 +87,12 @@ class TrainConfig:
     compile: Literal["auto", "on", "off"] = "auto"
     # torch.compile's mode: reduce-overhead / max-autotune use CUDA graphs (worth measuring per model).
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
+    # What torch.compile wraps: the whole model, or each transformer block on its own (FSDP2's usual way).
+    compile_scope: Literal["model", "blocks"] = "model"
+    # scaled_dot_product_attention's kernel: auto = PyTorch's choice; the others pin one (cudnn, flash and
+    # efficient need CUDA; math runs anywhere).
+    attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
+    fp8: bool = False  # the blocks' linears in float8 through torchao (bf16-mixed, GPUs with fp8: H100, 4090)
     activation_checkpointing: bool = False
     fused_loss: Literal["auto", "on", "off"] = "auto"  # chunked head + cross-entropy; auto = on CUDA
     checkpoint_every: int = 0  # 0 = only at the end and on signals

@@ -1,4 +1,4 @@
-"""Wrap the model from outside: activation checkpointing, torch.compile, DDP, FSDP2.
+"""Wrap the model from outside: activation checkpointing, torch.compile, DDP, FSDP2, the attention kernel.
 
 The model's parameter names never change here (no wrapper modules inside it), so checkpoints are
 saved from the unwrapped module with plain names.
@@ -6,16 +6,23 @@ saved from the unwrapped module with plain names.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
+import warnings
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.checkpoint import checkpoint
 
 from gpttrain.config import ModelConfig
 from gpttrain.distributed import DistInfo
+from gpttrain.errors import ConfigError
 from gpttrain.model import GPT, fill_
 
 # The 16-bit compute dtype of each mixed precision (fp32 master weights); none for fp32 and bf16-pure.
@@ -42,6 +49,107 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
     return device.type == "cuda" and sys.platform.startswith("linux")
 
 
+def compile_model(model: nn.Module, scope: str, mode: str, *, backend: str | Callable = "inductor") -> nn.Module:
+    """torch.compile the whole model (`scope="model"`: returns the compiled wrapper, pass DDP's wrapper here)
+    or each transformer block in place (`"blocks"`: returns `model` itself, parameter names unchanged).
+
+    `model` may be the GPT, a DDP wrapper of it or an FSDP2 GPT; apply activation checkpointing first.
+    `backend` is torch.compile's (tests use cheaper ones than inductor).
+    """
+    mode_arg = None if mode == "default" else mode
+    if scope == "model":
+        return torch.compile(model, mode=mode_arg, backend=backend)
+    if scope != "blocks":
+        raise ConfigError(f"--train.compile_scope: {scope!r} is not a compile scope; use model or blocks")
+    gpt = model.module if isinstance(model, DistributedDataParallel) else model
+    for block in gpt.blocks:
+        eager = block.forward  # the bound method, or activation checkpointing's partial around it
+        compiled = torch.compile(eager, mode=mode_arg, backend=backend)
+        # An instance attribute, not a wrapper module: state_dict keys keep their names (no `_orig_mod`),
+        # and FSDP2's hooks, registered on Module.__call__, still run around it.
+        block.forward = functools.partial(_compiled_block_forward, eager, compiled)
+    return model
+
+
+def _compiled_block_forward(eager: Callable, compiled: Callable, x: torch.Tensor, cache=None) -> torch.Tensor:
+    # Decoding with a KVCache stays eager: the compiled graph would guard on cache.pos (a Python int) and
+    # recompile at every token.
+    if cache is not None:
+        return eager(x, cache)
+    return compiled(x)
+
+
+# --train.attention -> the kernel scaled_dot_product_attention is pinned to (auto: PyTorch picks per call).
+SDPA_BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "math": SDPBackend.MATH,
+}
+_CUDA_ONLY = ("cudnn", "efficient")  # CPU builds have only the flash (fp16/bf16/fp32, no dropout) and math kernels
+
+
+def attention_context(name: str, device: torch.device) -> AbstractContextManager[None]:
+    """The context to run training forward AND backward (and evaluation) in, pinning `--train.attention`.
+
+    Under torch.compile the kernel is chosen when the graph is traced and changing the context later does not
+    recompile: enter it around every call of the compiled model, the first one included. Checkpointed blocks
+    recompute attention in backward, so backward needs it too. Not for KV-cache decoding (flash and efficient
+    refuse the mask of a several-token step). Call `check_attention` once at setup: this only refuses what
+    cannot work on `device` at all, without running anything.
+    """
+    if name == "auto":
+        return contextlib.nullcontext()
+    if name not in SDPA_BACKENDS or (name in _CUDA_ONLY and device.type != "cuda"):
+        check_attention(name, device)  # raises
+    return sdpa_kernel(SDPA_BACKENDS[name])
+
+
+def check_attention(name: str, device: torch.device, *, dtype: torch.dtype = torch.float32, head_dim: int = 64,
+                    dropout: float = 0.0) -> None:
+    """Refuse `--train.attention NAME` where that kernel cannot serve training: it is tried once on a small
+    causal attention with the run's compute dtype, head size and dropout, forward and backward (the kernels'
+    limits on GPU, dtype and head size vary across GPUs and releases: asking the kernel is the sure test)."""
+    if name == "auto":
+        return
+    if name not in SDPA_BACKENDS:
+        raise ConfigError(f"--train.attention: {name!r} is not an attention kernel; "
+                          f"use auto, {', '.join(SDPA_BACKENDS)}")
+
+    def fails(n: str) -> str | None:
+        if n in _CUDA_ONLY and device.type != "cuda":
+            return "needs a CUDA GPU"
+        return _sdpa_failure(SDPA_BACKENDS[n], device, dtype, head_dim, dropout)
+
+    reason = fails(name)
+    if reason is None:
+        return
+    works = ["auto (PyTorch's choice)"] + [n for n in SDPA_BACKENDS if n != name and fails(n) is None]
+    use = "use " + (f"{', '.join(works[:-1])} or {works[-1]}" if len(works) > 1 else works[0])
+    if name in _CUDA_ONLY and device.type != "cuda":
+        raise ConfigError(f"--train.attention: {name} needs a CUDA GPU and this run is on {device.type}; {use}")
+    setting = f"{str(dtype).removeprefix('torch.')}, head size {head_dim}, dropout {dropout:g}"
+    raise ConfigError(f"--train.attention: {name} cannot run on {device.type} with {setting} ({reason}); {use}")
+
+
+def _sdpa_failure(backend: SDPBackend, device: torch.device, dtype: torch.dtype, head_dim: int,
+                  dropout: float) -> str | None:
+    """None if the kernel runs a causal attention forward and backward, else why not (one line)."""
+    q, k, v = (torch.ones(1, 2, 16, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    # fork_rng: the probe's dropout must not move the run's random stream (same seed, same run with any kernel).
+    rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
+                                device_type="cuda" if device.type == "cpu" else device.type)
+    with rng, warnings.catch_warnings(record=True) as caught, torch.enable_grad(), sdpa_kernel(backend):
+        warnings.simplefilter("always")  # torch tells why it skipped a kernel only in warnings
+        try:
+            F.scaled_dot_product_attention(q, k, v, dropout_p=dropout, is_causal=True).sum().backward()
+            return None
+        except RuntimeError as e:
+            error = str(e).splitlines()[0]
+    whys = [str(w.message).split(" (Triggered internally")[0].strip() for w in caught]
+    return " ".join(w for w in whys if w and not w.endswith("because:")) or error
+
+
 def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
@@ -54,7 +162,8 @@ def strategy_for(requested: str, info: DistInfo) -> str:
     return "fsdp" if requested == "fsdp" else "ddp"
 
 
-def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activation_checkpointing: bool) -> GPT:
+def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activation_checkpointing: bool, *,
+                     fp8: bool = False) -> GPT:
     """FSDP2: `fully_shard` on each block, then the root; built on the meta device and initialised shard
     by shard, so no rank ever holds the full fp32 model (only one full parameter at a time)."""
     from torch.distributed.device_mesh import init_device_mesh
@@ -68,6 +177,10 @@ def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activatio
         model = GPT(cfg)
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
+    if fp8:
+        from gpttrain.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)  # before fully_shard: the sharded parameters are the Float8Linears' own
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     for block in model.blocks:

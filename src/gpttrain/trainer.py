@@ -32,7 +32,10 @@ from gpttrain.optim import build_optimizer, lr_at
 from gpttrain.parallel import (
     AUTOCAST_DTYPES,
     apply_activation_checkpointing,
+    attention_context,
     build_fsdp_model,
+    check_attention,
+    compile_model,
     compile_wanted,
     strategy_for,
     wrap_ddp,
@@ -175,13 +178,23 @@ class Trainer:
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
+        if cfg.train.fp8:
+            from gpttrain.fp8 import check_fp8, convert_to_fp8
+
+            check_fp8(self.precision, self.device)
+        compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
+        check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
+                        head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate)
         torch.manual_seed(cfg.train.seed)
         if self.strategy == "fsdp":
-            self.model: GPT = build_fsdp_model(cfg.model, info, self.precision, cfg.train.activation_checkpointing)
+            self.model: GPT = build_fsdp_model(cfg.model, info, self.precision, cfg.train.activation_checkpointing,
+                                               fp8=cfg.train.fp8)
         else:
             self.model = build_model(cfg.model, self.device)
             if self.precision == "bf16-pure":
                 self.model.to(torch.bfloat16)
+            if cfg.train.fp8:
+                convert_to_fp8(self.model)  # the same parameters, so checkpoints are those of the plain model
         fused = cfg.train.fused_loss
         self.model.chunked_loss = fused == "on" or (fused == "auto" and self.device.type == "cuda")
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
@@ -220,8 +233,8 @@ class Trainer:
         if self.ddp is not None:
             model = self.ddp
         if compile_wanted(self.cfg.train.compile, self.device):
-            mode = self.cfg.train.compile_mode
-            model = torch.compile(model, mode=None if mode == "default" else mode)
+            # scope "model" returns the compiled wrapper; "blocks" compiles each block in place, returns `model`.
+            model = compile_model(model, self.cfg.train.compile_scope, self.cfg.train.compile_mode)
         return model
 
     def _grad_sync(self, last: bool):
@@ -237,6 +250,10 @@ class Trainer:
         if dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
+
+    def attention(self):
+        """--train.attention's kernel, around forward and backward (compile picks it when it first traces)."""
+        return attention_context(self.cfg.train.attention, self.device)
 
     def close(self) -> None:
         """Drop what holds the process group (DDP's reducer, FSDP's state, the optimizer's references) before
@@ -282,7 +299,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.train_loader.next_batch()
             last = micro == accum - 1
-            with self._grad_sync(last):
+            with self._grad_sync(last), self.attention():
                 with self.autocast():
                     loss = model(x, y)
                 # Dividing by accum makes the summed gradients those of one batch of accum x micro.
@@ -335,7 +352,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         batches = 0
         for x, y in loader.eval_batches(self.cfg.train.eval_batches):
-            with self.autocast():
+            with self.autocast(), self.attention():
                 loss = self.model(x, y)  # the plain module: no DDP hooks, no recompiles on odd batch sizes
             totals[0] += loss.double() * x.shape[0]
             totals[1] += x.shape[0]
@@ -344,7 +361,7 @@ class Trainer:
             # FSDP forwards are collective: a rank with no windows in the last batches still runs them.
             dummy = torch.zeros((1, 1), dtype=torch.long, device=self.device)
             for _ in range(loader.eval_global_batches(self.cfg.train.eval_batches) - batches):
-                with self.autocast():
+                with self.autocast(), self.attention():
                     self.model(dummy, dummy)
         distmod.all_reduce(totals, self.info, "sum")
         model.train(was_training)

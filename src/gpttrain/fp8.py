@@ -1,0 +1,98 @@
+"""Float8 training of the transformer blocks' linears through torchao (`--train.fp8`).
+
+Why: on GPUs with fp8 tensor cores (H100, Ada) the blocks' matmuls run at up to twice the bf16 rate. Only
+the nn.Linear layers inside `model.blocks` become torchao's Float8Linear (dynamic tensorwise scaling, the
+default recipe); the output head and the embeddings stay in high precision, where fp8 costs the most accuracy.
+Float8Linear keeps `weight` and `bias` as plain parameters, so parameter names, state_dict keys and checkpoints
+are those of the model without fp8 (either loads into the other). torchao is optional: imported only here,
+and only when fp8 is asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from gpttrain.errors import ConfigError
+
+FP8_PRECISIONS = ("bf16-mixed", "bf16-pure")
+MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) are the first with fp8 tensor cores
+FP8_DIM_MULTIPLE = 16  # the fp8 matmul kernels (torch._scaled_mm) need both dims of the weight divisible by 16
+
+
+@contextlib.contextmanager
+def _quiet_loggers(*names: str) -> Iterator[None]:
+    """Raise loggers to ERROR for a moment: importing torchao logs warnings that are noise here (see below)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _import_float8() -> tuple[Any, Callable[..., nn.Module], type[nn.Linear]]:
+    """torchao's (Float8LinearConfig, convert_to_float8_training, Float8Linear), or a ConfigError."""
+    try:
+        # torchao warns "Failed to load ..." for optional CUDA kernels (mxfp8, cutlass) that Float8Linear does not
+        # use, and torch warns about one of its enums; neither is something a user can act on.
+        with _quiet_loggers("torchao", "torch.utils._pytree"):
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            from torchao.float8.float8_linear import Float8Linear
+    except ImportError as e:
+        raise ConfigError(f'--train.fp8: needs torchao, which cannot be imported ({e}); '
+                          f'pip install "gpttrain[fp8]" or drop --train.fp8') from e
+    return Float8LinearConfig, convert_to_float8_training, Float8Linear
+
+
+def check_fp8(precision: str, device: torch.device) -> None:
+    """Refuse `--train.fp8` where it cannot run, with one line naming the flag, the value and what to do.
+
+    `precision` is the resolved one (not "auto"). fp8 needs a bf16 compute dtype around it: bf16-mixed (fp32
+    master weights under bf16 autocast) or bf16-pure. On CUDA it needs fp8 tensor cores (compute capability 8.9+);
+    on CPU it runs (torch's CPU _scaled_mm), slowly: that is how the tests run. One process, DDP and FSDP2 all
+    work (FSDP2 checked on 2 gloo ranks against one process), provided `convert_to_fp8` runs before `fully_shard`.
+    """
+    if precision not in FP8_PRECISIONS:
+        raise ConfigError(f"--train.fp8: needs bf16 compute, but --train.precision is {precision}; "
+                          f"use --train.precision bf16-mixed (or bf16-pure) or drop --train.fp8")
+    if device.type == "cuda":
+        capability = torch.cuda.get_device_capability(device)
+        if capability < MIN_CAPABILITY:
+            name = torch.cuda.get_device_name(device)
+            raise ConfigError(f"--train.fp8: {name} (compute capability {capability[0]}.{capability[1]}) has no fp8 "
+                              f"tensor cores; fp8 needs an H100, an Ada GPU (RTX 40xx, L4, L40) or newer; "
+                              f"drop --train.fp8")
+    elif device.type != "cpu":
+        raise ConfigError(f"--train.fp8: fp8 matmuls are not available on {device.type}; "
+                          f"run on a CUDA GPU (H100, Ada or newer) or drop --train.fp8")
+    _import_float8()
+
+
+def convert_to_fp8(model: nn.Module) -> int:
+    """Swap the nn.Linear layers inside `model.blocks` for torchao's Float8Linear, in place; return how many.
+
+    Only layers whose in and out features are both divisible by 16 are swapped (the others stay as they are);
+    the output head and the embeddings are never touched. Works on the meta device, so it fits FSDP's build:
+    call it before `fully_shard`, DDP or torch.compile. Calling it again converts nothing more (returns 0).
+    """
+    Float8LinearConfig, convert_to_float8_training, Float8Linear = _import_float8()
+    converted: list[str] = []
+
+    def eligible(module: nn.Module, fqn: str) -> bool:
+        ok = (isinstance(module, nn.Linear) and not isinstance(module, Float8Linear)
+              and module.in_features % FP8_DIM_MULTIPLE == 0 and module.out_features % FP8_DIM_MULTIPLE == 0)
+        if ok:
+            converted.append(fqn)
+        return ok
+
+    convert_to_float8_training(model.blocks, module_filter_fn=eligible, config=Float8LinearConfig())
+    return len(converted)

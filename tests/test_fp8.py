@@ -1,0 +1,273 @@
+"""--train.fp8: the blocks' linears through torchao's Float8Linear (on CPU here, via torch's CPU _scaled_mm)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+pytest.importorskip("torchao")
+
+from gpttrain.checkpoint import load_model_state, load_model_weights, model_state_for_saving  # noqa: E402
+from gpttrain.config import ModelConfig  # noqa: E402
+from gpttrain.errors import ConfigError  # noqa: E402
+from gpttrain.fp8 import check_fp8, convert_to_fp8  # noqa: E402
+from gpttrain.model import GPT, build_model  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(vocab_size=128, context_length=32, emb_dim=64, n_heads=4, n_layers=2, drop_rate=0.0)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def fp8_linear_type() -> type[nn.Module]:
+    from torchao.float8.float8_linear import Float8Linear
+
+    return Float8Linear
+
+
+def batch(cfg: ModelConfig, n: int = 4) -> torch.Tensor:
+    return torch.randint(0, cfg.vocab_size, (n, cfg.context_length), generator=torch.Generator().manual_seed(1))
+
+
+# ---- conversion ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_converts_exactly_the_blocks_linears_and_keeps_names(tied):
+    cfg = tiny(qkv_bias=True, tie_embeddings=tied)
+    model = build_model(cfg)
+    keys = list(model.state_dict())
+    names = [(n, p.shape, p.dtype) for n, p in model.named_parameters()]
+    head = model.out_head
+
+    assert convert_to_fp8(model) == 4 * cfg.n_layers
+    f8 = fp8_linear_type()
+    for block in model.blocks:
+        for lin in (block.attn.qkv, block.attn.proj, block.mlp.fc, block.mlp.proj):
+            assert isinstance(lin, f8)
+            assert type(lin.weight) is nn.Parameter  # a plain parameter: optimizers and checkpoints see no change
+    assert model.out_head is head and type(model.out_head) is nn.Linear
+    assert type(model.tok_emb) is nn.Embedding and type(model.pos_emb) is nn.Embedding
+    assert (model.out_head.weight is model.tok_emb.weight) == tied
+    assert list(model.state_dict()) == keys
+    assert [(n, p.shape, p.dtype) for n, p in model.named_parameters()] == names
+    assert convert_to_fp8(model) == 0  # a second call converts nothing more
+
+
+def test_dims_not_divisible_by_16_stay_as_they_are():
+    model = build_model(tiny(emb_dim=40))  # 40 -> 120, 40 -> 160: fp8 matmuls need multiples of 16
+    assert convert_to_fp8(model) == 0
+    assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+
+
+def test_converts_on_the_meta_device():
+    cfg = tiny()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    assert convert_to_fp8(model) == 4 * cfg.n_layers
+    model.to_empty(device=CPU)
+    model.init_weights()
+    assert model(batch(cfg), targets=batch(cfg)).isfinite()
+
+
+def save_weights(model: GPT, folder: Path) -> Path:
+    """What checkpoint.save writes for the model: model.safetensors from model_state_for_saving."""
+    from safetensors.torch import save_file
+
+    folder.mkdir()
+    save_file(model_state_for_saving(model), str(folder / "model.safetensors"))
+    return folder
+
+
+def test_checkpoints_load_across_fp8_and_plain(tmp_path: Path):
+    cfg = tiny(tie_embeddings=True)
+    torch.manual_seed(0)
+    fp8_model = build_model(cfg)
+    convert_to_fp8(fp8_model)
+    with torch.no_grad():
+        for p in fp8_model.parameters():
+            p.add_(torch.randn_like(p))  # weights that differ from any fresh init
+
+    plain = build_model(cfg)
+    load_model_state(plain, load_model_weights(save_weights(fp8_model, tmp_path / "fp8")))  # strict
+    for (name, a), b in zip(fp8_model.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), name
+
+    again = build_model(cfg)
+    convert_to_fp8(again)
+    load_model_state(again, load_model_weights(save_weights(plain, tmp_path / "plain")))
+    for (name, a), b in zip(plain.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert again.out_head.weight is again.tok_emb.weight
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+
+def train(model: GPT, idx: torch.Tensor, steps: int, precision: str) -> list[float]:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+            loss = model(idx, targets=idx)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-pure"])
+def test_fp8_trains_and_starts_where_bf16_does(precision):
+    cfg = tiny()
+    idx = batch(cfg)
+    models = []
+    for fp8 in (False, True):
+        torch.manual_seed(0)
+        model = build_model(cfg)
+        if precision == "bf16-pure":
+            model.to(torch.bfloat16)
+        if fp8:
+            convert_to_fp8(model)
+        models.append(model)
+    bf16, fp8 = models
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
+        ref = bf16(idx, targets=idx).item()
+
+    losses = train(fp8, idx, 8, precision)
+    assert abs(losses[0] - ref) / ref < 0.02, (losses[0], ref)
+    assert losses[-1] < 0.8 * losses[0], losses
+    expected = torch.float32 if precision == "bf16-mixed" else torch.bfloat16  # master weights kept as they were
+    assert {p.dtype for p in fp8.parameters()} == {expected}
+
+
+# ---- refusals ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16-mixed"])
+def test_refuses_precision_without_bf16(precision):
+    with pytest.raises(ConfigError) as e:
+        check_fp8(precision, CPU)
+    msg = str(e.value)
+    assert msg.startswith(f"--train.fp8: needs bf16 compute, but --train.precision is {precision}; ")
+    assert "use --train.precision bf16-mixed" in msg and "\n" not in msg
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "bf16-pure"])
+def test_allows_bf16_on_cpu(precision):
+    check_fp8(precision, CPU)
+
+
+def test_refuses_without_torchao(monkeypatch):
+    for name in [n for n in sys.modules if n.startswith("torchao.")] + ["torchao"]:
+        monkeypatch.setitem(sys.modules, name, None)  # `import torchao...` now fails as if not installed
+    with pytest.raises(ConfigError) as e:
+        check_fp8("bf16-mixed", CPU)
+    msg = str(e.value)
+    assert msg.startswith("--train.fp8: needs torchao, which cannot be imported (")
+    assert msg.endswith('pip install "gpttrain[fp8]" or drop --train.fp8') and "\n" not in msg
+    with pytest.raises(ConfigError, match="needs torchao"):
+        convert_to_fp8(build_model(tiny()))
+
+
+def test_refuses_gpus_without_fp8(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    with pytest.raises(ConfigError) as e:
+        check_fp8("bf16-mixed", torch.device("cuda", 0))
+    assert str(e.value) == ("--train.fp8: NVIDIA A100-SXM4-80GB (compute capability 8.0) has no fp8 tensor cores; "
+                            "fp8 needs an H100, an Ada GPU (RTX 40xx, L4, L40) or newer; drop --train.fp8")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # an L4 or RTX 4090
+    check_fp8("bf16-mixed", torch.device("cuda", 0))
+
+
+def test_refuses_mps():
+    with pytest.raises(ConfigError, match=r"^--train\.fp8: fp8 matmuls are not available on mps; "):
+        check_fp8("bf16-mixed", torch.device("mps"))
+
+
+# ---- FSDP2 on 2 gloo ranks -----------------------------------------------------------------------
+
+
+def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
+    """parallel.build_fsdp_model with fp8 (converted before fully_shard); 3 steps on the same batch."""
+    import torch.distributed as dist
+
+    from gpttrain.distributed import DistInfo
+    from gpttrain.parallel import build_fsdp_model
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        cfg = tiny()
+        torch.manual_seed(0)  # the same draws on every rank, and as build_model's in the reference
+        model = build_fsdp_model(cfg, DistInfo(rank, rank, world, CPU, "gloo"), "bf16-mixed", False, fp8=True)
+        assert sum(isinstance(m, fp8_linear_type()) for m in model.modules()) == 4 * cfg.n_layers
+        losses = train(model, batch(cfg), 3, "bf16-mixed")  # every rank the same batch: same as one process
+        keys = list(model.state_dict())
+        if rank == 0:
+            torch.save({"losses": losses, "keys": keys}, out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp2_fp8_matches_one_process(tmp_path: Path):
+    out = tmp_path / "fsdp.pt"
+    mp.spawn(_fsdp_rank, args=(2, free_port(), str(out)), nprocs=2)
+    got = torch.load(out)
+
+    cfg = tiny()
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    convert_to_fp8(model)
+    want = train(model, batch(cfg), 3, "bf16-mixed")
+    assert got["keys"] == list(model.state_dict())
+    # FSDP gathers bf16 weights, one process autocasts fp32 ones: the same to well within bf16's precision.
+    assert got["losses"] == pytest.approx(want, rel=2e-3), (got["losses"], want)
+    assert want[-1] < want[0]
+
+
+# ---- through the command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_train_with_fp8_then_generate_without(tmp_path: Path):
+    """`gpttrain train --train.fp8 true` trains and saves a checkpoint that plain `gpttrain generate` loads; the
+    periodic sample runs through the fp8 model (no_grad decoding: fp8 linears refuse inference tensors)."""
+    from tests.helpers import make_data, run_cli
+
+    data = make_data(tmp_path)
+    run = tmp_path / "run"
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--device", "cpu",
+                 "--train.max_steps", "4", "--train.eval_every", "4", "--train.precision", "bf16-mixed",
+                 "--train.fp8", "true"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert (run / "samples.txt").read_text().startswith("--- step 4")
+    g = run_cli(["generate", "--checkpoint", str(run), "--prompt", "the", "--max-new-tokens", "5"], cwd=tmp_path)
+    assert g.returncode == 0, g.stderr[-3000:]
+
+
+def test_fp8_without_bf16_is_refused_before_anything_is_written(tmp_path: Path):
+    from tests.helpers import make_data, run_cli
+
+    data = make_data(tmp_path)
+    run = tmp_path / "run"
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--device", "cpu",
+                 "--train.fp8", "true"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("error: --train.fp8: needs bf16 compute, but --train.precision is "
+                                                 "fp32; use --train.precision bf16-mixed (or bf16-pure) or drop "
+                                                 "--train.fp8")
+    assert not run.exists()
