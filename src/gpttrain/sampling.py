@@ -177,7 +177,8 @@ def generate_ids(
     starts from `eot_id`. `on_token(sample_index, token_id)` is called for every new token as it
     comes. `vocab_limit` keeps sampling below that id (a model's vocabulary padded past the
     tokenizer's). `seed` makes sampling reproducible; without it the global RNG is left untouched.
-    The model runs in eval mode under no_grad; its training mode is restored afterwards.
+    The model runs in eval mode under inference_mode (no_grad with fp8 layers); its training mode is
+    restored afterwards.
 
     For tests and tools: `logits_hook(step, window_start, logits)` sees the logits (B, V) each step
     uses, and `forced_tokens` (B, max_new_tokens) replaces sampling by the given tokens (teacher
@@ -207,8 +208,9 @@ def generate_ids(
     was_training = model.training
     model.eval()
     try:
-        # no_grad, not inference_mode: torchao's fp8 linears (--train.fp8) cannot run on inference tensors.
-        with torch.no_grad():
+        # torchao's fp8 linears (--train.fp8) cannot run on inference tensors: no_grad for those models.
+        fp8 = any(type(m).__name__ == "Float8Linear" for m in model.modules())
+        with torch.no_grad() if fp8 else torch.inference_mode():
             seq = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)  # (B, P + N)
             seq[:, :prompt_len] = idx
             cur = prompt_len
