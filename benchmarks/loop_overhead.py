@@ -1,0 +1,38 @@
+"""What the whole training loop costs over the bare step: one JSON line.
+
+    python benchmarks/loop_overhead.py RUN_DIR BENCH_JSONL PRESET MICRO_BATCH
+
+RUN_DIR is a `gpttrain train` run on real shards (its last eval record's `avg_tok_per_s` covers every timed
+step: data loading, logging, the reads at log steps; evaluation time is left out of it), BENCH_JSONL the
+output of benchmarks/train.py with a plain (no variant) row of the same preset and micro-batch at
+accumulation 1 (synthetic tokens, the step alone). `loop_overhead` = bench tokens/s over loop tokens/s - 1;
+the GPU-speed issue's target is <= 0.02. benchmarks/gpu_session.sh runs both and then this.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 4:
+        raise SystemExit(__doc__)
+    run_dir, bench_file, preset, mb = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["kind"] == "eval" and r.get("avg_tok_per_s")]
+    if not evals:
+        raise SystemExit(f"{run_dir / 'metrics.jsonl'}: no eval record with avg_tok_per_s (did the run finish?)")
+    loop = evals[-1]["avg_tok_per_s"]
+    rows = [json.loads(line) for line in bench_file.read_text().splitlines() if line.startswith('{"preset"')]
+    same = [r for r in rows if r["preset"] == preset and r.get("micro_batch_size") == mb and not r.get("variant")
+            and r.get("grad_accum_steps") == 1 and "tok_per_s" in r]
+    bench = same[0]["tok_per_s"] if same else None
+    print(json.dumps({"loop": f"{preset}:{mb}", "loop_tok_per_s": loop, "bench_tok_per_s": bench,
+                      "loop_overhead": bench / loop - 1 if bench else None}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
