@@ -143,3 +143,39 @@ def test_generate_and_export_from_a_sharded_checkpoint(sharded_run, tmp_path):
     assert (tmp_path / "one" / "model.safetensors").is_file()
     for name, p in loaded.model.state_dict().items():
         assert torch.equal(one.model.state_dict()[name], p), name
+
+
+def _fp16_overflow_rank(rank, world, port, data_dir, run_dir, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpttrain import distributed as distmod
+
+    with distmod.session("cpu", "gloo") as info:
+        trainer = build_trainer(tiny_config(data_dir, run_dir, "--dist.strategy", "fsdp"), info)
+        # fp16-mixed's scaler (CPU runs refuse fp16 autocast, so the scaler alone, on fp32 compute).
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        weight = trainer.model.tok_emb.weight
+        real_unscale = trainer.scaler.unscale_
+
+        def unscale_(optimizer):
+            if rank == 1:  # an overflow in rank 1's shard only, as fp16 gradients would have it
+                weight.grad.to_local()[0, 0] = float("inf")
+            real_unscale(optimizer)
+
+        trainer.scaler.unscale_ = unscale_
+        before = weight.detach().full_tensor().clone()
+        res = trainer.train_step()
+        after = weight.detach().full_tensor()
+        torch.save({"finite": res.finite, "unchanged": torch.equal(before, after),
+                    "scale": trainer.scaler.get_scale()}, Path(out) / f"rank{rank}.pt")
+        trainer.close()
+
+
+def test_fp16_overflow_in_one_shard_is_skipped_by_every_rank(data_dir, tmp_path):
+    """With FSDP each rank checks only its shards for inf; the scaler's check on DTensor gradients reduces the
+    verdict over the mesh, so every rank skips the step and halves its scale (else the ranks would diverge)."""
+    mp.spawn(_fp16_overflow_rank, args=(2, free_port(), data_dir, tmp_path / "run", tmp_path), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
+    for r in results:
+        assert r == {"finite": True, "unchanged": True, "scale": 512.0}, results
