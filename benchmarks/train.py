@@ -6,7 +6,8 @@
 
 A run is PRESET:MBxACCUM, then any number of +key=value config settings (the variant being measured; they
 are echoed in the row as `variant`). `--budget-s` stops starting new runs once that many seconds have gone,
-so a device session's one call ends in time with whatever it measured so far.
+and `--run-timeout-s` stops a run that takes longer, so a device session's one call ends in time with whatever
+it measured so far.
 
 Each run is `gpttrain bench` in its own process (a clean CUDA context and compile cache each), so every
 line carries the card's bf16 matmul peak measured in that same process next to our model TFLOP/s
@@ -51,9 +52,13 @@ def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data:
     if data:
         cmd += ["--data", data]
     t0 = time.perf_counter()
-    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     row = {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum}
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.run_timeout_s)
+    except subprocess.TimeoutExpired:
+        return dict(row, variant=variant, error=f"timed out after --run-timeout-s {args.run_timeout_s:g}",
+                    wall_s=round(time.perf_counter() - t0, 1))
+    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
         tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
         row["error"] = " | ".join(tail)
@@ -75,13 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=None, help="also time each run on these prepared shards")
     ap.add_argument("--run-dir", default="runs/bench")
     ap.add_argument("--budget-s", type=float, default=None, help="start no new run after this many seconds")
+    ap.add_argument("--run-timeout-s", type=float, default=None, help="stop a run that takes longer than this")
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for gpttrain bench")
     args = ap.parse_args(argv)
     runs = [parse_run(spec) for spec in args.runs]  # all checked before the first one starts
     summary = []
     start = time.perf_counter()
+    def spent() -> bool:
+        return args.budget_s is not None and time.perf_counter() - start > args.budget_s
+
     for preset, mb, accum, variant in runs:
-        if args.budget_s is not None and time.perf_counter() - start > args.budget_s:
+        if spent():
             summary.append({"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "variant": variant,
                             "error": f"not run: --budget-s {args.budget_s:g} spent"})
             continue
@@ -90,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         item = {k: row.get(k) for k in ("preset", "micro_batch_size", "grad_accum_steps", "variant", "tok_per_s",
                                           "tflops", "peak_ratio", "mfu", "mem_peak_gib", "overhead", "wall_s",
                                           "error")}
-        if args.data and "error" not in row:
+        if args.data and "error" not in row and not spent():
             real = bench(preset, mb, accum, variant, args, args.data)
             print(json.dumps(real), flush=True)
             if "step_s" in real:

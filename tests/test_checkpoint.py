@@ -701,3 +701,20 @@ def test_nonfinite_gradient_with_finite_loss(data_dir, tmp_path):
     assert res.finite  # not a non-finite event: the scaler skipped the step and halved its scale
     assert torch.equal(weight, before) and trainer.scaler.get_scale() == 512.0
     assert trainer.train_step().finite and not torch.equal(weight, before)
+
+
+def test_fp16_nonfinite_loss_with_finite_gradients_is_skipped(data_dir, tmp_path):
+    """The scaler looks at gradients only; our verdict on the loss joins it, so the step is skipped too."""
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "r"), single_info())
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    real_forward = trainer.model.forward
+
+    def nan_loss(*args, **kwargs):  # NaN added as a constant: the gradients stay those of the real loss
+        return real_forward(*args, **kwargs) + torch.tensor(float("nan"))
+
+    trainer.model.forward = nan_loss
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    res = trainer.train_step()
+    assert not res.finite and res.grad_norm == res.grad_norm  # NaN loss, finite gradients
+    assert all(torch.equal(b, p) for b, p in zip(before, trainer.model.parameters()))
+    assert trainer.scaler.get_scale() == 512.0

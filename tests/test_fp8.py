@@ -175,7 +175,8 @@ def test_refuses_without_torchao(monkeypatch):
         check_fp8("bf16-mixed", CPU)
     msg = str(e.value)
     assert msg.startswith("--train.fp8: needs torchao, which cannot be imported (")
-    assert msg.endswith('pip install "gpttrain[fp8]" or drop --train.fp8') and "\n" not in msg
+    assert msg.endswith('pip install "gpttrain[fp8]" (tested with torchao 0.18) or drop --train.fp8')
+    assert "\n" not in msg
     with pytest.raises(ConfigError, match="needs torchao"):
         convert_to_fp8(build_model(tiny()))
 
@@ -189,6 +190,15 @@ def test_refuses_gpus_without_fp8(monkeypatch):
                             "fp8 needs an H100, an Ada GPU (RTX 40xx, L4, L40) or newer; drop --train.fp8")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 9))  # an L4 or RTX 4090
     check_fp8("bf16-mixed", torch.device("cuda", 0))
+
+
+def test_refuses_micro_batches_fp8_matmuls_cannot_take():
+    with pytest.raises(ConfigError) as e:
+        check_fp8("bf16-mixed", CPU, 3 * 100)
+    assert str(e.value) == ("--train.fp8: a micro-batch of 300 tokens (--train.micro_batch_size x "
+                            "--model.context_length) is not a multiple of 16, which fp8 matmuls need; change either, "
+                            "or drop --train.fp8")
+    check_fp8("bf16-mixed", CPU, 8 * 1024)
 
 
 def test_refuses_mps():

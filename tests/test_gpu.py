@@ -70,6 +70,52 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, precision):
     assert all(s.finite for s in stats)
 
 
+SPEED_OPTIONS = {
+    "flash": ("--train.attention", "flash"),
+    "cudnn": ("--train.attention", "cudnn"),
+    "efficient": ("--train.attention", "efficient"),
+    "blocks": ("--train.compile_scope", "blocks"),
+    "fp8": ("--train.fp8", "true"),
+}
+
+
+@pytest.mark.parametrize("option", list(SPEED_OPTIONS))
+def test_speed_options_train_on_cuda_without_host_syncs(tmp_path, option):
+    """Each speed option on the GPU: finite steps that lower the loss, and no host sync after warm-up. A kernel
+    or fp8 this GPU cannot run is refused at start with a ConfigError: reported as a skip, with the reason."""
+    from gpttrain.distributed import DistInfo
+    from gpttrain.errors import ConfigError
+
+    if option == "fp8":
+        pytest.importorskip("torchao")
+    data = make_data(tmp_path)
+    # Width 128 (head size 32): every fused kernel and fp8 matmul (dims multiples of 16) can take it.
+    cfg = tiny_config(data, tmp_path / "run", "--run.device", "cuda", "--train.precision", "bf16-mixed",
+                      "--train.compile", "on", "--optim.lr", "3e-3", "--model.emb_dim", "128",
+                      *SPEED_OPTIONS[option])
+    try:
+        trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
+    except ConfigError as e:
+        pytest.skip(f"refused on {torch.cuda.get_device_name(0)}: {e}")
+    stats = []
+
+    def step():
+        stats.append(trainer.train_step())
+        trainer.step += 1
+
+    for _ in range(3):  # compile and warm-up
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # from here on nothing may wait for the GPU
+    try:
+        for _ in range(22):
+            step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    losses = [s.loss for s in stats]
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3, losses
+
+
 def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
     r = run_cli(["bench", "--preset", "tiny", "--device", "cuda", "--warmup", "2", "--steps", "5",
                  "--run-dir", str(tmp_path)], cwd=tmp_path)

@@ -14,7 +14,13 @@ from torch._functorch.aot_autograd import make_boxed_func
 from gpttrain.config import resolve
 from gpttrain.errors import ConfigError
 from gpttrain.model import build_model
-from gpttrain.parallel import apply_activation_checkpointing, attention_context, check_attention, compile_model
+from gpttrain.parallel import (
+    _compiled_block_forward,
+    apply_activation_checkpointing,
+    attention_context,
+    check_attention,
+    compile_model,
+)
 from gpttrain.sampling import generate_ids
 
 CPU = torch.device("cpu")
@@ -89,9 +95,11 @@ def test_kv_cache_decoding_stays_eager_and_generates_the_same_tokens():
     want = generate_ids(eager, prompt, 20, temperature=0)
     assert generate_ids(model, prompt, 20, temperature=0) == want
     assert cc.frame_count == 1  # prefill and every decoded token went to the eager forward: no recompiles
-    # Without a cache every step is a full forward: the compiled blocks serve it (a new trace for inference).
+    # Without a cache (and in evaluation: no grad) the blocks run eager too: no inference graph to compile.
     assert generate_ids(model, prompt, 6, temperature=0, use_cache=False) == [row[:6] for row in want]
-    assert cc.frame_count > 1
+    with torch.no_grad():
+        model(x[:1], y[:1])
+    assert cc.frame_count == 1
 
 
 def test_model_scope_wraps_the_whole_model_and_bad_scope_is_refused():
@@ -205,6 +213,8 @@ def test_trainer_with_compiled_blocks_and_a_pinned_kernel_matches_eager(tmp_path
                         ("blocks", ("--train.compile", "on", "--train.compile_scope", "blocks",
                                     "--train.attention", "math"))):
         trainer = build_trainer(tiny_config(data, tmp_path / name, *flags), single_info())
+        compiled = [getattr(b.forward, "func", None) is _compiled_block_forward for b in trainer.model.blocks]
+        assert all(compiled) == (name == "blocks") and any(compiled) == (name == "blocks")
         losses = []
         for _ in range(3):
             losses.append(trainer.train_step().loss)

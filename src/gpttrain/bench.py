@@ -180,6 +180,7 @@ def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) 
     tok_s = tokens_per_step / step_s
     per_gpu = tok_s / info.world_size
     fpt = flops_per_token(cfg.model)
+    compiled = compile_wanted(cfg.train.compile, device)
     tflops = per_gpu * fpt / 1e12
     peak = cfg.log.peak_tflops
     if peak is None and device.type == "cuda":
@@ -188,8 +189,9 @@ def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) 
         "preset": cfg.preset, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "world_size": info.world_size, "precision": trainer.precision,
-        "compile": compile_wanted(cfg.train.compile, device), "compile_mode": cfg.train.compile_mode,
-        "compile_scope": cfg.train.compile_scope, "attention": cfg.train.attention, "fp8": cfg.train.fp8,
+        "compile": compiled, "compile_mode": cfg.train.compile_mode if compiled else None,
+        "compile_scope": cfg.train.compile_scope if compiled else None, "attention": cfg.train.attention,
+        "fp8": cfg.train.fp8,
         "fused_loss": trainer.model.chunked_loss,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),

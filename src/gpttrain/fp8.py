@@ -47,13 +47,14 @@ def _import_float8() -> tuple[Any, Callable[..., nn.Module], type[nn.Linear]]:
         with _quiet_loggers("torchao", "torch.utils._pytree"):
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
             from torchao.float8.float8_linear import Float8Linear
-    except ImportError as e:
-        raise ConfigError(f'--train.fp8: needs torchao, which cannot be imported ({e}); '
-                          f'pip install "gpttrain[fp8]" or drop --train.fp8') from e
+    except Exception as e:  # not installed (ImportError), or a torchao that does not match this torch
+        raise ConfigError(f'--train.fp8: needs torchao, which cannot be imported ({type(e).__name__}: '
+                          f'{str(e).splitlines()[0] if str(e) else ""}); pip install "gpttrain[fp8]" (tested with '
+                          f'torchao 0.18) or drop --train.fp8') from e
     return Float8LinearConfig, convert_to_float8_training, Float8Linear
 
 
-def check_fp8(precision: str, device: torch.device) -> None:
+def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int | None = None) -> None:
     """Refuse `--train.fp8` where it cannot run, with one line naming the flag, the value and what to do.
 
     `precision` is the resolved one (not "auto"). fp8 needs a bf16 compute dtype around it: bf16-mixed (fp32
@@ -61,6 +62,11 @@ def check_fp8(precision: str, device: torch.device) -> None:
     on CPU it runs (torch's CPU _scaled_mm), slowly: that is how the tests run. One process, DDP and FSDP2 all
     work (FSDP2 checked on 2 gloo ranks against one process), provided `convert_to_fp8` runs before `fully_shard`.
     """
+    if tokens_per_micro_batch is not None and tokens_per_micro_batch % FP8_DIM_MULTIPLE:
+        # The weight gradient's fp8 matmul contracts over the tokens: CUDA's _scaled_mm wants a multiple of 16.
+        raise ConfigError(f"--train.fp8: a micro-batch of {tokens_per_micro_batch} tokens (--train.micro_batch_size "
+                          f"x --model.context_length) is not a multiple of {FP8_DIM_MULTIPLE}, which fp8 matmuls "
+                          f"need; change either, or drop --train.fp8")
     if precision not in FP8_PRECISIONS:
         raise ConfigError(f"--train.fp8: needs bf16 compute, but --train.precision is {precision}; "
                           f"use --train.precision bf16-mixed (or bf16-pure) or drop --train.fp8")

@@ -72,9 +72,11 @@ def compile_model(model: nn.Module, scope: str, mode: str, *, backend: str | Cal
 
 
 def _compiled_block_forward(eager: Callable, compiled: Callable, x: torch.Tensor, cache=None) -> torch.Tensor:
-    # Decoding with a KVCache stays eager: the compiled graph would guard on cache.pos (a Python int) and
-    # recompile at every token.
-    if cache is not None:
+    # Training only. Decoding with a KVCache stays eager (the compiled graph would guard on cache.pos, a Python
+    # int, and recompile at every token), and so does evaluation: a no-grad graph, another for the last batch's
+    # size, and FSDP's dummy forwards on ranks out of windows would each compile again, at different times on
+    # different ranks.
+    if cache is not None or not torch.is_grad_enabled():
         return eager(x, cache)
     return compiled(x)
 
@@ -106,10 +108,11 @@ def attention_context(name: str, device: torch.device) -> AbstractContextManager
 
 
 def check_attention(name: str, device: torch.device, *, dtype: torch.dtype = torch.float32, head_dim: int = 64,
-                    dropout: float = 0.0) -> None:
-    """Refuse `--train.attention NAME` where that kernel cannot serve training: it is tried once on a small
-    causal attention with the run's compute dtype, head size and dropout, forward and backward (the kernels'
-    limits on GPU, dtype and head size vary across GPUs and releases: asking the kernel is the sure test)."""
+                    dropout: float = 0.0, seq_len: int = 16) -> None:
+    """Refuse `--train.attention NAME` where that kernel cannot serve training: it is tried once on a causal
+    attention with the run's compute dtype, head size, dropout and sequence length, laid out as the model lays
+    it out, forward and backward (the kernels' limits on GPU, dtype, head size and strides vary across GPUs and
+    releases: asking the kernel is the sure test)."""
     if name == "auto":
         return
     if name not in SDPA_BACKENDS:
@@ -119,7 +122,7 @@ def check_attention(name: str, device: torch.device, *, dtype: torch.dtype = tor
     def fails(n: str) -> str | None:
         if n in _CUDA_ONLY and device.type != "cuda":
             return "needs a CUDA GPU"
-        return _sdpa_failure(SDPA_BACKENDS[n], device, dtype, head_dim, dropout)
+        return _sdpa_failure(SDPA_BACKENDS[n], device, dtype, head_dim, dropout, seq_len)
 
     reason = fails(name)
     if reason is None:
@@ -133,12 +136,13 @@ def check_attention(name: str, device: torch.device, *, dtype: torch.dtype = tor
 
 
 def _sdpa_failure(backend: SDPBackend, device: torch.device, dtype: torch.dtype, head_dim: int,
-                  dropout: float) -> str | None:
+                  dropout: float, seq_len: int) -> str | None:
     """None if the kernel runs a causal attention forward and backward, else why not (one line)."""
-    q, k, v = (torch.ones(1, 2, 16, head_dim, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+    # (B, T, 3, heads, head_dim) permuted to three (B, heads, T, head_dim) views: the model's strides.
+    qkv = torch.ones(1, seq_len, 3, 2, head_dim, device=device, dtype=dtype, requires_grad=True)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     # fork_rng: the probe's dropout must not move the run's random stream (same seed, same run with any kernel).
-    rng = torch.random.fork_rng(devices=[] if device.type == "cpu" else [device],
-                                device_type="cuda" if device.type == "cpu" else device.type)
+    rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])  # the CPU state is always kept
     with rng, warnings.catch_warnings(record=True) as caught, torch.enable_grad(), sdpa_kernel(backend):
         warnings.simplefilter("always")  # torch tells why it skipped a kernel only in warnings
         try:

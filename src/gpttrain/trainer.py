@@ -181,10 +181,11 @@ class Trainer:
         if cfg.train.fp8:
             from gpttrain.fp8 import check_fp8, convert_to_fp8
 
-            check_fp8(self.precision, self.device)
+            check_fp8(self.precision, self.device, cfg.train.micro_batch_size * cfg.model.context_length)
         compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
         check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
-                        head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate)
+                        head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
+                        seq_len=cfg.model.context_length)
         torch.manual_seed(cfg.train.seed)
         if self.strategy == "fsdp":
             self.model: GPT = build_fsdp_model(cfg.model, info, self.precision, cfg.train.activation_checkpointing,
@@ -307,8 +308,10 @@ class Trainer:
             loss_sum += loss.detach().float()
         if self.scaler.is_enabled():
             self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        if self.cfg.optim.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.grad_clip)
+        else:  # clipping off: the norm alone (for the log and the non-finite check)
+            grad_norm = torch.nn.utils.get_total_norm([p.grad for p in self.model.parameters() if p.grad is not None])
         if isinstance(grad_norm, DTensor):
             grad_norm = grad_norm.full_tensor()  # FSDP: the norm over all shards
         grad_norm = grad_norm.detach().float().reshape(())
@@ -322,22 +325,25 @@ class Trainer:
                    min_lr_ratio=self.cfg.optim.min_lr_ratio)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        bad = ((packed[2] > 0) | ~torch.isfinite(packed[0])).float()  # the same verdict on every rank
         if self.scaler.is_enabled():
-            # fp16: the scaler skips steps whose gradients overflowed (on the device with fused AdamW).
+            # fp16: the scaler skips steps whose gradients overflowed (on the device with fused AdamW). Our
+            # verdict joins its own, so a non-finite loss with finite gradients is skipped too (and the scale
+            # backs off, as for an overflow).
+            for found_inf in self.scaler._per_optimizer_states[id(self.optimizer)]["found_inf_per_device"].values():
+                torch.maximum(found_inf, bad.to(found_inf.device), out=found_inf)
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            bad = ((packed[2] > 0) | ~torch.isfinite(packed[0])).float()  # the same verdict on every rank
-            if self.optimizer.defaults.get("fused"):
-                # Fused AdamW leaves parameters, moments and its step count as they were where found_inf is
-                # non-zero (the mechanism GradScaler uses), so a bad step is skipped without a host sync.
-                self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
-                try:
-                    self.optimizer.step()
-                finally:
-                    del self.optimizer.found_inf, self.optimizer.grad_scale
-            elif not bad.item():  # a host sync, for optimizers that cannot skip on the device (--optim.fused off)
+        elif self.optimizer.defaults.get("fused"):
+            # Fused AdamW leaves parameters, moments and its step count as they were where found_inf is
+            # non-zero (the mechanism GradScaler uses), so a bad step is skipped without a host sync.
+            self.optimizer.found_inf, self.optimizer.grad_scale = bad, None
+            try:
                 self.optimizer.step()
+            finally:
+                del self.optimizer.found_inf, self.optimizer.grad_scale
+        elif not bad.item():  # a host sync, for optimizers that cannot skip on the device (--optim.fused off)
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return StepStats(packed, self.info.world_size, self.scaler.is_enabled())
 
@@ -453,9 +459,10 @@ class Trainer:
         log.info("model: %s parameters, %d layers x %d wide, %d heads, context %d, vocab %d",
                  f"{self.model.num_params():,}", cfg.model.n_layers, cfg.model.emb_dim, cfg.model.n_heads,
                  cfg.model.context_length, cfg.model.vocab_size)
-        log.info("world: %d process(es) on %s (backend %s, %s), precision %s, compile %s", info.world_size,
-                 self.device, info.backend or "none", self.strategy, self.precision,
-                 "on" if compile_wanted(t.compile, self.device) else "off")
+        compiled = f"on ({t.compile_scope}, mode {t.compile_mode})" if compile_wanted(t.compile, self.device) else "off"
+        log.info("world: %d process(es) on %s (backend %s, %s), precision %s%s, compile %s, attention %s",
+                 info.world_size, self.device, info.backend or "none", self.strategy, self.precision,
+                 " + fp8" if t.fp8 else "", compiled, t.attention)
         log.info("batch: micro-batch %d x %d accumulation x %d ranks = %d sequences = %s tokens per step; "
                  "%d steps (%.2f epochs of %d windows)", t.micro_batch_size, t.grad_accum_steps, info.world_size,
                  t.micro_batch_size * t.grad_accum_steps * info.world_size, f"{self.tokens_per_step:,}",
