@@ -62,3 +62,15 @@ def test_suggest_micro_batch_keeps_the_global_batch():
     assert estimate_training_memory(cfg, mb, "bf16-mixed").total <= 16 * GIB
     assert mb == 32 or estimate_training_memory(cfg, mb * 2, "bf16-mixed").total > 16 * GIB
     assert suggest_micro_batch(resolve("gpt-1.4b").model, 1 * GIB, 32) is None
+
+
+def test_fused_loss_estimate_keeps_one_chunk_of_logits():
+    cfg = resolve("gpt-1.4b").model
+    plain = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp")
+    fused = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", fused_loss=True)
+    tokens = 8 * 1024
+    assert plain.logits == tokens * cfg.vocab_size * 14  # the full logits: about 5.4 GiB
+    # One 256 MiB chunk of fp32 logits and its bf16 copy, the head's fp32 weight gradient, fp32 grad of h.
+    assert fused.logits == pytest.approx(2**28 * 1.5 + cfg.vocab_size * cfg.emb_dim * 4 + tokens * cfg.emb_dim * 4,
+                                         rel=1e-3)
+    assert fused.logits < 1 * GIB and fused.total == pytest.approx(plain.total - plain.logits + fused.logits)

@@ -16,6 +16,11 @@ log = logging.getLogger("gpttrain")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
+def fused_loss_on_gpu(cfg: Config) -> bool:
+    """Whether a GPU run of this config uses the chunked head + loss (`auto` is on there)."""
+    return cfg.train.fused_loss != "off"
+
+
 def memory_table(cfg: Config, gpus: int) -> list[dict]:
     """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
     mb = cfg.train.micro_batch_size
@@ -24,7 +29,8 @@ def memory_table(cfg: Config, gpus: int) -> list[dict]:
     for precision in PRECISIONS:
         for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
             for ac in (False, True):
-                est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac)
+                est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac,
+                                               fused_loss=fused_loss_on_gpu(cfg))
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
     return rows
@@ -43,7 +49,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     per_rank = mb * cfg.train.grad_accum_steps
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
-    fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp")
+    fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp",
+                              fused_loss=fused_loss_on_gpu(cfg))
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
@@ -70,7 +77,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
                  f"{'yes' if r['total'] <= gpu_mem_gib else 'no'}")
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
-             "add ~1 GiB for the CUDA context.)")
+             "logits: %s; add ~1 GiB for the CUDA context.)",
+             "the chunked head + loss (--train.fused_loss, on by default on GPUs)" if fused_loss_on_gpu(cfg)
+             else "the full logits (--train.fused_loss off)")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])
     if ddp["total"] <= gpu_mem_gib:

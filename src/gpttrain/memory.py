@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
+from gpttrain.loss import chunk_rows_for
 from gpttrain.model import count_params
 
 GIB = 1024**3
@@ -64,8 +65,12 @@ def estimate_training_memory(
     world_size: int = 1,
     activation_checkpointing: bool = False,
     seq_len: int | None = None,
+    fused_loss: bool = False,
 ) -> MemoryEstimate:
-    """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context)."""
+    """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
+
+    `fused_loss`: the chunked head + cross-entropy (`--train.fused_loss`, on by default on CUDA), whose logits
+    take one chunk at a time; off, the plain head's full logits."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -98,10 +103,19 @@ def estimate_training_memory(
         activations = tokens * d * L * per_layer
     activations += tokens * d * (resid + (1 if cfg.drop_rate > 0 else 0) + 4)  # embeddings, dropout, final LN
 
-    # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,
-    # and the fp32 gradient of the logits at the start of backward.
-    logit_bytes = {"fp32": 4 + 4 + 4, "bf16-pure": 2 + 4 + 4 + 4}.get(precision, 2 + 4 + 4 + 4)
-    logits = tokens * V * logit_bytes
+    if fused_loss:
+        # One chunk's fp32 logits (turned into probabilities in place) and their 16-bit copy for the two
+        # gradient matmuls, plus the gradients it keeps for backward: the head's weight (fp32 under the
+        # mixed precisions, as the weight) and the hidden states (the final LayerNorm's output dtype).
+        rows = min(tokens, chunk_rows_for(V))
+        cdt = 4 if precision == "fp32" else 2
+        wdt = 2 if precision == "bf16-pure" else 4
+        logits = rows * V * (4 + (cdt if cdt != 4 else 0)) + V * d * wdt + tokens * d * wdt
+    else:
+        # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,
+        # and the fp32 gradient of the logits at the start of backward.
+        logit_bytes = {"fp32": 4 + 4 + 4, "bf16-pure": 2 + 4 + 4 + 4}.get(precision, 2 + 4 + 4 + 4)
+        logits = tokens * V * logit_bytes
     return MemoryEstimate(weights, grads, optimizer, compute_copies, activations, logits)
 
 

@@ -414,10 +414,12 @@ class Trainer:
         total = self.device_memory()
         strategy = "fsdp" if self.cfg.dist.strategy == "fsdp" else "ddp"
         est = estimate_training_memory(self.cfg.model, t.micro_batch_size, self.precision, strategy,
-                                       self.info.world_size, t.activation_checkpointing)
+                                       self.info.world_size, t.activation_checkpointing,
+                                       fused_loss=self.model.chunked_loss)
         fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, precision=self.precision,
                                   strategy=strategy, world_size=self.info.world_size,
-                                  activation_checkpointing=t.activation_checkpointing)
+                                  activation_checkpointing=t.activation_checkpointing,
+                                  fused_loss=self.model.chunked_loss)
         msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
                f"(gpttrain info estimates {est.total / GIB:.1f} GiB per GPU; this GPU has {total / GIB:.1f} GiB).")
         if fit is not None and fit[0] < t.micro_batch_size:
