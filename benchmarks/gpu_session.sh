@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 T0=$SECONDS
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 if compgen -G ".whl/*.whl" >/dev/null; then  # carried wheels (torchao), installed beside the image's packages
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    python3 -m pip install -q --root-user-action=ignore --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
         && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
 OUT="${OUT:-$(mktemp -d)}"
@@ -26,7 +26,8 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 # of the reference table.
 RUNS="${RUNS:-gpt-1.4b:8x4 gpt2-124m:32x1 gpt2-124m:32x1+train.attention=cudnn gpt2-124m:32x1+train.compile_scope=blocks
 gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.fp8=true gpt-1.4b:8x4+train.fused_loss=off gpt2-124m:12x1
-gpt-1.4b:16x2 gpt2-124m:32x1+train.attention=flash gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs}"
+gpt-1.4b:16x2 gpt-1.4b:8x4+model.drop_rate=0 gpt2-124m:32x1+train.attention=flash
+gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs}"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | tee "$OUT/env.txt"
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -n 1 | tee -a "$OUT/env.txt"
@@ -48,9 +49,9 @@ PRESET="${LOOP%%:*}"
 MB="${LOOP##*:}"
 VOCAB="$(python3 -c "from gpttrain.config import resolve; print(resolve('$PRESET').model.vocab_size)")"
 if [ $((SECONDS - T0)) -lt $((BUDGET + RUN_TIMEOUT)) ]; then  # the preset's vocabulary, as in the bench row
-    timeout 120 python3 -m gpttrain train -q --preset "$PRESET" --data "$WORK/data" --model.vocab_size "$VOCAB" --device "$DEVICE" \
+    timeout 120 python3 -m gpttrain train --log.progress lines --preset "$PRESET" --data "$WORK/data" --model.vocab_size "$VOCAB" --device "$DEVICE" \
         --train.micro_batch_size "$MB" --train.grad_accum_steps 1 --train.max_steps 60 --train.log_every 10 \
-        --train.eval_every 1000 --train.eval_batches 2 --log.sample_every 0 --run-dir "$WORK/loop" 2>&1 | tail -n 3
+        --train.eval_every 1000 --train.eval_batches 2 --log.sample_every 0 --run-dir "$WORK/loop" 2>&1 | tail -n 4
     python3 benchmarks/loop_overhead.py "$WORK/loop" "$OUT/train_bench.jsonl" "$PRESET" "$MB" | tee "$OUT/loop.json"
 fi
 rm -rf "$WORK"

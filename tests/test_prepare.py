@@ -423,3 +423,14 @@ def test_binary_file_is_refused(tmp_path):
     with open(ok, "ab") as f:
         f.write(b"\xff" + b" and more text. " * 100)
     prepare([ok], tmp_path / "out", tokenizer="byte", workers=1, progress=False)  # one bad byte is tolerated
+
+
+def test_quiet_prepare_prints_nothing(tmp_path):
+    """`gpttrain prepare -q`: no log lines and no progress bar (a bar on stderr is noise in scripts and logs)."""
+    src = write(tmp_path / "a.txt", "some text to tokenize\n" * 200)
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "gpttrain", "prepare", "-q", str(src), "--out", str(tmp_path / "out"),
+                        "--tokenizer", "byte", "--workers", "1"], capture_output=True, text=True, env=env,
+                       cwd=tmp_path, timeout=120)
+    assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
+    assert load_meta(tmp_path / "out")["splits"]["train"]["tokens"] > 0

@@ -99,6 +99,12 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else."""
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, device)
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    if cfg.train.fp8:  # the same matmuls as the trainer's, so `overhead` stays the loop's cost alone
+        from gpttrain.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     loader = SyntheticLoader(cfg, device, seed=1)
     dtype = AUTOCAST_DTYPES.get(precision)

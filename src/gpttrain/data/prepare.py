@@ -492,7 +492,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             args.inputs, args.out, tokenizer=args.tokenizer, tokenizer_file=args.tokenizer_file,
             bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field,
             extensions=[e for e in args.ext.split(",") if e.strip()], workers=args.workers,
-            progress=not args.no_progress, shard_tokens=args.shard_tokens,
+            progress=not (args.no_progress or getattr(args, "quiet", False)), shard_tokens=args.shard_tokens,
         )
     except OSError as e:  # unreadable input, full disk: one line naming the file rather than a traceback
         raise DataError(f"prepare: {e.filename}: {e.strerror}" if e.filename else f"prepare: {e}") from None
