@@ -327,3 +327,14 @@ def test_a_bad_step_is_skipped_without_a_fused_optimizer(data_dir, tmp_path):
     handle.remove()
     assert torch.equal(weight, before)
     assert trainer.train_step().finite and not torch.equal(weight, before)
+
+
+def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
+    """`gpttrain train -q` on a text file: the data is prepared on the way, without progress bars."""
+    text = tmp_path / "corpus.txt"
+    text.write_text("a few words of text for a tiny model.\n" * 300, encoding="utf-8")
+    r = run_cli(["train", "-q", "--preset", "tiny", "--data", str(text), "--run-dir", str(tmp_path / "run"),
+                 "--device", "cpu", "--train.max_steps", "2", "--log.sample_every", "0"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (r.stdout, r.stderr) == ("", "")
+    assert (tmp_path / "run" / "metrics.jsonl").is_file()

@@ -657,7 +657,8 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         try:
             prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
                     bpe_vocab_size=cfg.data.bpe_vocab_size, val_fraction=cfg.data.val_fraction,
-                    text_field=cfg.data.text_field, workers=cfg.data.workers)
+                    text_field=cfg.data.text_field, workers=cfg.data.workers,
+                    progress=log.isEnabledFor(logging.INFO))  # -q: no progress bars either
         except GpttrainError as e:
             error = str(e)
     # The other ranks wait for rank 0's data and share its verdict rather than hang at a barrier.
