@@ -49,7 +49,8 @@ def tiny_config(data_dir: Path, run_dir: Path, *flags: str):
 def build_trainer(cfg, info):
     """The same objects run_training builds, without fit()."""
     from gpttrain.data.prepare import open_tokenizer
-    from gpttrain.trainer import Trainer, build_loaders, resolve_vocab
+    from gpttrain.run import build_loaders, resolve_vocab
+    from gpttrain.trainer import Trainer
 
     data_dir = Path(cfg.data.path)
     tok = open_tokenizer(data_dir)

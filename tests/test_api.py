@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import gpttrain
-from gpttrain.trainer import run_training
+from gpttrain.run import run_training
 from tests.helpers import make_data, run_cli, tiny_config
 
 

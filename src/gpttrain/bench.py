@@ -129,7 +129,8 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
 
 def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False) -> int:
     """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result)."""
-    from gpttrain.trainer import Trainer, build_loaders, ensure_data, resolve_vocab
+    from gpttrain.run import build_loaders, ensure_data, resolve_vocab
+    from gpttrain.trainer import Trainer
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")

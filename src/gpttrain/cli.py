@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_prepare(args)
         if args.command == "train":
-            from gpttrain.trainer import run_training
+            from gpttrain.run import run_training
 
             if args.preset is None and args.config is None:
                 args.preset = "demo"  # the CPU demo is what a bare `gpttrain train` runs

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
-import hashlib
 import logging
 import math
 import signal
@@ -23,11 +22,11 @@ from torch.distributed.tensor import DTensor
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
-from gpttrain.errors import ConfigError, DataError, GpttrainError
+from gpttrain.errors import ConfigError, GpttrainError
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT, build_model
-from gpttrain.monitor import Monitor, gpu_utilization, memory_stats, setup_logging
+from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
 from gpttrain.optim import build_optimizer, lr_at
 from gpttrain.parallel import (
     AUTOCAST_DTYPES,
@@ -64,16 +63,6 @@ def resolve_precision(requested: str, device: torch.device) -> str:
         raise ConfigError(f"--train.precision: {requested} needs bf16, which {name} lacks; "
                           "use fp16-mixed (or auto)")
     return requested
-
-
-def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> int:
-    """The model's vocabulary: the data's, rounded up to a multiple of 64, unless given explicitly."""
-    if "model.vocab_size" in cfg.explicit:
-        if cfg.model.vocab_size < tokenizer_vocab:
-            raise ConfigError(f"--model.vocab_size: {cfg.model.vocab_size} is smaller than the data's tokenizer "
-                              f"vocabulary ({tokenizer_vocab}); use at least {tokenizer_vocab} or leave it unset")
-        return cfg.model.vocab_size
-    return round_up(tokenizer_vocab, 64)
 
 
 def plan_steps(cfg: Config, batches_per_epoch: int, tokens_per_step: int) -> int:
@@ -620,80 +609,3 @@ class Trainer:
                  f", average {avg:,.0f} tok/s" if avg else "")
         log.info("outputs in %s: config.json, metrics.jsonl, train.log, loss.pdf, loss.png, samples.txt, "
                  "checkpoints/", self.run_dir)
-
-
-# ---- entry point ---------------------------------------------------------------------------------
-
-
-def ensure_data(cfg: Config, info: DistInfo) -> Path:
-    """The prepared data dir for this run, preparing it on rank 0 when needed (the others wait)."""
-    from gpttrain.data.prepare import prepare
-
-    path = cfg.data.path
-    if path is not None and (Path(path) / "meta.json").is_file():
-        return Path(path)
-    if path is None:
-        out = Path("data") / f"stdlib-{cfg.data.tokenizer}"
-        if cfg.data.tokenizer == "bpe":
-            out = Path(f"{out}-{cfg.data.bpe_vocab_size}")
-        inputs: list[str] = []
-        what = "the embedded corpus (Python's standard library sources)"
-    else:
-        p = Path(path)
-        if not p.exists():
-            raise DataError(f"--data: {path!r} does not exist; give a dir made by `gpttrain prepare ... --out DIR`, "
-                            "or a text file or directory to prepare")
-        if p.is_dir() and any(p.glob("*.bin")):
-            raise DataError(f"--data: {path} holds shards but no meta.json (an interrupted prepare?); "
-                            f"run `gpttrain prepare ... --out {path}` again")
-        # The full path and the tokenizer settings in the name: a/train.txt and b/train.txt never share a dir.
-        key = f"{p.resolve()}|{cfg.data.tokenizer}|{cfg.data.bpe_vocab_size}|{cfg.data.tokenizer_file}"
-        out = Path("data") / f"{p.stem}-{cfg.data.tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
-        inputs = [str(p)]
-        what = str(p)
-    error = None
-    if info.is_main:
-        log.info("preparing %s into %s (tokenizer %s)", what, out, cfg.data.tokenizer)
-        try:
-            prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
-                    bpe_vocab_size=cfg.data.bpe_vocab_size, val_fraction=cfg.data.val_fraction,
-                    text_field=cfg.data.text_field, workers=cfg.data.workers,
-                    progress=log.isEnabledFor(logging.INFO))  # -q: no progress bars either
-        except GpttrainError as e:
-            error = str(e)
-    # The other ranks wait for rank 0's data and share its verdict rather than hang at a barrier.
-    error = distmod.broadcast_object(error, info)
-    if error is not None:
-        raise DataError(error)
-    return out
-
-
-def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
-    from gpttrain.data.loader import WindowLoader
-
-    common = dict(context_length=cfg.model.context_length, stride=cfg.data.stride,
-                  micro_batch_size=cfg.train.micro_batch_size, rank=info.rank, world_size=info.world_size,
-                  seed=cfg.train.seed, device=info.device)
-    train = WindowLoader(data_dir, "train", shuffle=True, **common)
-    val = WindowLoader(data_dir, "val", shuffle=False, **common)
-    return train, val
-
-
-def run_training(cfg: Config, quiet: bool = False) -> int:
-    with distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info:
-        setup_logging(info.is_main, quiet)
-        from gpttrain.data.prepare import open_tokenizer
-
-        data_dir = ensure_data(cfg, info)
-        tokenizer = open_tokenizer(data_dir)
-        vocab = resolve_vocab(cfg, tokenizer.vocab_size)
-        cfg = copy.deepcopy(cfg)
-        cfg.model.vocab_size = vocab
-        cfg.data.path = str(data_dir)
-        train_loader, val_loader = build_loaders(cfg, info, data_dir)
-        log.info("resolved config:\n%s", cfg.to_json())
-        trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer)
-        try:
-            return trainer.fit()
-        finally:
-            trainer.close()
