@@ -101,11 +101,15 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     model = build_model(cfg.model, device)
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
-    if cfg.train.fp8:  # the same matmuls as the trainer's, so `overhead` stays the loop's cost alone
+    # The trainer's model as the trainer builds it (fp8 linears, chunked loss, compile), so `overhead` stays
+    # the cost of the loop around it.
+    if cfg.train.fp8:
         from gpttrain.fp8 import convert_to_fp8
 
         convert_to_fp8(model)
+    model.chunked_loss = cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and device.type == "cuda")
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
+    run = torch.compile(model) if compile_wanted(cfg.train.compile, device) else model
     loader = SyntheticLoader(cfg, device, seed=1)
     dtype = AUTOCAST_DTYPES.get(precision)
     accum = cfg.train.grad_accum_steps
@@ -114,10 +118,10 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
         for _ in range(accum):
             x, y = loader.next_batch()
             if dtype is None:
-                loss = model(x, y)
+                loss = run(x, y)
             else:
                 with torch.autocast(device.type, dtype=dtype):
-                    loss = model(x, y)
+                    loss = run(x, y)
             (loss / accum).backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)

@@ -47,7 +47,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs[torch.arange(end - start, device=h.device), tgt] -= 1.0
                 pc = probs.to(compute_dtype)
                 grad_h[start:end] = ((pc @ wc).float() / n).to(h.dtype)
-                grad_w += (pc.t() @ hc[start:end]).float() / n
+                grad_w.add_(pc.t() @ hc[start:end], alpha=1.0 / n)  # in fp32, without (V, d) fp32 temporaries
+                del probs, pc
+            del logits, lse  # before the next chunk's logits exist: one chunk alive at a time
         if need_grad:
             ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
         return loss_sum / n

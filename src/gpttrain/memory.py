@@ -104,19 +104,26 @@ def estimate_training_memory(
     activations += tokens * d * (resid + (1 if cfg.drop_rate > 0 else 0) + 4)  # embeddings, dropout, final LN
 
     if fused_loss:
-        # One chunk's fp32 logits (turned into probabilities in place) and their 16-bit copy for the two
-        # gradient matmuls, plus the gradients it keeps for backward: the head's weight (fp32 under the
-        # mixed precisions, as the weight) and the hidden states (the final LayerNorm's output dtype).
-        rows = min(tokens, chunk_rows_for(V))
-        cdt = 4 if precision == "fp32" else 2
-        wdt = 2 if precision == "bf16-pure" else 4
-        logits = rows * V * (4 + (cdt if cdt != 4 else 0)) + V * d * wdt + tokens * d * wdt
+        logits = fused_loss_bytes(tokens, V, d, precision)
     else:
         # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,
         # and the fp32 gradient of the logits at the start of backward.
         logit_bytes = {"fp32": 4 + 4 + 4, "bf16-pure": 2 + 4 + 4 + 4}.get(precision, 2 + 4 + 4 + 4)
         logits = tokens * V * logit_bytes
     return MemoryEstimate(weights, grads, optimizer, compute_copies, activations, logits)
+
+
+def fused_loss_bytes(tokens: int, vocab: int, width: int, precision: str, rows: int | None = None) -> int:
+    """Peak bytes of the chunked head + loss (loss.py) beyond its inputs, an upper bound (checked against the
+    profiler in the tests): one chunk's fp32 logits with logsumexp's temporary and their copy in the compute
+    dtype; the head's fp32 weight-gradient accumulator with a (vocab, width) matmul result and its conversion;
+    the gradient of the hidden states; under autocast, 16-bit copies of the weight and the hidden states."""
+    rows = min(tokens, rows or chunk_rows_for(vocab))
+    cdt = 4 if precision == "fp32" else 2  # the compute dtype
+    pc = 0 if precision == "fp32" else 2  # the probabilities' copy in the compute dtype
+    cast = 2 if precision in ("bf16-mixed", "fp16-mixed") else 0  # autocast's 16-bit copies of fp32 inputs
+    h = 2 if precision == "bf16-pure" else 4  # the hidden states' dtype (the final LayerNorm's output)
+    return rows * vocab * (8 + pc) + vocab * width * (4 + cdt + 4 + cast) + tokens * width * (h + cast)
 
 
 def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: int, **kw) -> tuple[int, int] | None:

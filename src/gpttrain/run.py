@@ -28,7 +28,6 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> int:
     return round_up(tokenizer_vocab, 64)
 
 
-
 def ensure_data(cfg: Config, info: DistInfo) -> Path:
     """The prepared data dir for this run, preparing it on rank 0 when needed (the others wait)."""
     from gpttrain.data.prepare import prepare
