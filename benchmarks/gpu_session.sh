@@ -34,7 +34,8 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 RUNS="${RUNS:-gpt-1.4b:8x4 gpt2-124m:32x1 gpt2-124m:32x1+train.attention=cudnn gpt2-124m:32x1+model.drop_rate=0
 gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.compile_scope=blocks gpt2-124m:32x1+train.fp8=true
 gpt-1.4b:8x4+train.fused_loss=off gpt2-124m:12x1 gpt-1.4b:16x2 gpt-1.4b:8x4+model.drop_rate=0
-gpt2-124m:32x1+train.attention=flash gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs}"
+gpt2-124m:32x1+train.attention=flash gpt2-124m:32x1+train.compile_mode=reduce-overhead
+gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs}"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | tee "$OUT/env.txt"
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -n 1 | tee -a "$OUT/env.txt"
