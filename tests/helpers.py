@@ -73,6 +73,17 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
                           text=True, timeout=timeout)
 
 
+def refused_train(tmp_path: Path, *flags: str) -> str:
+    """`gpttrain train` of the tiny preset with `flags`, expected to be refused: asserts exit 2 and no run dir,
+    returns the message's (last) line."""
+    run = tmp_path / "run"
+    r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir", str(run),
+                 "--device", "cpu", *flags], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert not run.exists()
+    return r.stderr.strip().splitlines()[-1]
+
+
 def torchrun(args: list[str], cwd: Path, nproc: int = 2, extra: list[str] | None = None, timeout: int = 300,
              env_extra: dict | None = None) -> subprocess.CompletedProcess:
     launcher = ["--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1", "--master_port", str(free_port()),

@@ -270,14 +270,8 @@ def test_train_with_fp8_then_generate_without(tmp_path: Path):
 
 
 def test_fp8_without_bf16_is_refused_before_anything_is_written(tmp_path: Path):
-    from tests.helpers import make_data, run_cli
+    from tests.helpers import refused_train
 
-    data = make_data(tmp_path)
-    run = tmp_path / "run"
-    r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--device", "cpu",
-                 "--train.fp8", "true"], cwd=tmp_path)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == ("error: --train.fp8: needs bf16 compute, but --train.precision is "
-                                                 "fp32; use --train.precision bf16-mixed (or bf16-pure) or drop "
-                                                 "--train.fp8")
-    assert not run.exists()
+    assert refused_train(tmp_path, "--train.fp8", "true") == (
+        "error: --train.fp8: needs bf16 compute, but --train.precision is fp32; use --train.precision bf16-mixed "
+        "(or bf16-pure) or drop --train.fp8")

@@ -190,16 +190,11 @@ def test_auto_pins_nothing():
 
 
 def test_cuda_only_kernel_is_refused_before_anything_is_written(tmp_path):
-    from tests.helpers import make_data, run_cli
+    from tests.helpers import refused_train
 
-    data = make_data(tmp_path)
-    run = tmp_path / "run"
-    r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(run), "--device", "cpu",
-                 "--train.attention", "cudnn"], cwd=tmp_path)
-    assert r.returncode == 2
-    assert r.stderr.strip().splitlines()[-1] == ("error: --train.attention: cudnn needs a CUDA GPU and this run is "
-                                                 "on cpu; use auto (PyTorch's choice), flash or math")
-    assert not run.exists()
+    assert refused_train(tmp_path, "--train.attention", "cudnn") == (
+        "error: --train.attention: cudnn needs a CUDA GPU and this run is on cpu; use auto (PyTorch's choice), "
+        "flash or math")
 
 
 def test_trainer_with_compiled_blocks_and_a_pinned_kernel_matches_eager(tmp_path):
