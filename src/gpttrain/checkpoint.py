@@ -16,7 +16,6 @@ folders without COMPLETE. Loading never executes anything from the files.
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import logging
 import os
@@ -32,6 +31,7 @@ import torch
 
 from gpttrain import __version__
 from gpttrain import distributed as distmod
+from gpttrain.data.shards import file_sha256
 from gpttrain.errors import ConfigError, GpttrainError
 
 log = logging.getLogger("gpttrain")
@@ -83,14 +83,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 
 
 # ---- files -------------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fsync_file(path: Path) -> None:
@@ -218,7 +210,7 @@ def _commit(tmp: Path, final: Path) -> None:
     files = {}
     for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
         _fsync_file(p)
-        files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     if (tmp / SHARDED_DIR).is_dir():
         _fsync_dir(tmp / SHARDED_DIR)
     _write_json(tmp / COMPLETE, {"format_version": FORMAT_VERSION, "files": files})
@@ -323,7 +315,7 @@ def verify(path: Path) -> dict[str, Any]:
         if size != want["size"]:
             raise CheckpointError(f"checkpoint file {p} is truncated or altered: {size} bytes, "
                                   f"{want['size']} expected")
-        if _sha256(p) != want["sha256"]:
+        if file_sha256(p) != want["sha256"]:
             raise CheckpointError(f"checkpoint file {p} is corrupt: its SHA-256 differs from the one saved")
     try:
         return json.loads((path / "state.json").read_text(encoding="utf-8"))

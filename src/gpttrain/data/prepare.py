@@ -36,6 +36,7 @@ from gpttrain.data.shards import (
     SPLITS,
     TOKENIZER_FILES,
     ShardWriter,
+    file_sha256,
     install,
     load_meta,
     make_temp_dir,
@@ -222,14 +223,6 @@ def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _fingerprint(sources: list[dict], tok_request: dict, settings: dict) -> tuple[str, dict[str, str]]:
     parts = {"sources": _digest(sources), "tokenizer": _digest(tok_request), "settings": _digest(settings)}
     return _digest(parts), parts
@@ -290,7 +283,7 @@ def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vo
         p = Path(tokenizer_file)
         if not p.is_file():
             raise DataError(f"--tokenizer-file {str(tokenizer_file)!r} does not exist")
-        req["file_sha256"] = _file_sha256(p)
+        req["file_sha256"] = file_sha256(p)
     elif tokenizer == "bpe":
         req["vocab_size"] = bpe_vocab_size
     return req

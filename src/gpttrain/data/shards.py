@@ -217,6 +217,15 @@ def verify_dir(out: Path, meta: dict) -> str | None:
     return None
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB blocks (shards, checkpoints and inputs can be large)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write via a temp file, fsync and rename: `path` holds either the old or the whole new bytes."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
