@@ -17,6 +17,7 @@ import torch
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
+from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB
 from gpttrain.metrics import flops_per_token, lookup_peak_tflops, mfu
 from gpttrain.model import build_model
@@ -107,7 +108,7 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
         from gpttrain.fp8 import convert_to_fp8
 
         convert_to_fp8(model)
-    model.chunked_loss = cfg.train.fused_loss == "on" or (cfg.train.fused_loss == "auto" and device.type == "cuda")
+    model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     run = torch.compile(model) if compile_wanted(cfg.train.compile, device) else model
     loader = SyntheticLoader(cfg, device, seed=1)

@@ -7,6 +7,7 @@ import logging
 
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
+from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import flops_per_token, matmul_params
 from gpttrain.model import count_params
@@ -16,21 +17,17 @@ log = logging.getLogger("gpttrain")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
-def fused_loss_on_gpu(cfg: Config) -> bool:
-    """Whether a GPU run of this config uses the chunked head + loss (`auto` is on there)."""
-    return cfg.train.fused_loss != "off"
-
-
 def memory_table(cfg: Config, gpus: int) -> list[dict]:
     """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
     mb = cfg.train.micro_batch_size
+    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda")  # the estimates are for GPU runs
     fsdp_sizes = sorted({n for n in (2, 4, 8) if n <= gpus} | ({gpus} if gpus > 1 else set()))
     rows = []
     for precision in PRECISIONS:
         for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
             for ac in (False, True):
                 est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac,
-                                               fused_loss=fused_loss_on_gpu(cfg))
+                                               fused_loss=fused)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
     return rows
@@ -49,8 +46,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     per_rank = mb * cfg.train.grad_accum_steps
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
+    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda")
     fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp",
-                              fused_loss=fused_loss_on_gpu(cfg))
+                              fused_loss=fused)
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
@@ -78,7 +76,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
              "logits: %s; add ~1 GiB for the CUDA context.)",
-             "the chunked head + loss (--train.fused_loss, on by default on GPUs)" if fused_loss_on_gpu(cfg)
+             "the chunked head + loss (--train.fused_loss, on by default on GPUs)" if fused
              else "the full logits (--train.fused_loss off)")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])

@@ -20,6 +20,11 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def chunked_loss_wanted(setting: str, device_type: str) -> bool:
+    """`--train.fused_loss`: `auto` is on for CUDA (where the full logits cost GBs), off elsewhere."""
+    return setting == "on" or (setting == "auto" and device_type == "cuda")
+
+
 def chunk_rows_for(vocab_size: int, budget_bytes: int = 1 << 28) -> int:
     """Rows per chunk so that one chunk's fp32 logits take about `budget_bytes` (256 MiB by default)."""
     return max(1, budget_bytes // (4 * vocab_size))

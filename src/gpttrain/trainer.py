@@ -23,6 +23,7 @@ from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, GpttrainError
+from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT, build_model
@@ -185,8 +186,7 @@ class Trainer:
                 self.model.to(torch.bfloat16)
             if cfg.train.fp8:
                 convert_to_fp8(self.model)  # the same parameters, so checkpoints are those of the plain model
-        fused = cfg.train.fused_loss
-        self.model.chunked_loss = fused == "on" or (fused == "auto" and self.device.type == "cuda")
+        self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type)
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
