@@ -31,9 +31,10 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> int:
 def ensure_data(cfg: Config, info: DistInfo) -> Path:
     """The prepared data dir for this run, preparing it on rank 0 when needed (the others wait)."""
     from gpttrain.data.prepare import prepare
+    from gpttrain.data.shards import META_NAME
 
     path = cfg.data.path
-    if path is not None and (Path(path) / "meta.json").is_file():
+    if path is not None and (Path(path) / META_NAME).is_file():
         return Path(path)
     if path is None:
         out = Path("data") / f"stdlib-{cfg.data.tokenizer}"

@@ -72,8 +72,8 @@ class GPT2Tokenizer:
         import tiktoken
 
         if ranks_b64 is not None:
-            ranks = _parse_ranks(base64.b64decode(ranks_b64), "checkpoint")
             self._raw = base64.b64decode(ranks_b64)
+            ranks = _parse_ranks(self._raw, "checkpoint")
         elif ranks_file is not None:
             p = Path(ranks_file)
             if not p.is_file():
@@ -225,10 +225,6 @@ class BPETokenizer:
 
     def payload(self) -> str:
         return self._json
-
-
-def load_gpt2(tokenizer_file: str | Path | None = None) -> GPT2Tokenizer:
-    return GPT2Tokenizer(tokenizer_file)
 
 
 def from_spec(spec: dict[str, Any], payload: str | None = None, *,

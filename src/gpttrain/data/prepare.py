@@ -48,7 +48,7 @@ from gpttrain.data.shards import (
 from gpttrain.data.sources import (
     TRAIN,
     VAL,
-    _count_documents,
+    _choose_split_mode,
     _cut_pieces,
     _doc_chunks,
     _iter_docs,
@@ -58,7 +58,6 @@ from gpttrain.data.sources import (
     _source_records,
     default_corpus_files,
     resolve_inputs,
-    split_mode,
 )
 from gpttrain.errors import ConfigError, DataError
 from gpttrain.tokenizer import BPETokenizer, ByteTokenizer, GPT2Tokenizer, Tokenizer, from_spec, payload_of
@@ -90,9 +89,10 @@ class _Encoder:
         self.dtype = token_dtype(tok.vocab_size)
         self.eot = tok.eot_id
 
-    def _ids(self, text: str) -> np.ndarray:
+    def _ids(self, text: str, data: bytes) -> np.ndarray:
+        """The ids of `text`; `data` is its UTF-8 bytes."""
         if self.tok.kind == "byte":  # same ids as ByteTokenizer.encode, without a Python list per byte
-            return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(self.dtype)
+            return np.frombuffer(data, dtype=np.uint8).astype(self.dtype)
         if self.tok.kind == "bpe" and len(text) > SUB_PIECE_CHARS:
             subs = [p for p, _ in _cut_pieces([text], SUB_PIECE_CHARS)]
             return np.fromiter(itertools.chain.from_iterable(self.tok.encode_batch(subs)), dtype=self.dtype)
@@ -101,10 +101,11 @@ class _Encoder:
     def __call__(self, task: list[tuple[int, str, bool]]) -> list[tuple[int, np.ndarray, int, bool]]:
         out = []
         for side, text, last in task:
-            ids = self._ids(text)
+            data = text.encode("utf-8")
+            ids = self._ids(text, data)
             if last:
                 ids = np.append(ids, np.asarray(self.eot, dtype=self.dtype))
-            out.append((side, ids, len(text.encode("utf-8")), last))
+            out.append((side, ids, len(data), last))
         return out
 
 
@@ -338,7 +339,7 @@ def prepare(
             logger.info("%s: rebuilding: %s", out, "; ".join(why))
 
     total_bytes = sum(s["size"] for s in sources)
-    mode = split_mode(_count_documents(paths), val_fraction)
+    mode = _choose_split_mode(paths, val_fraction)
     if tokenizer == "gpt2":
         tok: Tokenizer = GPT2Tokenizer(tokenizer_file)
     elif tokenizer == "byte":

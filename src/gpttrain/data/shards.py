@@ -113,7 +113,6 @@ class ShardWriter:
         self.dtype = np.dtype(dtype)
         self.shard_tokens = int(shard_tokens)
         self.names: list[str] = []
-        self.tokens = 0
         self._file = None
         self._count = 0
 
@@ -127,7 +126,6 @@ class ShardWriter:
             part = tokens[pos:pos + room]
             self._file.write(part.tobytes())
             self._count += len(part)
-            self.tokens += len(part)
             pos += len(part)
             if self._count == self.shard_tokens:
                 self._finalize()
@@ -208,9 +206,8 @@ def verify_dir(out: Path, meta: dict) -> str | None:
             if not path.is_file():
                 return f"{path} is missing"
             want = meta["tokenizer"].get("sha256")
-            data = path.read_bytes()
             # bpe's sha256 is of the JSON text; gpt2's of the ranks file: both are the bytes on disk
-            if want is not None and hashlib.sha256(data).hexdigest() != want:
+            if want is not None and file_sha256(path) != want:
                 return f"{path} does not match the tokenizer in meta.json"
     except (DataError, KeyError, TypeError) as e:
         return str(e)

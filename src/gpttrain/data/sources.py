@@ -197,20 +197,27 @@ def _count_chars(doc: _Doc) -> int:
     return len(doc.text) if doc.text is not None else sum(len(c) for c in _doc_chunks(doc))
 
 
-def _count_documents(paths: list[Path]) -> int:
-    """Documents in the inputs (JSONL: lines, counted fast; blank ones too): enough to pick the split rule."""
+def _choose_split_mode(paths: list[Path], val_fraction: float) -> str:
+    """split_mode of the documents in the inputs (JSONL: lines, counted fast; blank ones too).
+
+    split_mode only grows with the count, so counting stops as soon as it says 'document'.
+    """
     n = 0
     for p in paths:
         if not _is_jsonl(p):
             n += 1
+            if split_mode(n, val_fraction) == "document":
+                return "document"
             continue
         last = b"\n"
         with open(p, "rb") as f:
             while block := f.read(1 << 22):
                 n += block.count(b"\n")
                 last = block[-1:]
+                if split_mode(n, val_fraction) == "document":
+                    return "document"
         n += last != b"\n"
-    return n
+    return split_mode(n, val_fraction)
 
 
 def _safe_cut(text: str, end: int) -> int:
