@@ -19,11 +19,17 @@ from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB
-from gpttrain.metrics import flops_per_token, lookup_peak_tflops, mfu
-from gpttrain.model import build_model
+from gpttrain.metrics import flops_per_token, mfu, model_tflops
 from gpttrain.monitor import setup_logging
 from gpttrain.optim import build_optimizer
-from gpttrain.parallel import AUTOCAST_DTYPES, compile_wanted
+from gpttrain.parallel import (
+    AUTOCAST_DTYPES,
+    apply_activation_checkpointing,
+    attention_context,
+    build_local_model,
+    compile_model,
+    compile_wanted,
+)
 
 log = logging.getLogger("gpttrain")
 
@@ -64,17 +70,7 @@ def matmul_peak_tflops(device: torch.device, n: int = 8192, iters: int = 20) -> 
     """The card's measured bf16 matmul throughput (n^3 GEMMs), the ceiling we report against."""
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    _sync(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        a @ b
-    end.record()
-    _sync(device)
-    seconds = start.elapsed_time(end) / 1000
-    return 2 * n**3 * iters / seconds / 1e12
+    return 2 * n**3 / _time_steps(lambda: a @ b, device, 3, iters) / 1e12
 
 
 def _time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float:
@@ -97,20 +93,18 @@ def _time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float
 
 
 def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int) -> float:
-    """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else."""
+    """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
+    the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, compile, attention
+    kernel), so `overhead` is the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, device)
-    if precision == "bf16-pure":
-        model.to(torch.bfloat16)
-    # The trainer's model as the trainer builds it (fp8 linears, chunked loss, compile), so `overhead` stays
-    # the cost of the loop around it.
-    if cfg.train.fp8:
-        from gpttrain.fp8 import convert_to_fp8
-
-        convert_to_fp8(model)
+    model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type)
+    if cfg.train.activation_checkpointing:
+        apply_activation_checkpointing(model)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
-    run = torch.compile(model) if compile_wanted(cfg.train.compile, device) else model
+    run = model
+    if compile_wanted(cfg.train.compile, device):
+        run = compile_model(model, cfg.train.compile_scope, cfg.train.compile_mode)
     loader = SyntheticLoader(cfg, device, seed=1)
     dtype = AUTOCAST_DTYPES.get(precision)
     accum = cfg.train.grad_accum_steps
@@ -118,12 +112,13 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     def step():
         for _ in range(accum):
             x, y = loader.next_batch()
-            if dtype is None:
-                loss = run(x, y)
-            else:
-                with torch.autocast(device.type, dtype=dtype):
+            with attention_context(cfg.train.attention, device):
+                if dtype is None:
                     loss = run(x, y)
-            (loss / accum).backward()
+                else:
+                    with torch.autocast(device.type, dtype=dtype):
+                        loss = run(x, y)
+                (loss / accum).backward()
         if cfg.optim.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()
@@ -135,7 +130,6 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
 def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False) -> int:
     """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result)."""
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
-    from gpttrain.trainer import Trainer
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")
@@ -151,7 +145,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
         source = "synthetic" if data_dir is None else "data"
         sizes = [cfg.train.micro_batch_size]
         if sweep:
-            sizes = [2**i for i in range(0, 9) if 2**i <= max(256, cfg.train.micro_batch_size)]
+            sizes = [2**i for i in range(9)]  # 1 to 256
         results = []
         for mb in sizes:
             c = copy.deepcopy(cfg)
@@ -162,7 +156,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             else:
                 loader, _ = build_loaders(c, info, data_dir)
             try:
-                res = _bench_one(c, info, loader, Trainer, warmup, steps)
+                res = _bench_one(c, info, loader, warmup, steps)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 log.warning("micro-batch %d does not fit", mb)
@@ -181,22 +175,19 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     return 0
 
 
-def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) -> dict:
+def _bench_one(cfg: Config, info, loader, warmup: int, steps: int) -> dict:
+    from gpttrain.trainer import Trainer
+
     device = info.device
     cfg.run.dir = str(Path(cfg.run.dir) / "bench")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    trainer = trainer_cls(cfg, info, train_loader=loader)
+    trainer = Trainer(cfg, info, train_loader=loader)
     step_s = _time_steps(trainer.train_step, device, warmup, steps)
-    tokens_per_step = trainer.tokens_per_step
-    tok_s = tokens_per_step / step_s
+    tok_s = trainer.tokens_per_step / step_s
     per_gpu = tok_s / info.world_size
-    fpt = flops_per_token(cfg.model)
     compiled = compile_wanted(cfg.train.compile, device)
-    tflops = per_gpu * fpt / 1e12
-    peak = cfg.log.peak_tflops
-    if peak is None and device.type == "cuda":
-        peak = lookup_peak_tflops(torch.cuda.get_device_name(device))
+    tflops = model_tflops(per_gpu, cfg.model)
     res = {
         "preset": cfg.preset, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -207,8 +198,9 @@ def _bench_one(cfg: Config, info, loader, trainer_cls, warmup: int, steps: int) 
         "fused_loss": trainer.model.chunked_loss,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),
-        "step_s": step_s, "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu, "flops_per_token": fpt,
-        "tflops": tflops, "mfu": mfu(per_gpu, cfg.model, peak),
+        "step_s": step_s, "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu,
+        "flops_per_token": flops_per_token(cfg.model), "tflops": tflops,
+        "mfu": mfu(per_gpu, cfg.model, trainer.peak_tflops),
         "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
     }
     trainer.close()

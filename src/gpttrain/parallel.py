@@ -23,7 +23,7 @@ from torch.utils.checkpoint import checkpoint
 from gpttrain.config import ModelConfig
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError
-from gpttrain.model import GPT, fill_
+from gpttrain.model import GPT, build_model, fill_
 
 # The 16-bit compute dtype of each mixed precision (fp32 master weights); none for fp32 and bf16-pure.
 AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
@@ -166,6 +166,24 @@ def strategy_for(requested: str, info: DistInfo) -> str:
     return "fsdp" if requested == "fsdp" else "ddp"
 
 
+def build_local_model(cfg: ModelConfig, device: torch.device, precision: str, fp8: bool = False) -> GPT:
+    """The whole model on this process's device, as one process or DDP trains it: bf16 weights for bf16-pure,
+    the blocks' linears in fp8 when asked (the caller has run fp8.check_fp8)."""
+    return _set_precision(build_model(cfg, device), precision, fp8)
+
+
+def _set_precision(model: GPT, precision: str, fp8: bool) -> GPT:
+    """bf16 weights for bf16-pure; the blocks' linears in fp8 (the same parameters, so checkpoints are those
+    of the plain model). Works on the meta device too, as FSDP's build needs."""
+    if precision == "bf16-pure":
+        model.to(torch.bfloat16)
+    if fp8:
+        from gpttrain.fp8 import convert_to_fp8
+
+        convert_to_fp8(model)
+    return model
+
+
 def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activation_checkpointing: bool, *,
                      fp8: bool = False) -> GPT:
     """FSDP2: `fully_shard` on each block, then the root; built on the meta device and initialised shard
@@ -178,13 +196,7 @@ def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activatio
     # Parameters gathered in the compute dtype, gradients reduced in fp32: fp32 master weights stay sharded.
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     with torch.device("meta"):
-        model = GPT(cfg)
-    if precision == "bf16-pure":
-        model.to(torch.bfloat16)
-    if fp8:
-        from gpttrain.fp8 import convert_to_fp8
-
-        convert_to_fp8(model)  # before fully_shard: the sharded parameters are the Float8Linears' own
+        model = _set_precision(GPT(cfg), precision, fp8)  # before fully_shard: it shards the fp8 linears' own
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     for block in model.blocks:

@@ -26,7 +26,7 @@ from gpttrain.errors import ConfigError, GpttrainError
 from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
-from gpttrain.model import GPT, build_model
+from gpttrain.model import GPT
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
 from gpttrain.optim import build_optimizer, lr_at
 from gpttrain.parallel import (
@@ -34,6 +34,7 @@ from gpttrain.parallel import (
     apply_activation_checkpointing,
     attention_context,
     build_fsdp_model,
+    build_local_model,
     check_attention,
     compile_model,
     compile_wanted,
@@ -169,7 +170,7 @@ class Trainer:
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
         if cfg.train.fp8:
-            from gpttrain.fp8 import check_fp8, convert_to_fp8
+            from gpttrain.fp8 import check_fp8
 
             check_fp8(self.precision, self.device, cfg.train.micro_batch_size * cfg.model.context_length)
         compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
@@ -181,11 +182,7 @@ class Trainer:
             self.model: GPT = build_fsdp_model(cfg.model, info, self.precision, cfg.train.activation_checkpointing,
                                                fp8=cfg.train.fp8)
         else:
-            self.model = build_model(cfg.model, self.device)
-            if self.precision == "bf16-pure":
-                self.model.to(torch.bfloat16)
-            if cfg.train.fp8:
-                convert_to_fp8(self.model)  # the same parameters, so checkpoints are those of the plain model
+            self.model = build_local_model(cfg.model, self.device, self.precision, fp8=cfg.train.fp8)
         self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type)
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
