@@ -15,15 +15,22 @@ import json
 import sys
 from pathlib import Path
 
+from gpttrain.errors import DataError
+from gpttrain.plot import METRICS_FILE, read_metrics
+
 
 def main(argv: list[str]) -> int:
     if len(argv) != 4:
         raise SystemExit(__doc__)
     run_dir, bench_file, preset, mb = Path(argv[0]), Path(argv[1]), argv[2], int(argv[3])
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in records if r["kind"] == "eval" and r.get("avg_tok_per_s")]
+    metrics_file = run_dir / METRICS_FILE
+    try:
+        metrics = read_metrics(metrics_file)  # {kind: records by step}; skips a last line cut short by a kill
+    except DataError as e:
+        raise SystemExit(str(e)) from None
+    evals = [r for r in metrics.get("eval", []) if r.get("avg_tok_per_s")]
     if not evals:
-        raise SystemExit(f"{run_dir / 'metrics.jsonl'}: no eval record with avg_tok_per_s (did the run finish?)")
+        raise SystemExit(f"{metrics_file}: no eval record with avg_tok_per_s (did the run finish?)")
     loop = evals[-1]["avg_tok_per_s"]
     rows = [json.loads(line) for line in bench_file.read_text().splitlines() if line.startswith('{"preset"')]
     same = [r for r in rows if r["preset"] == preset and r.get("micro_batch_size") == mb and not r.get("variant")

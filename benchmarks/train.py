@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import time
@@ -54,7 +53,7 @@ def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data:
     t0 = time.perf_counter()
     row = {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum}
     try:
-        r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ), timeout=args.run_timeout_s)
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout_s)
     except subprocess.TimeoutExpired:
         return dict(row, variant=variant, error=f"timed out after --run-timeout-s {args.run_timeout_s:g}",
                     wall_s=round(time.perf_counter() - t0, 1))

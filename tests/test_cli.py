@@ -57,3 +57,12 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert err.startswith("error: ") and message in err
     assert len(err.strip().splitlines()) == 1
     assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_info_json_reaches_stdout_under_quiet(tmp_path):
+    from tests.helpers import run_cli
+
+    r = run_cli(["-q", "info", "--preset", "tiny", "--json"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    d = json.loads(r.stdout)
+    assert "parameters" in d

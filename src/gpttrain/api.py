@@ -11,14 +11,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gpttrain.config import Config, from_dict
 from gpttrain.errors import ConfigError
 
 log = logging.getLogger("gpttrain")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = ("fp32", "bf16")  # --dtype choices; torch is imported only where they become torch dtypes
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
 @dataclass
@@ -48,7 +52,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     dev = resolve_device(device)
     model = build_model(cfg.model, dev)
     ckpt.load_full_model(model, path, state)  # one file, or the shards of an FSDP run
-    model.to(DTYPES[dtype]).eval()
+    model.to(_torch_dtype(dtype)).eval()
     tokenizer = ckpt.load_tokenizer(path, state)
     if tokenizer is None:
         raise ConfigError(f"checkpoint {path} carries no tokenizer; it cannot turn text into tokens")

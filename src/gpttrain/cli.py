@@ -13,6 +13,10 @@ from gpttrain.errors import GpttrainError
 
 log = logging.getLogger("gpttrain")
 
+# The commands that take dotted config flags (--model.n_layers 6 ...) in the arguments argparse leaves over;
+# every other command refuses leftovers.
+CONFIG_COMMANDS = ("train", "bench", "info")
+
 CONFIG_EPILOG = """config precedence: dataclass defaults < --preset < --config FILE < dotted flags.
 Any setting can be given as a dotted flag, e.g. --model.n_layers 6 --optim.lr 3e-4 (or --optim.lr=3e-4):
 """ + "\n".join(f"  {flag:34s} {desc} (default {default})" for flag, desc, default in field_help())
@@ -134,10 +138,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "train" and argv is None and len(sys.argv) == 2:
         log.info("no arguments: running the demo (preset demo on the embedded corpus); see gpttrain train --help")
+    if rest and args.command not in CONFIG_COMMANDS:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         if args.command == "prepare":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
             from gpttrain.data.prepare import run_prepare
 
             return run_prepare(args)
@@ -148,8 +152,6 @@ def main(argv: list[str] | None = None) -> int:
                 args.preset = "demo"  # the CPU demo is what a bare `gpttrain train` runs
             return run_training(config_from_args(args, rest), quiet=args.quiet)
         if args.command == "plot":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
             from gpttrain.plot import run_plot
 
             return run_plot(args)
@@ -162,14 +164,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_bench(config_from_args(args, rest), emit, warmup=args.warmup, steps=args.steps,
                              sweep=args.sweep)
         if args.command in ("generate", "export"):
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
             from gpttrain.api import run_export, run_generate
 
             return run_generate(args) if args.command == "generate" else run_export(args)
         if args.command == "consolidate":
-            if rest:
-                parser.error(f"unrecognized arguments: {' '.join(rest)}")
             from gpttrain.checkpoint import consolidate
 
             consolidate(args.checkpoint, args.out)
@@ -177,8 +175,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from gpttrain.info import run_info
 
+            def emit_json(obj: dict) -> None:
+                print(json.dumps(obj), flush=True)  # stdout even under -q, like bench's line
+
             return run_info(config_from_args(args, rest), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
-                            as_json=args.json)
+                            as_json=args.json, emit=emit_json)
     except GpttrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

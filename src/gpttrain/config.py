@@ -305,10 +305,6 @@ def _apply(cfg: Config, section: str, values: dict[str, Any], *, source: str, fr
     return set_keys
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def apply_preset(cfg: Config, name: str) -> None:
     if name not in PRESETS:
         raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
@@ -354,8 +350,6 @@ def resolve(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[tuple[str, str]] | None = None,
-    *,
-    validate: bool = True,
 ) -> Config:
     """Build a Config from defaults < preset < TOML < dotted overrides, then validate it."""
     cfg = Config()
@@ -385,8 +379,7 @@ def resolve(
         setattr(getattr(cfg, section), name, _convert(f"--{key}", value, hints[name], from_text=True))
         explicit.append(key)
     cfg.explicit = frozenset(explicit)
-    if validate:
-        validate_config(cfg)
+    validate_config(cfg)
     return cfg
 
 

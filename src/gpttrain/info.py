@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
@@ -33,7 +34,10 @@ def memory_table(cfg: Config, gpus: int) -> list[dict]:
     return rows
 
 
-def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: bool = False) -> int:
+def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: bool = False,
+             emit: Callable[[dict], None] | None = None) -> int:
+    """Report `cfg`'s size, FLOPs and memory estimates. Text goes to the log; with `as_json` the one JSON object
+    goes to `emit` (the CLI prints it to stdout, so `-q` does not swallow it), or to the log without one."""
     if gpus < 1:
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
     if gpu_mem_gib <= 0:
@@ -53,7 +57,10 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
                "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]}}
-        log.info(json.dumps(out))
+        if emit is not None:
+            emit(out)
+        else:
+            log.info(json.dumps(out))
         return 0
 
     log.info("resolved config:\n%s", cfg.to_json())
