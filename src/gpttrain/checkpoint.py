@@ -107,12 +107,17 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(f.fileno())
 
 
-def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The unwrapped model's tensors, a tied head stored once (safetensors refuses shared storage)."""
+def _without_tied_head(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state_dict with a tied head left out: it is the embedding, stored and loaded once."""
     sd = model.state_dict()
     if getattr(model.cfg, "tie_embeddings", False):
         sd.pop("out_head.weight", None)
-    return {k: v.detach().contiguous().cpu() for k, v in sd.items()}
+    return sd
+
+
+def model_state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The unwrapped model's tensors, a tied head stored once (safetensors refuses shared storage)."""
+    return {k: v.detach().contiguous().cpu() for k, v in _without_tied_head(model).items()}
 
 
 def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> None:
@@ -124,11 +129,7 @@ def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> Non
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete checkpoints of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and (p / COMPLETE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [p for p in _step_folders(run_dir) if (p / COMPLETE).is_file()]
 
 
 def _versions() -> dict[str, str]:
@@ -533,8 +534,7 @@ def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     if optimizer is None:
-        state = {"model": {k: v for k, v in model.state_dict().items()
-                           if not (k == "out_head.weight" and getattr(model.cfg, "tie_embeddings", False))}}
+        state = {"model": _without_tied_head(model)}
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}

@@ -118,15 +118,10 @@ def barrier(info: DistInfo) -> None:
 
 
 def all_reduce(t: torch.Tensor, info: DistInfo, op: str = "sum") -> torch.Tensor:
-    """In-place all-reduce of `t` (sum, avg via sum / world, or max); a no-op on one process."""
+    """In-place all-reduce of `t` ("sum" or "max"); a no-op on one process."""
     if not info.distributed:
         return t
-    if op == "max":
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    else:
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        if op == "avg":
-            t /= info.world_size
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t
 
 

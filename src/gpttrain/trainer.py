@@ -398,7 +398,7 @@ class Trainer:
         t = self.cfg.train
         per_rank = t.micro_batch_size * t.grad_accum_steps
         total = self.device_memory()
-        strategy = "fsdp" if self.cfg.dist.strategy == "fsdp" else "ddp"
+        strategy = "fsdp" if self.strategy == "fsdp" else "ddp"
         est = estimate_training_memory(self.cfg.model, t.micro_batch_size, self.precision, strategy,
                                        self.info.world_size, t.activation_checkpointing,
                                        fused_loss=self.model.chunked_loss)
@@ -468,7 +468,7 @@ class Trainer:
         self._log_start()
         pending: list[StepStats] = []  # steps queued on the device whose numbers the host has not read yet
         t_mark = time.perf_counter()
-        log_time, log_steps = 0.0, 0  # training time and steps since the last train record
+        logged = (self.train_time, self.timed_steps)  # the counters at the last train record
         first_step_of_process = True
         bar_loss = {}
         while self.step < self.total_steps:
@@ -489,8 +489,6 @@ class Trainer:
             if not first_step_of_process:  # each process's first step compiles and warms up: not timed
                 self.train_time += now - t_mark
                 self.timed_steps += len(pending)
-                log_time += now - t_mark
-                log_steps += len(pending)
             first_step_of_process = False
             t_mark = now
             first = self.step - len(pending) + 1
@@ -503,8 +501,8 @@ class Trainer:
             bar_loss = {"loss": f"{res.loss:.3f}"}
             monitor.advance(1, {**bar_loss, **self._bar_rates})
             if log_now:
-                self._log_train(monitor, res, log_steps, log_time)
-                log_time, log_steps = 0.0, 0
+                self._log_train(monitor, res, self.timed_steps - logged[1], self.train_time - logged[0])
+                logged = (self.train_time, self.timed_steps)
             if eval_now:
                 self._eval_and_report(monitor)
             if stop_now:
