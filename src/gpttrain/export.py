@@ -78,20 +78,11 @@ def check_hf_compatible(cfg: ModelConfig) -> list[str]:
             problems.append(f"--model.{f.name}: has no known GPT-2 equivalent (teach gpttrain.export about it)")
     if cfg.n_heads < 1 or cfg.emb_dim % cfg.n_heads != 0:
         problems.append(f"--model.n_heads: {cfg.n_heads} does not divide --model.emb_dim {cfg.emb_dim}")
-    eps = getattr(cfg, "norm_eps", LAYER_NORM_EPS)
-    if eps != LAYER_NORM_EPS:
-        problems.append(f"--model.norm_eps: {eps} differs from the layer-norm epsilon GPT-2 uses here "
-                        f"({LAYER_NORM_EPS})")
     return problems
 
 
-def _require_hf_compatible(cfg: ModelConfig, model: nn.Module | None = None) -> None:
+def _require_hf_compatible(cfg: ModelConfig) -> None:
     problems = check_hf_compatible(cfg)
-    if model is not None:
-        for name, m in model.named_modules():
-            if isinstance(m, nn.LayerNorm) and m.eps != LAYER_NORM_EPS:
-                problems.append(f"layer norm {name}: epsilon {m.eps} differs from {LAYER_NORM_EPS}")
-                break
     if problems:
         raise ConfigError("cannot export to the Hugging Face GPT-2 layout: " + "; ".join(problems))
 
@@ -376,7 +367,7 @@ def export_hf(
     config.json under "gpttrain"; `tokenizer_json` (a `bpe` tokenizer's JSON) is written as
     `tokenizer.json`. A non-empty `out_dir` is refused unless `overwrite`.
     """
-    _require_hf_compatible(cfg, model)
+    _require_hf_compatible(cfg)
     if model.cfg != cfg:
         raise ConfigError(f"export: the model was built with {model.cfg}, not the given config {cfg}")
     _check_tie(model, cfg)
@@ -414,14 +405,11 @@ def export_safetensors(
     A tied output head is stored once (as `tok_emb.weight`); `load_safetensors` ties it again.
     `tokenizer_payload` (what `tokenizer.from_spec` needs besides the spec) goes to `tokenizer.payload`.
     """
-    if dataclasses.is_dataclass(cfg_dict) and not isinstance(cfg_dict, type):
-        cfg_dict = dataclasses.asdict(cfg_dict)
-    sd = {k: v.detach() for k, v in model.state_dict().items()}
-    if _is_tied(model):
-        sd.pop("out_head.weight")
-    tensors = {k: v.to("cpu").contiguous().clone() for k, v in sd.items()}
+    from gpttrain.checkpoint import model_state_for_saving
+
+    tensors = model_state_for_saving(model)  # a tied head stored once, as in checkpoints
     meta = {"format": "gpttrain", "format_version": 1, "config": cfg_dict, "tokenizer": tokenizer_spec,
-            "tied_embeddings": _is_tied(model)}
+            "tied_embeddings": model.cfg.tie_embeddings}
     json.dumps(meta)  # not serializable -> TypeError before anything is written
 
     def write(tmp: Path) -> None:
@@ -507,10 +495,7 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
 @torch.no_grad()
 def init_from_hf(model: nn.Module, hf_dir: str | Path) -> nn.Module:
     """Load the weights of a HF GPT-2 directory into `model` (shapes checked against `model.cfg`)."""
-    _, sd = load_hf(hf_dir, model.cfg)
-    if _is_tied(model):
-        sd.pop("out_head.weight", None)
-        sd = {**sd, "out_head.weight": sd["tok_emb.weight"]}
+    _, sd = load_hf(hf_dir, model.cfg)  # a tied config gets out_head.weight = tok_emb.weight there
     model.load_state_dict(sd, strict=True)
     return model
 
