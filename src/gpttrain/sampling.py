@@ -195,8 +195,6 @@ def generate_ids(
         log.warning("prompt of %d tokens is longer than the context window (%d); keeping its last %d tokens",
                     prompt_len, ctx, ctx)
         _warned_long_prompt = True
-    if top_k is not None:
-        top_k = min(top_k, cfg.vocab_size)
     generator = None
     if temperature > 0 and forced_tokens is None:
         generator = torch.Generator(device=device)
@@ -244,16 +242,18 @@ def generate_ids(
                     nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
                 seq[:, cur] = nxt
                 cur += 1
+                if eot_id is not None:
+                    done |= nxt == eot_id  # on the device: the next step's torch.where needs it there
                 if on_token is not None:
-                    for i, t in enumerate(nxt.tolist()):
+                    toks = nxt.tolist()  # the one host read of a streamed step; `done` follows from it
+                    for i, t in enumerate(toks):
                         if not done_list[i] and t != eot_id:
                             on_token(i, t)
-                if eot_id is not None:
-                    done |= nxt == eot_id
-                    if on_token is not None:
-                        done_list = done.tolist()
-                    if bool(done.all()):
+                    done_list = [d or t == eot_id for d, t in zip(done_list, toks)]
+                    if eot_id is not None and all(done_list):
                         break
+                elif eot_id is not None and bool(done.all()):
+                    break
             out = seq[:, prompt_len:cur].tolist()
     finally:
         model.train(was_training)
