@@ -1,6 +1,7 @@
 """FSDP2 (`--dist.strategy fsdp`) on 2 gloo ranks: same training as DDP, half the state per rank."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -179,3 +180,47 @@ def test_fp16_overflow_in_one_shard_is_skipped_by_every_rank(data_dir, tmp_path)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     for r in results:
         assert r == {"finite": True, "unchanged": True, "scale": 512.0}, results
+
+
+def _init_from_rank(rank, world, port, data_dir, run_dir, hf_dir, out, flags):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from gpttrain import distributed as distmod
+
+    with distmod.session("cpu", "gloo") as info:
+        cfg = tiny_config(data_dir, run_dir, "--dist.strategy", "fsdp", "--run.init_from", str(hf_dir), *flags)
+        trainer = build_trainer(cfg, info)
+        full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        loss = trainer.train_step().loss
+        if rank == 0:
+            torch.save({"weights": full, "loss": loss}, out)
+        trainer.close()
+
+
+@pytest.mark.parametrize("tie", ["false", "true"])
+def test_init_from_hf_with_fsdp(data_dir, tmp_path, tie):
+    """--init-from into FSDP2's sharded parameters: every weight is the exported one, then training runs."""
+    from gpttrain.config import parse_dotted, resolve
+    from gpttrain.data.prepare import open_tokenizer
+    from gpttrain.export import export_hf, load_hf
+    from gpttrain.model import GPT
+    from gpttrain.run import resolve_vocab
+
+    flags = ["--model.tie_embeddings", tie]
+    run_cfg = resolve("tiny", None, parse_dotted(flags))
+    cfg = run_cfg.model
+    cfg.vocab_size = resolve_vocab(run_cfg, open_tokenizer(data_dir).vocab_size)  # as build_trainer does
+    torch.manual_seed(7)
+    export_hf(GPT(cfg), cfg, tmp_path / "hf")
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_init_from_rank, args=(2, free_port(), data_dir, tmp_path / "run", tmp_path / "hf", str(out), flags),
+             nprocs=2, join=True)
+    got = torch.load(out)
+    _, want = load_hf(tmp_path / "hf", cfg)
+    assert set(got["weights"]) == set(want)
+    for name, w in got["weights"].items():
+        assert torch.equal(w, want[name]), name
+    assert math.isfinite(got["loss"])

@@ -496,7 +496,15 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
 def init_from_hf(model: nn.Module, hf_dir: str | Path) -> nn.Module:
     """Load the weights of a HF GPT-2 directory into `model` (shapes checked against `model.cfg`)."""
     _, sd = load_hf(hf_dir, model.cfg)  # a tied config gets out_head.weight = tok_emb.weight there
-    model.load_state_dict(sd, strict=True)
+    from torch.distributed.tensor import DTensor
+
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        # FSDP2: each rank read the full tensors; each keeps its own shard of them.
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+        set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:
+        model.load_state_dict(sd, strict=True)
     return model
 
 
