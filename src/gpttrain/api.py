@@ -50,7 +50,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     state = ckpt.verify(path)
     cfg = from_dict(state["config"])
     dev = resolve_device(device)
-    model = build_model(cfg.model, dev)
+    model = build_model(cfg.model, dev, init=False)  # every weight comes from the checkpoint
     ckpt.load_full_model(model, path, state)  # one file, or the shards of an FSDP run
     model.to(_torch_dtype(dtype)).eval()
     tokenizer = ckpt.load_tokenizer(path, state)

@@ -572,7 +572,7 @@ def consolidate(src: str | Path, out: str | Path) -> Path:
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out: {out} exists and is not empty; choose a new folder")
     cfg = from_dict(state["config"])
-    model = build_model(cfg.model, "cpu")
+    model = build_model(cfg.model, "cpu", init=False)  # every weight comes from the shards
     optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr, torch.device("cpu"))
     _load_sharded(model, optimizer, path / SHARDED_DIR)
     from safetensors.torch import save_file

@@ -188,15 +188,19 @@ def fill_(t: torch.Tensor, kind: str, std: float) -> torch.Tensor:
     return t.normal_(mean=0.0, std=std)
 
 
-def build_model(cfg: ModelConfig, device: torch.device | str = "cpu") -> GPT:
+def build_model(cfg: ModelConfig, device: torch.device | str = "cpu", *, init: bool = True) -> GPT:
     """Construct on the meta device, allocate on `device`, initialise: the only random numbers drawn
-    are the init's own, so the same seed gives the same weights on any device and rank."""
+    are the init's own, so the same seed gives the same weights on any device and rank.
+
+    `init=False` leaves the weights uninitialised, for a caller that loads every one of them next
+    (a strict `load_state_dict`): a 774M model's random init costs seconds on a CPU."""
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device=device)
     if cfg.tie_embeddings:
         model.out_head.weight = model.tok_emb.weight  # to_empty allocated the two separately
-    model.init_weights()
+    if init:
+        model.init_weights()
     return model
 
 
