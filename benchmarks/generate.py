@@ -1,9 +1,11 @@
 """Decoding speed with and without the KV cache, greedy, on a randomly initialised preset model.
 
     python benchmarks/generate.py --preset demo --new-tokens 512 [--prompt-tokens 16] [--device cpu] [--dtype fp32]
+                                  [--repeats 5]
 
-Prints one JSON line per measurement, then a summary line with the speedup and whether both
-paths produced the same tokens. Without the cache every token recomputes its whole window
+Prints one JSON line per measurement, then a summary line with the speedup (of the median times) and
+whether both paths produced the same tokens. The two paths alternate, `--repeats` times each, so a
+slow spell of a shared machine falls on both rather than on one. Without the cache every token recomputes its whole window
 (the same sliding windows as the cached path; see gpttrain.sampling).
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 
 import torch
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     ap.add_argument("--warmup-tokens", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=5, help="timed runs of each path; the median counts")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args(argv)
     if args.threads is not None:
@@ -59,14 +63,19 @@ def main(argv: list[str] | None = None) -> dict:
     for use_cache in (True, False):
         _timed(model, prompt, args.warmup_tokens, use_cache, device)
 
-    results = {}
-    for name, use_cache in (("cache", True), ("nocache", False)):
-        seconds, ids = _timed(model, prompt, args.new_tokens, use_cache, device)
-        tok_s = len(ids) / seconds
-        results[name] = (tok_s, ids)
-        print(json.dumps({"measure": f"generate_{name}", "preset": args.preset, "device": str(device),
-                          "dtype": args.dtype, "new_tokens": len(ids), "seconds": round(seconds, 4),
-                          "tok_s": round(tok_s, 2)}), flush=True)
+    if args.repeats < 1:
+        ap.error(f"--repeats: {args.repeats} must be at least 1")
+    times: dict[str, list[float]] = {"cache": [], "nocache": []}
+    tokens: dict[str, list[int]] = {}
+    for rep in range(args.repeats):
+        for name, use_cache in (("cache", True), ("nocache", False)):
+            seconds, ids = _timed(model, prompt, args.new_tokens, use_cache, device)
+            times[name].append(seconds)
+            tokens[name] = ids
+            print(json.dumps({"measure": f"generate_{name}", "repeat": rep, "preset": args.preset,
+                              "device": str(device), "dtype": args.dtype, "new_tokens": len(ids),
+                              "seconds": round(seconds, 4), "tok_s": round(len(ids) / seconds, 2)}), flush=True)
+    tok_s = {name: len(tokens[name]) / statistics.median(ts) for name, ts in times.items()}
 
     summary = {
         "preset": args.preset,
@@ -74,10 +83,12 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "threads": torch.get_num_threads(),
         "new_tokens": args.new_tokens,
-        "tok_s_cache": round(results["cache"][0], 2),
-        "tok_s_nocache": round(results["nocache"][0], 2),
-        "speedup": round(results["cache"][0] / results["nocache"][0], 2),
-        "outputs_equal": results["cache"][1] == results["nocache"][1],
+        "repeats": args.repeats,
+        "tok_s_cache": round(tok_s["cache"], 2),
+        "tok_s_nocache": round(tok_s["nocache"], 2),
+        "speedup": round(tok_s["cache"] / tok_s["nocache"], 2),
+        "speedup_per_repeat": [round(n / c, 2) for c, n in zip(times["cache"], times["nocache"])],
+        "outputs_equal": tokens["cache"] == tokens["nocache"],
     }
     print(json.dumps(summary), flush=True)
     return summary
