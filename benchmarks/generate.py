@@ -5,8 +5,8 @@
 
 Prints one JSON line per measurement, then a summary line with the speedup (of the median times) and
 whether both paths produced the same tokens. The two paths alternate, `--repeats` times each, so a
-slow spell of a shared machine falls on both rather than on one. Without the cache every token recomputes its whole window
-(the same sliding windows as the cached path; see gpttrain.sampling).
+slow spell of a shared machine falls on both rather than on one. Without the cache every token
+recomputes its whole window (the same sliding windows as the cached path; see gpttrain.sampling).
 """
 
 from __future__ import annotations

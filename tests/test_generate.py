@@ -218,6 +218,32 @@ def test_stream_pieces_join_to_the_text_and_keep_multibyte_characters_whole():
     assert len(pieces) == len(target)
 
 
+def test_stream_joins_to_the_text_for_every_tokenizer(shared_data):
+    """Byte, gpt2 and bpe ids of mixed scripts and emoji: the pieces (decoded since the last whole character,
+    not from the start) join to the decode of all ids, and no piece holds a half character."""
+    from tests.test_tokenizer import UNICODE, make_tokenizers
+
+    text = UNICODE * 3
+    for tok in make_tokenizers(shared_data("gpt2.tiktoken")):
+        script = tok.encode(text) + [tok.eot_id]
+        prompt_len = len(tok.encode("> "))
+        model = ScriptedModel(script, prompt_len, vocab_size=tok.vocab_size, ctx=len(script) + prompt_len + 1)
+        pieces, decoded = [], []
+        real_decode = tok.decode
+
+        def counting_decode(ids, real_decode=real_decode, decoded=decoded):
+            ids = list(ids)
+            decoded.append(len(ids))
+            return real_decode(ids)
+
+        tok.decode = counting_decode
+        out = generate_text(model, tok, "> ", len(script), temperature=0.0, stream=pieces.append)
+        assert out == [text] and "".join(pieces) == text, tok.kind
+        assert all("\ufffd" not in p for p in pieces), tok.kind
+        # A streamed token decodes the few ids since the last whole character, not the whole list.
+        assert max(decoded[:-1]) <= 4, tok.kind
+
+
 def test_stream_matches_returned_text_on_random_bytes():
     model = tiny_model(vocab_size=257, context_length=32)
     tok = ByteTokenizer()
