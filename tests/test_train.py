@@ -338,3 +338,36 @@ def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (r.stdout, r.stderr) == ("", "")
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+
+
+def test_loss_plot_redraws_cost_about_one_percent_and_the_end_always_draws(data_dir, tmp_path, monkeypatch):
+    """Evaluations every step of a fast model: the loss plot is redrawn only once 100x its drawing time has
+    passed since the last drawing (so it costs the loop about 1%), and the run's end draws its final state."""
+    import time
+
+    import gpttrain.plot
+
+    drawn: list[int] = []  # the number of eval records each drawing saw
+
+    def slow_plot(metrics, out_dir):
+        drawn.append(len(metrics.get("eval", [])))
+        time.sleep(0.05)  # 5 s of budget: longer than this whole run
+        return []
+
+    monkeypatch.setattr(gpttrain.plot, "plot_losses", slow_plot)
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "12", "--train.eval_every",
+                                        "1", "--log.sample_every", "0"), single_info())
+    assert trainer.fit() == 0
+    assert drawn == [1, 12]  # the first evaluation, then the last: none of the ten between
+
+
+def test_loss_plot_is_redrawn_at_each_eval_when_drawing_is_cheap(data_dir, tmp_path, monkeypatch):
+    import gpttrain.plot
+
+    drawn: list[int] = []
+    monkeypatch.setattr(gpttrain.plot, "plot_losses", lambda m, out: drawn.append(len(m.get("eval", []))) or [])
+    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e9)  # any interval is enough
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "6", "--train.eval_every",
+                                        "2", "--log.sample_every", "0"), single_info())
+    assert trainer.fit() == 0
+    assert drawn == [1, 2, 3]

@@ -43,6 +43,7 @@ from gpttrain.parallel import (
 )
 
 log = logging.getLogger("gpttrain")
+PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.png during training
 
 def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
@@ -166,6 +167,7 @@ class Trainer:
         self._bar_rates: dict[str, str] = {}
         self.train_time = 0.0  # seconds of training steps, excluding each process's first (compile) step
         self.timed_steps = 0  # the steps train_time covers
+        self._plot_done: tuple[float, float] | None = None  # (end, seconds) of the last loss-plot drawing
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
@@ -509,6 +511,7 @@ class Trainer:
                 why = f"{stop.signal_name} received" if stop.signal_name else "stop signal received by another rank"
                 log.info("%s: saving a checkpoint at step %d and exiting", why, self.step)
                 ckpt.save(self, reason="signal")
+                self._plot(force=True)
                 return 0
             if ckpt_now:
                 ckpt.save(self, reason="periodic")
@@ -532,6 +535,7 @@ class Trainer:
         log.error("step %d: non-finite loss %s or grad norm %s (%s); its update was not applied; saving and "
                   "stopping at step %d", step, res.loss, res.grad_norm, why, self.step)
         ckpt.save(self, reason="nonfinite")
+        self._plot(force=True)
         more = "set --train.nonfinite skip" if t.nonfinite == "stop" else "raise --train.max_skipped_steps"
         raise GpttrainError(f"training stopped at step {self.step}: non-finite loss or gradients at step {step} "
                             f"({why}); lower --optim.lr, raise --optim.warmup_steps or {more}; the state saved "
@@ -588,13 +592,29 @@ class Trainer:
                 with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
                     f.write(f"--- step {self.step} (epoch {rec['epoch']:.2f}, val loss {ev['val_loss']:.3f})\n"
                             f"{text}\n")
-        if self.info.is_main:
-            from gpttrain.plot import plot_losses, read_metrics
+        self._plot(force=self.step == self.total_steps)
 
-            try:
-                plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir)
-            except Exception as e:  # a plot must never kill a week-long run
-                log.warning("could not draw loss plot: %s", e)
+    def _plot(self, force: bool = False) -> None:
+        """Redraw loss.pdf/.png, unless the last drawing was less than PLOT_COST_SHARE of the time ago.
+
+        Drawing takes 0.15-0.3 s (longer with the run's length), which at a fast model's evaluation every
+        few seconds would cost the loop several percent; the budget keeps it near 1%. The end of a run
+        and a stop always draw (force)."""
+        if not self.info.is_main:
+            return
+        now = time.perf_counter()
+        if not force and self._plot_done is not None:
+            last_end, last_seconds = self._plot_done
+            if now - last_end < last_seconds / PLOT_COST_SHARE:
+                return
+        from gpttrain.plot import plot_losses, read_metrics
+
+        try:
+            plot_losses(read_metrics(self.run_dir / "metrics.jsonl"), self.run_dir)
+        except Exception as e:  # a plot must never kill a week-long run
+            log.warning("could not draw loss plot: %s", e)
+        end = time.perf_counter()
+        self._plot_done = (end, end - now)  # when the last drawing ended, and how long it took
 
     def _finish(self) -> None:
         if not self.info.is_main:
