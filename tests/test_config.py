@@ -51,6 +51,7 @@ def test_round_trip_through_dict():
         ("tiny", None, ["--model.n_layers", "0"], r"--model.n_layers: 0 must be a positive integer"),
         ("tiny", None, ["--model.emb_dim", "-8"], r"--model.emb_dim: -8 must be a positive integer"),
         ("tiny", None, ["--train.micro_batch_size", "0"], r"--train.micro_batch_size: 0 must be at least 1"),
+        ("tiny", None, ["--data.bpe_train_mb", "-5"], r"--data.bpe_train_mb: -5.0 must be >= 0 \(0 = train the bpe"),
         ("tiny", None, ["--train.grad_accum_steps", "-1"], r"--train.grad_accum_steps: -1 must be at least 1"),
         ("tiny", None, ["--model.nlayers", "2"], r"--model.nlayers: no such setting; model has: --model.vocab_size"),
         ("tiny", None, ["--modle.n_layers", "2"], r"--modle.n_layers: unknown section 'modle'"),

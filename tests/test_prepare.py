@@ -353,6 +353,35 @@ def test_bpe_training_is_deterministic(tmp_path):
                                                                  stream(tmp_path / "c2", "val"))
 
 
+def test_bpe_trains_on_an_even_sample_of_a_corpus_over_the_cap(tmp_path, caplog, monkeypatch):
+    """--bpe-train-mb: the sample is spread over the whole corpus, not its first megabytes: with a quarter
+    of the text, words found only in the last file still become single tokens."""
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="gpttrain")
+    for i, word in enumerate(("alpha", "bravo", "charlie", "zulutime")):  # zulutime: only in the last files
+        for k in range(10):  # a document is a piece here; pieces are what the sample keeps or leaves
+            write(tmp_path / "c" / f"{i}-{k}.txt", "".join(f"{word} {word}{j % 7} said {word}.\n" for j in range(40)))
+    total = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
+    meta = run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=total / 4e6)
+    assert meta["tokenizer_request"]["train_bytes"] == total // 4
+    assert "taken evenly from" in caplog.text
+    tok = open_tokenizer(tmp_path / "s")
+    for word in ("alpha", "bravo", "charlie", "zulutime"):
+        assert len(tok.encode(f" {word}")) <= 2, (word, tok.encode(f" {word}"))
+    # A different cap trains another tokenizer: the data is rebuilt, saying why.
+    caplog.clear()
+    run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=total / 2e6)
+    assert "tokenizer changed" in caplog.text
+
+
+def test_a_corpus_within_the_bpe_cap_is_trained_whole_and_keeps_its_fingerprint(tmp_path):
+    make_corpus(tmp_path / "c", n=40)
+    whole = run([tmp_path / "c"], tmp_path / "a", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=0)
+    capped = run([tmp_path / "c"], tmp_path / "b", tokenizer="bpe", bpe_vocab_size=300)  # the default cap
+    assert "train_bytes" not in capped["tokenizer_request"]
+    assert whole["fingerprint"] == capped["fingerprint"] and whole["tokenizer"] == capped["tokenizer"]
+
+
 def test_two_workers_give_the_same_tokens_as_one(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "PIECE_CHARS", 2000)  # many tasks, so both workers take part
     make_corpus(tmp_path / "c", n=200)
@@ -387,6 +416,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     (["--workers", "-1"], r"--workers -1: must be >= 0"),
     (["--shard-tokens", "0"], r"--shard-tokens 0"),
     (["--tokenizer", "byte", "--tokenizer-file", "x"], r"--tokenizer-file x: the byte tokenizer takes no file"),
+    (["--bpe-train-mb", "-1"], r"--bpe-train-mb -1.0: must be a number >= 0 \(0 = train on all of the text\)"),
+    (["--bpe-train-mb", "nan"], r"--bpe-train-mb nan: must be a number >= 0"),
 ])
 def test_cli_flags_are_validated(tmp_path, flags, match):
     args = parse([str(write(tmp_path / "a.txt", "text")), "--out", str(tmp_path / "out"), *flags])

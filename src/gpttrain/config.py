@@ -47,6 +47,7 @@ class DataConfig:
     tokenizer: Literal["gpt2", "bpe", "byte"] = "bpe"
     tokenizer_file: str | None = None
     bpe_vocab_size: int = 8192
+    bpe_train_mb: float = 1000  # a bpe tokenizer trains on about this many MB taken evenly from the text; 0 = all
     stride: int | None = None  # None = context_length (no overlap, as the original)
     val_fraction: float = 0.1
     text_field: str = "text"
@@ -417,6 +418,9 @@ def validate_config(cfg: Config) -> None:
     if d.bpe_vocab_size < 257 + 1:
         raise ConfigError(f"--data.bpe_vocab_size: {d.bpe_vocab_size} must be at least 258 "
                           "(256 bytes + end-of-text + 1 merge)")
+    if d.bpe_train_mb < 0:
+        raise ConfigError(f"--data.bpe_train_mb: {d.bpe_train_mb} must be >= 0 (0 = train the bpe tokenizer on "
+                          "all of the text)")
     if d.stride is not None and d.stride < 1:
         raise ConfigError(f"--data.stride: {d.stride} must be a positive integer (or none for context_length)")
     if not 0.0 < d.val_fraction < 1.0:

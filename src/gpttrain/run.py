@@ -60,7 +60,8 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         log.info("preparing %s into %s (tokenizer %s)", what, out, cfg.data.tokenizer)
         try:
             prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
-                    bpe_vocab_size=cfg.data.bpe_vocab_size, val_fraction=cfg.data.val_fraction,
+                    bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
+                    val_fraction=cfg.data.val_fraction,
                     text_field=cfg.data.text_field, workers=cfg.data.workers,
                     progress=log.isEnabledFor(logging.INFO))  # -q: no progress bars either
         except GpttrainError as e:

@@ -18,6 +18,7 @@ import hashlib
 import itertools
 import json
 import logging
+import math
 import os
 import sys
 import sysconfig
@@ -72,6 +73,7 @@ logger = logging.getLogger("gpttrain")
 TOKENIZERS = ("gpt2", "bpe", "byte")
 DEFAULT_OUT = "data/prepared"
 DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_BPE_TRAIN_MB = 1000  # about 100 s of bpe training on 2 cores (10 MB/s), and a few GB of memory
 PIECE_CHARS = 1 << 20  # text handed to a worker per task
 SUB_PIECE_CHARS = 1 << 16  # HF tokenizers encode long strings slowly; bpe training buffers 256 of these
 # workers=0 starts one worker per this many input bytes at most: below that, start-up (~0.3 s) outweighs the gain
@@ -189,18 +191,28 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def _train_bpe(keyed: list[tuple[Path, str]], text_field: str, vocab_size: int, total: int,
-               progress: bool) -> BPETokenizer:
+               progress: bool, train_bytes: int | None = None) -> BPETokenizer:
+    """Train on all pieces of the text, or on an even sample of about `train_bytes` of them: a piece is
+    kept while the kept share is below train_bytes / total, so the sample spans the whole corpus (its
+    first megabytes alone could be one book, or one language)."""
     t0 = time.perf_counter()
+    share = 1.0 if train_bytes is None else train_bytes / max(total, 1)
+    counts = {"seen": 0, "kept": 0}  # characters: close enough to bytes for a share and a progress bar
     with _progress_bar(total, "train bpe", progress) as bar:
         def texts() -> Iterator[str]:
             for doc in _iter_docs(keyed, text_field):
                 for piece, _ in _cut_pieces(_doc_chunks(doc), SUB_PIECE_CHARS):
-                    bar.update(len(piece))  # characters: close enough to bytes for a progress bar
-                    yield piece
+                    bar.update(len(piece))
+                    counts["seen"] += len(piece)
+                    if counts["kept"] < share * counts["seen"]:
+                        counts["kept"] += len(piece)
+                        yield piece
 
         tok = BPETokenizer.train(texts(), vocab_size)
         bar.update(max(0, bar.total - bar.n))
-    logger.info("trained a bpe tokenizer of %d tokens in %.1f s", tok.vocab_size, time.perf_counter() - t0)
+    on = "" if train_bytes is None else \
+        f" on {counts['kept'] / 1e6:,.1f} MB taken evenly from {counts['seen'] / 1e6:,.1f} MB (--bpe-train-mb)"
+    logger.info("trained a bpe tokenizer of %d tokens%s in %.1f s", tok.vocab_size, on, time.perf_counter() - t0)
     return tok
 
 
@@ -253,7 +265,7 @@ def _why_rebuild(old: dict, sources: list[dict], tok_request: dict, settings: di
 
 
 def _validate(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size: int, val_fraction: float,
-              workers: int, shard_tokens: int) -> None:
+              workers: int, shard_tokens: int, bpe_train_mb: float) -> None:
     if tokenizer not in TOKENIZERS:
         raise ConfigError(f"--tokenizer {tokenizer!r}: expected one of {', '.join(TOKENIZERS)}")
     if tokenizer == "byte" and tokenizer_file is not None:
@@ -264,6 +276,8 @@ def _validate(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size:
     if tokenizer == "bpe" and tokenizer_file is None and bpe_vocab_size < 258:
         raise ConfigError(f"--vocab-size {bpe_vocab_size}: a bpe vocabulary needs >= 258 tokens "
                           "(256 bytes, <|endoftext|> and at least one merge)")
+    if not isinstance(bpe_train_mb, (int, float)) or not math.isfinite(bpe_train_mb) or bpe_train_mb < 0:
+        raise ConfigError(f"--bpe-train-mb {bpe_train_mb}: must be a number >= 0 (0 = train on all of the text)")
     if workers < 0:
         raise ConfigError(f"--workers {workers}: must be >= 0 (0 = all cores, 1 = no worker processes)")
     if shard_tokens < 1:
@@ -277,7 +291,14 @@ def _default_workers() -> int:
         return os.cpu_count() or 1
 
 
-def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size: int) -> dict:
+def _bpe_train_bytes(bpe_train_mb: float, total_bytes: int) -> int | None:
+    """How many bytes of text a bpe tokenizer trains on: None = all of it (the inputs are within the cap)."""
+    cap = int(bpe_train_mb * 1_000_000)
+    return cap if 0 < cap < total_bytes else None
+
+
+def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size: int,
+                       train_bytes: int | None = None) -> dict:
     """What decides the tokenizer before it exists (a bpe one is trained later, deterministically)."""
     req: dict[str, Any] = {"kind": tokenizer}
     if tokenizer_file is not None:
@@ -287,6 +308,8 @@ def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vo
         req["file_sha256"] = file_sha256(p)
     elif tokenizer == "bpe":
         req["vocab_size"] = bpe_vocab_size
+        if train_bytes is not None:  # only where it samples: inputs within the cap keep their fingerprint
+            req["train_bytes"] = train_bytes
     return req
 
 
@@ -303,13 +326,16 @@ def prepare(
     workers: int = 0,
     progress: bool = True,
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
+    bpe_train_mb: float = DEFAULT_BPE_TRAIN_MB,
 ) -> dict:
     """Tokenize `inputs` (none = the embedded default corpus) into shards + meta.json in `out`; return the meta.
 
-    Reuses `out` when its fingerprint (sources, tokenizer, settings) matches and its files verify.
+    Reuses `out` when its fingerprint (sources, tokenizer, settings) matches and its files verify. A bpe
+    tokenizer is trained on about `bpe_train_mb` MB of the text (10^6 bytes; 0 = all of it), taken evenly
+    from the whole of it.
     """
     t_start = time.perf_counter()
-    _validate(tokenizer, tokenizer_file, bpe_vocab_size, val_fraction, workers, shard_tokens)
+    _validate(tokenizer, tokenizer_file, bpe_vocab_size, val_fraction, workers, shard_tokens, bpe_train_mb)
     if isinstance(inputs, (str, Path)):  # one path, not a sequence of characters
         inputs = [inputs]
     out = Path(out)
@@ -319,7 +345,9 @@ def prepare(
     keyed = _resolve_keyed(inputs, exts) if inputs else _default_corpus_keyed()
     paths = [p for p, _ in keyed]
     sources = _source_records(paths)
-    tok_request = _tokenizer_request(tokenizer, tokenizer_file, bpe_vocab_size)
+    total_bytes = sum(s["size"] for s in sources)
+    train_bytes = _bpe_train_bytes(bpe_train_mb, total_bytes)
+    tok_request = _tokenizer_request(tokenizer, tokenizer_file, bpe_vocab_size, train_bytes)
     settings = {"val_fraction": val_fraction, "text_field": text_field, "extensions": list(exts),
                 "shard_tokens": shard_tokens, "format_version": FORMAT_VERSION}
     fingerprint, parts = _fingerprint(sources, tok_request, settings)
@@ -338,7 +366,6 @@ def prepare(
             why = [problem] if problem else _why_rebuild(old, sources, tok_request, settings)
             logger.info("%s: rebuilding: %s", out, "; ".join(why))
 
-    total_bytes = sum(s["size"] for s in sources)
     mode = _choose_split_mode(paths, val_fraction)
     if tokenizer == "gpt2":
         tok: Tokenizer = GPT2Tokenizer(tokenizer_file)
@@ -347,7 +374,7 @@ def prepare(
     elif tokenizer_file is not None:
         tok = BPETokenizer.from_file(tokenizer_file)
     else:
-        tok = _train_bpe(keyed, text_field, bpe_vocab_size, total_bytes, progress)
+        tok = _train_bpe(keyed, text_field, bpe_vocab_size, total_bytes, progress, train_bytes)
     n_workers = workers or max(1, min(_default_workers(), total_bytes // AUTO_BYTES_PER_WORKER[tokenizer]))
     dtype = token_dtype(tok.vocab_size)
 
@@ -465,6 +492,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                              "to use instead of training one (default: none, train)")
     parser.add_argument("--vocab-size", type=int, default=8192, metavar="N",
                         help="vocabulary size of a trained bpe tokenizer, >= 258 (default: 8192)")
+    parser.add_argument("--bpe-train-mb", type=float, default=DEFAULT_BPE_TRAIN_MB, metavar="MB",
+                        help="train the bpe tokenizer on about this many MB of the text, taken evenly from all "
+                             f"of it; 0 = all (default: {DEFAULT_BPE_TRAIN_MB:g})")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                         help="share of the text held out for validation, in (0, 1) (default: 0.1)")
     parser.add_argument("--text-field", default="text", metavar="NAME",
@@ -487,6 +517,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field,
             extensions=[e for e in args.ext.split(",") if e.strip()], workers=args.workers,
             progress=not (args.no_progress or getattr(args, "quiet", False)), shard_tokens=args.shard_tokens,
+            bpe_train_mb=args.bpe_train_mb,
         )
     except OSError as e:  # unreadable input, full disk: one line naming the file rather than a traceback
         raise DataError(f"prepare: {e.filename}: {e.strerror}" if e.filename else f"prepare: {e}") from None
