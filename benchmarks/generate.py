@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5, help="timed runs of each path; the median counts")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     args = ap.parse_args(argv)
+    if args.repeats < 1:
+        ap.error(f"--repeats: {args.repeats} must be at least 1")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
 
@@ -63,8 +65,6 @@ def main(argv: list[str] | None = None) -> dict:
     for use_cache in (True, False):
         _timed(model, prompt, args.warmup_tokens, use_cache, device)
 
-    if args.repeats < 1:
-        ap.error(f"--repeats: {args.repeats} must be at least 1")
     times: dict[str, list[float]] = {"cache": [], "nocache": []}
     tokens: dict[str, list[int]] = {}
     for rep in range(args.repeats):

@@ -165,3 +165,34 @@ def stop_job(job: subprocess.Popen) -> None:
             os.kill(pid, 9)
     job.kill()
     job.wait(timeout=60)
+
+
+# Tokenizer test material: mixed scripts, emoji, control characters; a small corpus to train a bpe on.
+UNICODE = "Hello world! Grüße, 你好, Здравствуйте, 🤖🚀 tabs\tand\nnewlines  — ⟨math⟩ ∑x² \x00\x7f é"
+CORPUS = ["def f(x):\n    return x * 2\n", "The quick brown fox jumps over the lazy dog. " * 20,
+          "Every effort moves you forward, said the painter.\n" * 10]
+
+
+def make_tokenizers(gpt2_file):
+    """One tokenizer of each kind: byte, gpt2 (from a ranks file), bpe (trained on CORPUS)."""
+    from gpttrain.tokenizer import BPETokenizer, ByteTokenizer, GPT2Tokenizer
+
+    return [ByteTokenizer(), GPT2Tokenizer(gpt2_file), BPETokenizer.train(CORPUS, 300)]
+
+
+def nan_for_uninitialised_weights(monkeypatch) -> None:
+    """build_model(init=False) fills every weight with NaN, so a weight a loader forgets shows up (an empty
+    tensor often holds zeros or old values that pass for weights)."""
+    import gpttrain.model
+
+    real = gpttrain.model.build_model
+
+    def build(cfg, device="cpu", *, init=True):
+        model = real(cfg, device, init=init)
+        if not init:
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.fill_(float("nan"))
+        return model
+
+    monkeypatch.setattr(gpttrain.model, "build_model", build)

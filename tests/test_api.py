@@ -7,7 +7,7 @@ import torch
 
 import gpttrain
 from gpttrain.run import run_training
-from tests.helpers import make_data, run_cli, tiny_config
+from tests.helpers import make_data, nan_for_uninitialised_weights, run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +31,16 @@ def test_load_and_generate(run_dir):
     greedy = gpttrain.generate(loaded.model, "Line 1", 20, tokenizer=loaded.tokenizer, temperature=0)
     assert greedy == gpttrain.generate(loaded, "Line 1", 20, temperature=0, seed=99)
     assert len(gpttrain.generate(loaded, "Line", 5, num_samples=3, seed=1)) == 3
+
+
+def test_load_fills_every_weight_from_the_checkpoint(run_dir, monkeypatch):
+    """gpttrain.load skips the random init (init=False): every weight must come from the checkpoint."""
+    nan_for_uninitialised_weights(monkeypatch)
+    loaded = gpttrain.load(run_dir)
+    monkeypatch.undo()
+    reference = gpttrain.load(run_dir)  # built with the random init, then loaded
+    for name, p in reference.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], p), name
 
 
 def test_generate_cli_streams_the_same_text(run_dir, tmp_path):

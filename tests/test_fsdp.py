@@ -12,7 +12,16 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.helpers import REPO, build_trainer, free_port, make_data, run_cli, tiny_config, torchrun
+from tests.helpers import (
+    REPO,
+    build_trainer,
+    free_port,
+    make_data,
+    nan_for_uninitialised_weights,
+    run_cli,
+    tiny_config,
+    torchrun,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -146,6 +155,21 @@ def test_generate_and_export_from_a_sharded_checkpoint(sharded_run, tmp_path):
         assert torch.equal(one.model.state_dict()[name], p), name
 
 
+def test_load_and_consolidate_fill_every_weight_from_the_shards(sharded_run, tmp_path, monkeypatch):
+    import gpttrain
+    from gpttrain.checkpoint import consolidate
+
+    nan_for_uninitialised_weights(monkeypatch)
+    loaded = gpttrain.load(sharded_run)
+    consolidate(sharded_run, tmp_path / "one")
+    monkeypatch.undo()
+    one = gpttrain.load(tmp_path / "one")
+    reference = gpttrain.load(sharded_run)
+    for name, p in reference.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[name], p), name
+        assert torch.equal(one.model.state_dict()[name], p), name
+
+
 def _fp16_overflow_rank(rank, world, port, data_dir, run_dir, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
@@ -193,6 +217,7 @@ def _init_from_rank(rank, world, port, data_dir, run_dir, hf_dir, out, flags):
     with distmod.session("cpu", "gloo") as info:
         cfg = tiny_config(data_dir, run_dir, "--dist.strategy", "fsdp", "--run.init_from", str(hf_dir), *flags)
         trainer = build_trainer(cfg, info)
+        assert (trainer.model.out_head.weight is trainer.model.tok_emb.weight) == cfg.model.tie_embeddings
         full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         loss = trainer.train_step().loss
         if rank == 0:

@@ -221,10 +221,11 @@ def test_stream_pieces_join_to_the_text_and_keep_multibyte_characters_whole():
 def test_stream_joins_to_the_text_for_every_tokenizer(shared_data):
     """Byte, gpt2 and bpe ids of mixed scripts and emoji: the pieces (decoded since the last whole character,
     not from the start) join to the decode of all ids, and no piece holds a half character."""
-    from tests.test_tokenizer import UNICODE, make_tokenizers
+    from tests.helpers import UNICODE, make_tokenizers
 
     text = UNICODE * 3
     for tok in make_tokenizers(shared_data("gpt2.tiktoken")):
+        assert tok.decodes_bytes, tok.kind
         script = tok.encode(text) + [tok.eot_id]
         prompt_len = len(tok.encode("> "))
         model = ScriptedModel(script, prompt_len, vocab_size=tok.vocab_size, ctx=len(script) + prompt_len + 1)
@@ -242,6 +243,28 @@ def test_stream_joins_to_the_text_for_every_tokenizer(shared_data):
         assert all("\ufffd" not in p for p in pieces), tok.kind
         # A streamed token decodes the few ids since the last whole character, not the whole list.
         assert max(decoded[:-1]) <= 4, tok.kind
+
+
+def test_stream_of_a_tokenizer_that_does_not_decode_bytes_keeps_its_spaces():
+    """A --tokenizer-file bpe with a Metaspace decoder drops a word's leading space at the start of a decode:
+    its stream decodes the whole list each time, and the pieces still join to the text."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from gpttrain.tokenizer import EOT_TEXT, BPETokenizer
+
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.Metaspace()
+    hf.decoder = decoders.Metaspace()
+    hf.train_from_iterator(["hello world this is a test"] * 20,
+                           trainers.BpeTrainer(vocab_size=60, special_tokens=[EOT_TEXT], show_progress=False))
+    tok = BPETokenizer(hf)
+    assert not tok.decodes_bytes
+    text = "hello world this is a test"
+    script = tok.encode(text) + [tok.eot_id]
+    model = ScriptedModel(script, len(tok.encode("go")), vocab_size=tok.vocab_size)
+    pieces = []
+    out = generate_text(model, tok, "go", len(script), temperature=0.0, stream=pieces.append)
+    assert "".join(pieces) == out[0] and out[0].strip() == text
 
 
 def test_stream_matches_returned_text_on_random_bytes():

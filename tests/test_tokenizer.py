@@ -2,10 +2,7 @@ import pytest
 
 from gpttrain.errors import TokenizerError
 from gpttrain.tokenizer import EOT_TEXT, BPETokenizer, ByteTokenizer, GPT2Tokenizer, from_spec, payload_of
-
-UNICODE = "Hello world! Grüße, 你好, Здравствуйте, 🤖🚀 tabs\tand\nnewlines  — ⟨math⟩ ∑x² \x00\x7f é"
-CORPUS = ["def f(x):\n    return x * 2\n", "The quick brown fox jumps over the lazy dog. " * 20,
-          "Every effort moves you forward, said the painter.\n" * 10]
+from tests.helpers import CORPUS, UNICODE, make_tokenizers
 
 
 @pytest.fixture
@@ -53,10 +50,6 @@ def test_gpt2_missing_and_bad_files(tmp_path):
     bad.write_text("not a ranks file at all\n")
     with pytest.raises(TokenizerError, match="not a tiktoken ranks file"):
         GPT2Tokenizer(bad)
-
-
-def make_tokenizers(gpt2_file):
-    return [ByteTokenizer(), GPT2Tokenizer(gpt2_file), BPETokenizer.train(CORPUS, 300)]
 
 
 def test_round_trip_every_kind(shared_data):

@@ -340,34 +340,82 @@ def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
-def test_loss_plot_redraws_cost_about_one_percent_and_the_end_always_draws(data_dir, tmp_path, monkeypatch):
-    """Evaluations every step of a fast model: the loss plot is redrawn only once 100x its drawing time has
-    passed since the last drawing (so it costs the loop about 1%), and the run's end draws its final state."""
+def _drawn_steps(monkeypatch, seconds: float = 0.0) -> tuple[list[int], list]:
+    """Replace the loss plot by a recorder of the trainer step each drawing happens at."""
     import time
 
     import gpttrain.plot
 
-    drawn: list[int] = []  # the number of eval records each drawing saw
+    drawn: list[int] = []
+    holder: list = []  # the trainer, once built
 
-    def slow_plot(metrics, out_dir):
-        drawn.append(len(metrics.get("eval", [])))
-        time.sleep(0.05)  # 5 s of budget: longer than this whole run
+    def plot(metrics, out_dir):
+        drawn.append(holder[0].step)
+        time.sleep(seconds)
         return []
 
-    monkeypatch.setattr(gpttrain.plot, "plot_losses", slow_plot)
+    monkeypatch.setattr(gpttrain.plot, "plot_losses", plot)
+    return drawn, holder
+
+
+def test_loss_plot_redraws_cost_about_one_percent_and_the_end_always_draws(data_dir, tmp_path, monkeypatch):
+    """Evaluations every step: after the warm-up drawing, a drawing waits for 1/PLOT_COST_SHARE times the
+    last one's duration, so the plot costs the loop about 1%; the run's end draws its final state."""
+    drawn, holder = _drawn_steps(monkeypatch, seconds=0.01)
+    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e-4)  # waits of 100 s: longer than this run
     trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "12", "--train.eval_every",
                                         "1", "--log.sample_every", "0"), single_info())
+    holder.append(trainer)
     assert trainer.fit() == 0
-    assert drawn == [1, 12]  # the first evaluation, then the last: none of the ten between
+    # The first drawing (matplotlib's import and warm-up) does not set the wait; the second does.
+    assert drawn == [1, 2, 12]
 
 
 def test_loss_plot_is_redrawn_at_each_eval_when_drawing_is_cheap(data_dir, tmp_path, monkeypatch):
-    import gpttrain.plot
-
-    drawn: list[int] = []
-    monkeypatch.setattr(gpttrain.plot, "plot_losses", lambda m, out: drawn.append(len(m.get("eval", []))) or [])
+    drawn, holder = _drawn_steps(monkeypatch)
     monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e9)  # any interval is enough
     trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "6", "--train.eval_every",
                                         "2", "--log.sample_every", "0"), single_info())
+    holder.append(trainer)
     assert trainer.fit() == 0
-    assert drawn == [1, 2, 3]
+    assert drawn == [2, 4, 6]  # once each: the last evaluation's drawing is the end's
+
+
+def test_a_run_that_fails_redraws_the_plot_it_had_on_the_way_out(data_dir, tmp_path, monkeypatch):
+    drawn, holder = _drawn_steps(monkeypatch, seconds=0.01)
+    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e-4)
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "20", "--train.eval_every",
+                                        "2", "--log.sample_every", "0"), single_info())
+    holder.append(trainer)
+    real_step = trainer.train_step
+
+    def failing_step(stop_requested=False):
+        if trainer.step == 7:
+            raise RuntimeError("a data error at step 8")
+        return real_step(stop_requested)
+
+    trainer.train_step = failing_step
+    with pytest.raises(RuntimeError, match="step 8"):
+        trainer.fit()
+    assert drawn == [2, 4, 7]  # 6 waited (throttled); the exit drew the records up to step 7
+
+
+def test_a_stopped_run_draws_its_plot_at_the_stop(data_dir, tmp_path, monkeypatch):
+    import signal
+
+    drawn, holder = _drawn_steps(monkeypatch, seconds=0.01)
+    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e-4)
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "20", "--train.eval_every",
+                                        "4", "--log.sample_every", "0"), single_info())
+    holder.append(trainer)
+    real_step = trainer.train_step
+
+    def step(stop_requested=False):
+        if trainer.step == 4:
+            os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; fit() turns it into a saved stop
+        return real_step(stop_requested)
+
+    trainer.train_step = step
+    assert trainer.fit() == 0
+    # The step already asked for learns of the signal at the next one, which stops: no evaluation at 6.
+    assert trainer.step == 6 and drawn == [4, 6]

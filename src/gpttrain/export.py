@@ -502,6 +502,10 @@ def init_from_hf(model: nn.Module, hf_dir: str | Path) -> nn.Module:
         # FSDP2: each rank read the full tensors; each keeps its own shard of them.
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
+        # set_model_state_dict fills a missing key with the model's own value before its strict load.
+        missing = sorted(set(model.state_dict()) - set(sd))
+        if missing:
+            raise ConfigError(f"{hf_dir}: no weights for {', '.join(missing[:5])}; it does not hold this model")
         set_model_state_dict(model, sd, options=StateDictOptions(full_state_dict=True, strict=True))
     else:
         model.load_state_dict(sd, strict=True)

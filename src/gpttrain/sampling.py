@@ -265,17 +265,19 @@ def generate_ids(
 class _StreamDecoder:
     """Turns one sample's token ids into text pieces without splitting a multi-byte character.
 
-    The ids since the last clean boundary are decoded and the new suffix is emitted, holding back
-    trailing U+FFFD (an incomplete UTF-8 sequence that the next token may complete). Once the text
-    ends on a whole character, the next ids decode on their own: our tokenizers decode bytes, so text
-    split there joins to the text of all ids, and each token costs a short decode instead of one of
-    the whole list.
+    The ids are decoded and the new suffix is emitted, holding back trailing U+FFFD (an incomplete
+    UTF-8 sequence that the next token may complete). A tokenizer that decodes bytes (`decodes_bytes`:
+    byte, gpt2, our byte-level bpe) splits its text cleanly wherever it ends on a whole character, so
+    the ids after that point decode on their own and a token costs a short decode. Any other
+    tokenizer (a Metaspace decoder drops a word's leading space at the start of a decode) decodes the
+    whole list each time.
     """
 
     def __init__(self, tokenizer, emit: Callable[[str], None]):
         self.tokenizer = tokenizer
         self.emit = emit
-        self.ids: list[int] = []  # since the last clean boundary
+        self.restart = bool(getattr(tokenizer, "decodes_bytes", False))
+        self.ids: list[int] = []  # since the last clean boundary (all of them without `restart`)
         self.sent = 0  # characters of their text already emitted
 
     def push(self, token_id: int) -> None:
@@ -283,7 +285,7 @@ class _StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         whole = text.rstrip("\ufffd")
         self._send(whole)
-        if len(whole) == len(text):
+        if self.restart and len(whole) == len(text):
             self.ids, self.sent = [], 0
 
     def finish(self) -> None:

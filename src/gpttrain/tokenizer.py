@@ -41,6 +41,7 @@ class ByteTokenizer:
     kind = "byte"
     vocab_size = 257
     eot_id = 256
+    decodes_bytes = True  # decode(a + b) == decode(a) + decode(b) where decode(a) ends on a whole character
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
@@ -67,6 +68,7 @@ class GPT2Tokenizer:
     """GPT-2's byte-level BPE through tiktoken, built from a ranks file when one is given."""
 
     kind = "gpt2"
+    decodes_bytes = True
 
     def __init__(self, ranks_file: str | Path | None = None, *, ranks_b64: str | None = None):
         import tiktoken
@@ -146,6 +148,10 @@ class BPETokenizer:
 
     def __init__(self, tok: Any):
         self._tok = tok
+        from tokenizers import decoders
+
+        # Ours are byte-level; a --tokenizer-file may bring another decoder (Metaspace, WordPiece...).
+        self.decodes_bytes = isinstance(tok.decoder, decoders.ByteLevel)
         self.eot_id = tok.token_to_id(EOT_TEXT)
         if self.eot_id is None:
             raise TokenizerError(f"bpe tokenizer has no {EOT_TEXT} token; retrain it with gpttrain prepare")

@@ -45,6 +45,7 @@ from gpttrain.parallel import (
 log = logging.getLogger("gpttrain")
 PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.png during training
 
+
 def round_up(n: int, multiple: int) -> int:
     return ((n + multiple - 1) // multiple) * multiple
 
@@ -168,6 +169,7 @@ class Trainer:
         self.train_time = 0.0  # seconds of training steps, excluding each process's first (compile) step
         self.timed_steps = 0  # the steps train_time covers
         self._plot_done: tuple[float, float] | None = None  # (end, seconds) of the last loss-plot drawing
+        self._plot_step: int | None = None  # the step it showed
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
@@ -441,6 +443,8 @@ class Trainer:
             raise GpttrainError(self._oom_message()) from None
         finally:
             stop.restore()
+            if self._plot_step is not None:  # an error's exit too: the plot drawn so far shows its last records
+                self._plot(force=True)
             monitor.close()
 
     def _log_start(self) -> None:
@@ -595,12 +599,12 @@ class Trainer:
         self._plot(force=self.step == self.total_steps)
 
     def _plot(self, force: bool = False) -> None:
-        """Redraw loss.pdf/.png, unless the last drawing was less than PLOT_COST_SHARE of the time ago.
+        """Redraw loss.pdf/.png once the last drawing's duration / PLOT_COST_SHARE has passed since it ended.
 
         Drawing takes 0.15-0.3 s (longer with the run's length), which at a fast model's evaluation every
-        few seconds would cost the loop several percent; the budget keeps it near 1%. The end of a run
-        and a stop always draw (force)."""
-        if not self.info.is_main:
+        few seconds would cost the loop several percent; the wait keeps it near 1%. The end of a run and
+        a stop always draw (force); no step is drawn twice."""
+        if not self.info.is_main or self._plot_step == self.step:
             return
         now = time.perf_counter()
         if not force and self._plot_done is not None:
@@ -614,7 +618,10 @@ class Trainer:
         except Exception as e:  # a plot must never kill a week-long run
             log.warning("could not draw loss plot: %s", e)
         end = time.perf_counter()
-        self._plot_done = (end, end - now)  # when the last drawing ended, and how long it took
+        # A process's first drawing imports matplotlib and warms its caches (on a fresh machine it builds
+        # the font cache, seconds): it says nothing of later drawings, so the second one sets the wait.
+        self._plot_done = (end, end - now) if self._plot_step is not None else None
+        self._plot_step = self.step
 
     def _finish(self) -> None:
         if not self.info.is_main:
