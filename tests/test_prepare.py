@@ -395,6 +395,26 @@ def test_two_workers_give_the_same_tokens_as_one(tmp_path, monkeypatch):
 # ---- meta and CLI --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("tokenizer", ["bpe", "byte"])
+def test_a_script_without_a_main_guard_gets_the_error_not_a_hang(tmp_path, tokenizer):
+    """Spawned workers re-run such a script and die at start. With the bpe payload (hundreds of KB) sent
+    inline, spawn blocked for good writing it to a worker that had died; now the payload goes by file."""
+    import random
+
+    rng = random.Random(0)  # varied words: enough merges for a tokenizer.json well over a pipe's 64 KiB
+    for i in range(20):
+        write(tmp_path / "c" / f"{i}.txt", " ".join("".join(rng.choices("abcdefghijklmnop", k=rng.randint(2, 9)))
+                                                    for _ in range(3000)))
+    script = tmp_path / "unguarded.py"
+    script.write_text(f"from gpttrain.data.prepare import prepare\n"
+                      f"prepare([{str(tmp_path / 'c')!r}], {str(tmp_path / 'out')!r}, tokenizer={tokenizer!r}, "
+                      f"bpe_vocab_size=6000, workers=2, progress=False)\n", encoding="utf-8")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=240)
+    assert r.returncode == 1
+    assert "DataError: a tokenizer worker process died before finishing" in r.stderr
+    assert "__main__" in r.stderr and not (tmp_path / "out" / "meta.json").exists()
+
+
 def test_load_meta_names_the_dir(tmp_path):
     with pytest.raises(DataError, match="has no meta.json; run `gpttrain prepare"):
         load_meta(tmp_path)

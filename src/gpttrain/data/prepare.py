@@ -22,6 +22,7 @@ import math
 import os
 import sys
 import sysconfig
+import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -114,7 +115,7 @@ class _Encoder:
 _worker_encoder: _Encoder | None = None
 
 
-def _init_worker(spec: dict[str, Any], payload: str | None) -> None:
+def _init_worker(spec: dict[str, Any], payload_file: str | None) -> None:
     import signal
 
     # Ctrl-C is the parent's to handle: it stops feeding tasks and shuts the pool down in order.
@@ -122,6 +123,7 @@ def _init_worker(spec: dict[str, Any], payload: str | None) -> None:
     # One thread per worker process: the pool is the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder
+    payload = Path(payload_file).read_text(encoding="utf-8") if payload_file is not None else None
     _worker_encoder = _Encoder(from_spec(spec, payload))
 
 
@@ -161,9 +163,11 @@ def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int) -> Ite
 
     # spawn: the parent may hold threads (HF tokenizers after training, torch), which fork does not copy safely.
     ctx = mp.get_context("spawn")
+    payload = payload_of(tok)
     try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(tok.spec(), payload_of(tok))) as pool:
+        with tempfile.TemporaryDirectory(prefix="gpttrain-tok-") as tmp, \
+                ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                    initargs=(tok.spec(), _payload_file(payload, tmp))) as pool:
             window: deque = deque()
             try:
                 for task in tasks:
@@ -181,6 +185,17 @@ def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int) -> Ite
             "prepare() without an `if __name__ == \"__main__\":` guard, which spawned workers re-run); "
             "fix that or pass workers=1 (--workers 1)"
         ) from None
+
+
+def _payload_file(payload: str | None, tmp: str) -> str | None:
+    """The tokenizer payload as a file for the workers to read. Passed inline (MBs for gpt2), it would go
+    down each new worker's start-up pipe, and spawn blocks on that write for good when the worker dies
+    before reading it (a script without a main guard): a hang instead of the error below."""
+    if payload is None:
+        return None
+    path = Path(tmp) / "payload"
+    path.write_text(payload, encoding="utf-8")
+    return str(path)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
