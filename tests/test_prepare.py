@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -354,17 +355,18 @@ def test_bpe_training_is_deterministic(tmp_path):
 
 
 def test_bpe_trains_on_an_even_sample_of_a_corpus_over_the_cap(tmp_path, caplog, monkeypatch):
-    """--bpe-train-mb: the sample is spread over the whole corpus, not its first megabytes: with a quarter
-    of the text, words found only in the last file still become single tokens."""
+    """--bpe-train-mb: the sample is drawn from the whole corpus, not its first megabytes: with a quarter
+    of the text, words found only in the last files still become single tokens."""
     monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
     caplog.set_level(logging.INFO, logger="gpttrain")
     for i, word in enumerate(("alpha", "bravo", "charlie", "zulutime")):  # zulutime: only in the last files
-        for k in range(10):  # a document is a piece here; pieces are what the sample keeps or leaves
-            write(tmp_path / "c" / f"{i}-{k}.txt", "".join(f"{word} {word}{j % 7} said {word}.\n" for j in range(40)))
+        for k in range(40):  # a document is a piece here; pieces are what the sample keeps or leaves
+            text = "".join(f"{word} {word}{j % 7} said {word}.\n" for j in range(10))
+            write(tmp_path / "c" / f"{i}-{k:02d}.txt", text)
     total = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
     meta = run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=total / 4e6)
-    assert meta["tokenizer_request"]["train_bytes"] == total // 4
-    assert "taken evenly from" in caplog.text
+    assert meta["tokenizer_request"]["train_bytes"] == math.ceil(total / 4)
+    assert "of text sampled from all" in caplog.text
     tok = open_tokenizer(tmp_path / "s")
     for word in ("alpha", "bravo", "charlie", "zulutime"):
         assert len(tok.encode(f" {word}")) <= 2, (word, tok.encode(f" {word}"))
@@ -374,10 +376,42 @@ def test_bpe_trains_on_an_even_sample_of_a_corpus_over_the_cap(tmp_path, caplog,
     assert "tokenizer changed" in caplog.text
 
 
+def test_the_bpe_sample_takes_short_and_long_documents_alike(tmp_path, monkeypatch):
+    """Half the text in 200 short documents, half in two long ones: each half gives about the asked share
+    (a rule that kept a piece by the running total favoured long pieces, 4.5% of the sample short)."""
+    for i in range(400):
+        write(tmp_path / "c" / f"short{i:03d}.txt", "shortword line\n" * 340)  # 5 KB
+    for i in range(2):
+        write(tmp_path / "c" / f"long{i}.txt", "longword line\n" * 72_000)  # 1 MB: 16 slices or more
+    seen: list[str] = []
+    stub = BPETokenizer.train(["shortword longword line"], 260)
+
+    def train(texts, vocab_size):
+        seen.extend(texts)
+        return stub
+
+    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    total = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
+    run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=total / 4e6)
+    short = sum(t.count("shortword") for t in seen) / (400 * 340)  # the share of each kind's lines kept
+    long = sum(t.count("longword") for t in seen) / (2 * 72_000)
+    assert 0.12 < short < 0.4 and 0.12 < long < 0.4, (short, long)
+
+
+def test_a_tiny_bpe_cap_still_samples_and_bad_types_are_refused(tmp_path):
+    make_corpus(tmp_path / "c", n=40)
+    meta = run([tmp_path / "c"], tmp_path / "a", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=1e-7)
+    assert meta["tokenizer_request"]["train_bytes"] == 1  # not 0, which would mean all of the text
+    for bad in (True, "5", -1, float("inf")):
+        with pytest.raises(ConfigError, match="--bpe-train-mb"):
+            run([tmp_path / "c"], tmp_path / "b", tokenizer="bpe", bpe_train_mb=bad)
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_corpus_within_the_bpe_cap_is_trained_whole_and_keeps_its_fingerprint(tmp_path):
     make_corpus(tmp_path / "c", n=40)
     whole = run([tmp_path / "c"], tmp_path / "a", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=0)
-    capped = run([tmp_path / "c"], tmp_path / "b", tokenizer="bpe", bpe_vocab_size=300)  # the default cap
+    capped = run([tmp_path / "c"], tmp_path / "b", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=1000)
     assert "train_bytes" not in capped["tokenizer_request"]
     assert whole["fingerprint"] == capped["fingerprint"] and whole["tokenizer"] == capped["tokenizer"]
 

@@ -47,7 +47,7 @@ class DataConfig:
     tokenizer: Literal["gpt2", "bpe", "byte"] = "bpe"
     tokenizer_file: str | None = None
     bpe_vocab_size: int = 8192
-    bpe_train_mb: float = 1000  # a bpe tokenizer trains on about this many MB taken evenly from the text; 0 = all
+    bpe_train_mb: float = 0  # > 0: a bpe tokenizer trains on a sample of about this many MB of a larger text
     stride: int | None = None  # None = context_length (no overlap, as the original)
     val_fraction: float = 0.1
     text_field: str = "text"

@@ -52,6 +52,8 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
                             f"run `gpttrain prepare ... --out {path}` again")
         # The full path and the tokenizer settings in the name: a/train.txt and b/train.txt never share a dir.
         key = f"{p.resolve()}|{cfg.data.tokenizer}|{cfg.data.bpe_vocab_size}|{cfg.data.tokenizer_file}"
+        if cfg.data.bpe_train_mb:  # it decides the tokenizer too (absent by default: existing dirs keep names)
+            key += f"|{cfg.data.bpe_train_mb}"
         out = Path("data") / f"{p.stem}-{cfg.data.tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         inputs = [str(p)]
         what = str(p)

@@ -19,6 +19,7 @@ import itertools
 import json
 import logging
 import math
+import numbers
 import os
 import sys
 import sysconfig
@@ -74,8 +75,9 @@ logger = logging.getLogger("gpttrain")
 TOKENIZERS = ("gpt2", "bpe", "byte")
 DEFAULT_OUT = "data/prepared"
 DEFAULT_SHARD_TOKENS = 100_000_000
-DEFAULT_BPE_TRAIN_MB = 1000  # about 100 s of bpe training on 2 cores (10 MB/s), and a few GB of memory
+DEFAULT_BPE_TRAIN_MB = 0  # 0 = all of the text; bpe training runs at about 10 MB/s on 2 cores
 PIECE_CHARS = 1 << 20  # text handed to a worker per task
+GOLDEN_RATIO_FRACTION = (5 ** 0.5 - 1) / 2  # steps of a low-discrepancy sequence: the bpe sample's choice
 SUB_PIECE_CHARS = 1 << 16  # HF tokenizers encode long strings slowly; bpe training buffers 256 of these
 # workers=0 starts one worker per this many input bytes at most: below that, start-up (~0.3 s) outweighs the gain
 AUTO_BYTES_PER_WORKER = {"byte": 64 << 20, "gpt2": 8 << 20, "bpe": 2 << 20}
@@ -207,26 +209,39 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 def _train_bpe(keyed: list[tuple[Path, str]], text_field: str, vocab_size: int, total: int,
                progress: bool, train_bytes: int | None = None) -> BPETokenizer:
-    """Train on all pieces of the text, or on an even sample of about `train_bytes` of them: a piece is
-    kept while the kept share is below train_bytes / total, so the sample spans the whole corpus (its
-    first megabytes alone could be one book, or one language)."""
+    """Train on all of the text, or on a sample of about `train_bytes` of it taken from the whole corpus
+    (its first megabytes alone could be one book, or one language).
+
+    The text is cut into slices of at most SUB_PIECE_CHARS, and slice i is kept when frac(i x golden
+    ratio) < train_bytes / total. That sequence spreads its hits evenly over any run of slices (no
+    unlucky stretches, as a random draw has), whatever a slice's size or place in its document, so long
+    documents and short, beginnings and ends, are sampled alike, and the same inputs always give the
+    same tokenizer."""
     t0 = time.perf_counter()
     share = 1.0 if train_bytes is None else train_bytes / max(total, 1)
-    counts = {"seen": 0, "kept": 0}  # characters: close enough to bytes for a share and a progress bar
+    counts = {"seen": 0, "kept": 0, "slices": 0}  # bytes: UTF-8 of the text (a JSONL text field, not the file)
     with _progress_bar(total, "train bpe", progress) as bar:
         def texts() -> Iterator[str]:
             for doc in _iter_docs(keyed, text_field):
                 for piece, _ in _cut_pieces(_doc_chunks(doc), SUB_PIECE_CHARS):
-                    bar.update(len(piece))
-                    counts["seen"] += len(piece)
-                    if counts["kept"] < share * counts["seen"]:
-                        counts["kept"] += len(piece)
+                    bar.update(len(piece))  # characters: close enough to bytes for a progress bar
+                    if train_bytes is None:
                         yield piece
+                        continue
+                    # A piece without a safe cut can run to MAX_PIECE_CHARS: sample slices, not pieces.
+                    for i in range(0, len(piece), SUB_PIECE_CHARS):
+                        part = piece[i:i + SUB_PIECE_CHARS]
+                        n = len(part.encode("utf-8", errors="replace"))
+                        counts["seen"] += n
+                        counts["slices"] += 1
+                        if (counts["slices"] * GOLDEN_RATIO_FRACTION) % 1.0 < share:
+                            counts["kept"] += n
+                            yield part
 
         tok = BPETokenizer.train(texts(), vocab_size)
         bar.update(max(0, bar.total - bar.n))
     on = "" if train_bytes is None else \
-        f" on {counts['kept'] / 1e6:,.1f} MB taken evenly from {counts['seen'] / 1e6:,.1f} MB (--bpe-train-mb)"
+        f" on {counts['kept'] / 1e6:,.1f} MB of text sampled from all {counts['seen'] / 1e6:,.1f} MB (its cap)"
     logger.info("trained a bpe tokenizer of %d tokens%s in %.1f s", tok.vocab_size, on, time.perf_counter() - t0)
     return tok
 
@@ -291,7 +306,8 @@ def _validate(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size:
     if tokenizer == "bpe" and tokenizer_file is None and bpe_vocab_size < 258:
         raise ConfigError(f"--vocab-size {bpe_vocab_size}: a bpe vocabulary needs >= 258 tokens "
                           "(256 bytes, <|endoftext|> and at least one merge)")
-    if not isinstance(bpe_train_mb, (int, float)) or not math.isfinite(bpe_train_mb) or bpe_train_mb < 0:
+    if isinstance(bpe_train_mb, bool) or not isinstance(bpe_train_mb, numbers.Real) or \
+            not math.isfinite(bpe_train_mb) or bpe_train_mb < 0:
         raise ConfigError(f"--bpe-train-mb {bpe_train_mb}: must be a number >= 0 (0 = train on all of the text)")
     if workers < 0:
         raise ConfigError(f"--workers {workers}: must be >= 0 (0 = all cores, 1 = no worker processes)")
@@ -308,8 +324,10 @@ def _default_workers() -> int:
 
 def _bpe_train_bytes(bpe_train_mb: float, total_bytes: int) -> int | None:
     """How many bytes of text a bpe tokenizer trains on: None = all of it (the inputs are within the cap)."""
-    cap = int(bpe_train_mb * 1_000_000)
-    return cap if 0 < cap < total_bytes else None
+    if bpe_train_mb == 0:
+        return None
+    cap = max(1, math.ceil(bpe_train_mb * 1_000_000))
+    return cap if cap < total_bytes else None
 
 
 def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size: int,
@@ -346,8 +364,8 @@ def prepare(
     """Tokenize `inputs` (none = the embedded default corpus) into shards + meta.json in `out`; return the meta.
 
     Reuses `out` when its fingerprint (sources, tokenizer, settings) matches and its files verify. A bpe
-    tokenizer is trained on about `bpe_train_mb` MB of the text (10^6 bytes; 0 = all of it), taken evenly
-    from the whole of it.
+    tokenizer trains on all of the text, or, with `bpe_train_mb` > 0 and inputs larger than that (MB =
+    10^6 bytes of the input files), on a sample of about that size drawn from all of it.
     """
     t_start = time.perf_counter()
     _validate(tokenizer, tokenizer_file, bpe_vocab_size, val_fraction, workers, shard_tokens, bpe_train_mb)
@@ -508,8 +526,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, metavar="N",
                         help="vocabulary size of a trained bpe tokenizer, >= 258 (default: 8192)")
     parser.add_argument("--bpe-train-mb", type=float, default=DEFAULT_BPE_TRAIN_MB, metavar="MB",
-                        help="train the bpe tokenizer on about this many MB of the text, taken evenly from all "
-                             f"of it; 0 = all (default: {DEFAULT_BPE_TRAIN_MB:g})")
+                        help="train the bpe tokenizer on a sample of about this many MB drawn from all of the "
+                             "text, for a corpus larger than that (.jsonl: compared with the files' size); "
+                             f"0 = all of it (default: {DEFAULT_BPE_TRAIN_MB:g})")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                         help="share of the text held out for validation, in (0, 1) (default: 0.1)")
     parser.add_argument("--text-field", default="text", metavar="NAME",
