@@ -116,3 +116,22 @@ def test_fused_loss_estimate_at_the_original_size():
     fused = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", fused_loss=True)
     assert plain.logits == 8 * 1024 * cfg.vocab_size * 14  # the full logits: about 5.4 GiB
     assert 1 * GIB < fused.logits < 2 * GIB  # one chunk and the head's gradient
+
+
+def test_gpu_utilization_tries_nvml_once_after_a_failure(monkeypatch):
+    import torch
+
+    from gpttrain import monitor
+
+    calls = []
+
+    def failing(device):
+        calls.append(device)
+        raise ModuleNotFoundError("pynvml")
+
+    monkeypatch.setattr(monitor, "_nvml_failed", False)
+    monkeypatch.setattr(torch.cuda, "utilization", failing)
+    cuda = torch.device("cuda", 0)
+    assert monitor.gpu_utilization(cuda) is None and monitor.gpu_utilization(cuda) is None
+    assert len(calls) == 1
+    assert monitor.gpu_utilization(torch.device("cpu")) is None

@@ -45,13 +45,18 @@ def memory_stats(device: torch.device) -> dict[str, float | None]:
     }
 
 
+_nvml_failed = False  # once NVML has failed in this process, later log steps do not pay for trying again
+
+
 def gpu_utilization(device: torch.device) -> float | None:
     """GPU utilization in percent through NVML where available, else None."""
-    if device.type != "cuda":
+    global _nvml_failed
+    if device.type != "cuda" or _nvml_failed:
         return None
     try:
         return float(torch.cuda.utilization(device))
     except Exception:  # pynvml missing or NVML unavailable: omit, never invent
+        _nvml_failed = True
         return None
 
 
