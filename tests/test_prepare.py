@@ -520,3 +520,27 @@ def test_quiet_prepare_prints_nothing(tmp_path):
                        cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
     assert load_meta(tmp_path / "out")["splits"]["train"]["tokens"] > 0
+
+
+def test_an_up_to_date_output_is_reused_without_reading_its_inputs(tmp_path, monkeypatch):
+    """Reuse is decided from the inputs' sizes and times: a big directory is not re-read (its text check
+    included) at every `train --data DIR` start. A rebuild still checks every input."""
+    make_corpus(tmp_path / "c", n=30)
+    run([tmp_path / "c"], tmp_path / "out")
+    opened: list[str] = []
+    real_open = open
+
+    def counting_open(file, *a, **k):
+        if str(file).startswith(str(tmp_path / "c")):
+            opened.append(str(file))
+        return real_open(file, *a, **k)
+
+    monkeypatch.setattr("builtins.open", counting_open)
+    run([tmp_path / "c"], tmp_path / "out")
+    assert opened == []
+    write(tmp_path / "c" / "zz.txt", "one more document\n" * 20)
+    run([tmp_path / "c"], tmp_path / "out")
+    assert any(p.endswith("zz.txt") for p in opened)
+    (tmp_path / "c" / "zz.txt").write_bytes(b"\x00binary" * 100)
+    with pytest.raises(DataError, match="zz.txt does not look like UTF-8 text"):
+        run([tmp_path / "c"], tmp_path / "out")

@@ -59,6 +59,7 @@ from gpttrain.data.sources import (
     _resolve_keyed,
     _segments,
     _source_records,
+    check_text_file,
     default_corpus_files,
     resolve_inputs,
 )
@@ -375,7 +376,8 @@ def prepare(
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
     exts = _normalize_extensions(extensions)
-    keyed = _resolve_keyed(inputs, exts) if inputs else _default_corpus_keyed()
+    # Inputs are checked for text only when they are read below: an up-to-date output skips reading them.
+    keyed = _resolve_keyed(inputs, exts, check_text=False) if inputs else _default_corpus_keyed()
     paths = [p for p, _ in keyed]
     sources = _source_records(paths)
     total_bytes = sum(s["size"] for s in sources)
@@ -398,6 +400,10 @@ def prepare(
                 return old
             why = [problem] if problem else _why_rebuild(old, sources, tok_request, settings)
             logger.info("%s: rebuilding: %s", out, "; ".join(why))
+
+    if inputs:
+        for p in paths:
+            check_text_file(p)
 
     mode = _choose_split_mode(paths, val_fraction)
     if tokenizer == "gpt2":

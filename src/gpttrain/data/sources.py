@@ -77,8 +77,11 @@ def resolve_inputs(inputs: Sequence[str | Path], extensions: Iterable[str] = (".
     return [p for p, _ in _resolve_keyed(inputs, extensions)]
 
 
-def _resolve_keyed(inputs: Sequence[str | Path], extensions: Iterable[str]) -> list[tuple[Path, str]]:
-    """resolve_inputs, each file with its split key: its path relative to the directory it was found in, or its name."""
+def _resolve_keyed(inputs: Sequence[str | Path], extensions: Iterable[str],
+                   check_text: bool = True) -> list[tuple[Path, str]]:
+    """resolve_inputs, each file with its split key: its path relative to the directory it was found in, or its name.
+
+    `check_text=False` leaves check_text_file to the caller (prepare: only when it is going to read them)."""
     exts = _normalize_extensions(extensions)
     found: list[tuple[Path, str]] = []
     for item in inputs:
@@ -106,7 +109,8 @@ def _resolve_keyed(inputs: Sequence[str | Path], extensions: Iterable[str]) -> l
         r = p.resolve()
         if r not in seen:
             seen.add(r)
-            check_text_file(r)
+            if check_text:
+                check_text_file(r)
             unique.append((r, key))
     return unique
 
