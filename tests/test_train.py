@@ -340,61 +340,61 @@ def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
 
 
-def _drawn_steps(monkeypatch, seconds: float = 0.0) -> tuple[list[int], list]:
-    """Replace the loss plot by a recorder of the trainer step each drawing happens at."""
+def _plotting_trainer(data_dir, run_dir, monkeypatch, *, steps: int, eval_every: int, share: float,
+                      seconds: float = 0.0, before_step=None):
+    """A tiny trainer whose loss plot is replaced by a recorder of the step each drawing happens at (each
+    taking `seconds`), with PLOT_COST_SHARE = `share`; `before_step(trainer)` runs before every step."""
     import time
 
     import gpttrain.plot
 
+    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", share)
+    trainer = build_trainer(tiny_config(data_dir, run_dir, "--train.max_steps", str(steps), "--train.eval_every",
+                                        str(eval_every), "--log.sample_every", "0"), single_info())
     drawn: list[int] = []
-    holder: list = []  # the trainer, once built
 
     def plot(metrics, out_dir):
-        drawn.append(holder[0].step)
+        drawn.append(trainer.step)
         time.sleep(seconds)
         return []
 
     monkeypatch.setattr(gpttrain.plot, "plot_losses", plot)
-    return drawn, holder
+    if before_step is not None:
+        real_step = trainer.train_step
+
+        def step(stop_requested=False):
+            before_step(trainer)
+            return real_step(stop_requested)
+
+        trainer.train_step = step
+    return trainer, drawn
 
 
 def test_loss_plot_redraws_cost_about_one_percent_and_the_end_always_draws(data_dir, tmp_path, monkeypatch):
     """Evaluations every step: after the warm-up drawing, a drawing waits for 1/PLOT_COST_SHARE times the
     last one's duration, so the plot costs the loop about 1%; the run's end draws its final state."""
-    drawn, holder = _drawn_steps(monkeypatch, seconds=0.01)
-    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e-4)  # waits of 100 s: longer than this run
-    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "12", "--train.eval_every",
-                                        "1", "--log.sample_every", "0"), single_info())
-    holder.append(trainer)
+    # Waits of 100 s: longer than this run.
+    trainer, drawn = _plotting_trainer(data_dir, tmp_path / "run", monkeypatch, steps=12, eval_every=1, share=1e-4,
+                                       seconds=0.01)
     assert trainer.fit() == 0
     # The first drawing (matplotlib's import and warm-up) does not set the wait; the second does.
     assert drawn == [1, 2, 12]
 
 
 def test_loss_plot_is_redrawn_at_each_eval_when_drawing_is_cheap(data_dir, tmp_path, monkeypatch):
-    drawn, holder = _drawn_steps(monkeypatch)
-    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e9)  # any interval is enough
-    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "6", "--train.eval_every",
-                                        "2", "--log.sample_every", "0"), single_info())
-    holder.append(trainer)
+    # Any interval is enough.
+    trainer, drawn = _plotting_trainer(data_dir, tmp_path / "run", monkeypatch, steps=6, eval_every=2, share=1e9)
     assert trainer.fit() == 0
     assert drawn == [2, 4, 6]  # once each: the last evaluation's drawing is the end's
 
 
 def test_a_run_that_fails_redraws_the_plot_it_had_on_the_way_out(data_dir, tmp_path, monkeypatch):
-    drawn, holder = _drawn_steps(monkeypatch, seconds=0.01)
-    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e-4)
-    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "20", "--train.eval_every",
-                                        "2", "--log.sample_every", "0"), single_info())
-    holder.append(trainer)
-    real_step = trainer.train_step
-
-    def failing_step(stop_requested=False):
+    def fail_at_step_8(trainer):
         if trainer.step == 7:
             raise RuntimeError("a data error at step 8")
-        return real_step(stop_requested)
 
-    trainer.train_step = failing_step
+    trainer, drawn = _plotting_trainer(data_dir, tmp_path / "run", monkeypatch, steps=20, eval_every=2, share=1e-4,
+                                       seconds=0.01, before_step=fail_at_step_8)
     with pytest.raises(RuntimeError, match="step 8"):
         trainer.fit()
     assert drawn == [2, 4, 7]  # 6 waited (throttled); the exit drew the records up to step 7
@@ -403,19 +403,12 @@ def test_a_run_that_fails_redraws_the_plot_it_had_on_the_way_out(data_dir, tmp_p
 def test_a_stopped_run_draws_its_plot_at_the_stop(data_dir, tmp_path, monkeypatch):
     import signal
 
-    drawn, holder = _drawn_steps(monkeypatch, seconds=0.01)
-    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", 1e-4)
-    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "20", "--train.eval_every",
-                                        "4", "--log.sample_every", "0"), single_info())
-    holder.append(trainer)
-    real_step = trainer.train_step
-
-    def step(stop_requested=False):
+    def sigterm_before_step_5(trainer):
         if trainer.step == 4:
             os.kill(os.getpid(), signal.SIGTERM)  # as a scheduler would; fit() turns it into a saved stop
-        return real_step(stop_requested)
 
-    trainer.train_step = step
+    trainer, drawn = _plotting_trainer(data_dir, tmp_path / "run", monkeypatch, steps=20, eval_every=4, share=1e-4,
+                                       seconds=0.01, before_step=sigterm_before_step_5)
     assert trainer.fit() == 0
     # The step already asked for learns of the signal at the next one, which stops: no evaluation at 6.
     assert trainer.step == 6 and drawn == [4, 6]
