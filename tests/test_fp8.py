@@ -18,6 +18,7 @@ from gpttrain.config import ModelConfig  # noqa: E402
 from gpttrain.errors import ConfigError  # noqa: E402
 from gpttrain.fp8 import check_fp8, convert_to_fp8  # noqa: E402
 from gpttrain.model import GPT, build_model  # noqa: E402
+from gpttrain.parallel import build_local_model  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -134,12 +135,7 @@ def test_fp8_trains_and_starts_where_bf16_does(precision):
     models = []
     for fp8 in (False, True):
         torch.manual_seed(0)
-        model = build_model(cfg)
-        if precision == "bf16-pure":
-            model.to(torch.bfloat16)
-        if fp8:
-            convert_to_fp8(model)
-        models.append(model)
+        models.append(build_local_model(cfg, torch.device("cpu"), precision, fp8=fp8))  # as the trainer builds
     bf16, fp8 = models
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
         ref = bf16(idx, targets=idx).item()
@@ -240,8 +236,7 @@ def test_fsdp2_fp8_matches_one_process(tmp_path: Path):
 
     cfg = tiny()
     torch.manual_seed(0)
-    model = build_model(cfg)
-    convert_to_fp8(model)
+    model = build_local_model(cfg, torch.device("cpu"), "bf16-mixed", fp8=True)
     want = train(model, batch(cfg), 3, "bf16-mixed")
     assert got["keys"] == list(model.state_dict())
     # FSDP gathers bf16 weights, one process autocasts fp32 ones: the same to well within bf16's precision.

@@ -20,6 +20,7 @@ from gpttrain.data.loader import open_split
 from gpttrain.data.prepare import default_corpus_files, load_meta, open_tokenizer, prepare, resolve_inputs
 from gpttrain.errors import ConfigError, DataError
 from gpttrain.tokenizer import BPETokenizer, GPT2Tokenizer
+from tests.helpers import run_cli
 
 BYTE_EOT = 256
 
@@ -514,10 +515,8 @@ def test_binary_file_is_refused(tmp_path):
 def test_quiet_prepare_prints_nothing(tmp_path):
     """`gpttrain prepare -q`: no log lines and no progress bar (a bar on stderr is noise in scripts and logs)."""
     src = write(tmp_path / "a.txt", "some text to tokenize\n" * 200)
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    r = subprocess.run([sys.executable, "-m", "gpttrain", "prepare", "-q", str(src), "--out", str(tmp_path / "out"),
-                        "--tokenizer", "byte", "--workers", "1"], capture_output=True, text=True, env=env,
-                       cwd=tmp_path, timeout=120)
+    r = run_cli(["prepare", "-q", str(src), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--workers", "1"],
+                cwd=tmp_path, timeout=120)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == "", (r.stdout, r.stderr)
     assert load_meta(tmp_path / "out")["splits"]["train"]["tokens"] > 0
 
