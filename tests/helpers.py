@@ -59,6 +59,20 @@ def build_trainer(cfg, info):
     return Trainer(cfg, info, train_loader=train, val_loader=val, tokenizer=tok)
 
 
+def take_steps(trainer, n: int) -> list:
+    """n training steps as the loop takes them (its step counter advanced); their StepStats."""
+    stats = []
+    for _ in range(n):
+        stats.append(trainer.train_step())
+        trainer.step += 1
+    return stats
+
+
+def steps_of(trainer, n: int) -> list[float]:
+    """The losses of n training steps."""
+    return [s.loss for s in take_steps(trainer, n)]
+
+
 def single_info():
     from gpttrain.distributed import DistInfo
 

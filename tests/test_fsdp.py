@@ -19,6 +19,7 @@ from tests.helpers import (
     make_data,
     nan_for_uninitialised_weights,
     run_cli,
+    steps_of,
     tiny_config,
     torchrun,
 )
@@ -42,10 +43,7 @@ def _rank(rank, world, port, data_dir, run_dir, strategy, out):
                           "--train.grad_accum_steps", "2", "--optim.eps", "1e-6")
         trainer = build_trainer(cfg, info)
         assert trainer.strategy == strategy
-        losses = []
-        for _ in range(5):
-            losses.append(trainer.train_step().loss)
-            trainer.step += 1
+        losses = steps_of(trainer, 5)
         ev = trainer.evaluate()
         if rank == 0:
             with open(out, "w") as f:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpttrain.loss import linear_cross_entropy
-from tests.helpers import build_trainer, make_data, run_cli, tiny_config
+from tests.helpers import build_trainer, make_data, run_cli, steps_of, take_steps, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -38,10 +38,7 @@ def test_training_steps_on_cuda_lower_the_loss(tmp_path, precision):
                       "--train.compile", "on", "--optim.lr", "3e-3")
     trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
     assert trainer.model.chunked_loss  # fused loss is the CUDA default
-    losses = []
-    for _ in range(30):
-        losses.append(trainer.train_step().loss)
-        trainer.step += 1
+    losses = steps_of(trainer, 30)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0] - 0.5, losses
 
@@ -55,16 +52,11 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, precision):
     cfg = tiny_config(data, tmp_path / "run", "--run.device", "cuda", "--train.precision", precision,
                       "--train.compile", "on", "--train.grad_accum_steps", "2")
     trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
-    for _ in range(2):  # compile and warm-up (the pinned-memory pool and the allocator fill here)
-        trainer.train_step()
-        trainer.step += 1
+    take_steps(trainer, 2)  # compile and warm-up (the pinned-memory pool and the allocator fill here)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        stats = []
-        for _ in range(3):
-            stats.append(trainer.train_step())
-            trainer.step += 1
+        stats = take_steps(trainer, 3)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert all(s.finite for s in stats)
@@ -97,19 +89,11 @@ def test_speed_options_train_on_cuda_without_host_syncs(tmp_path, option):
         trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
     except ConfigError as e:
         pytest.skip(f"refused on {torch.cuda.get_device_name(0)}: {e}")
-    stats = []
-
-    def step():
-        stats.append(trainer.train_step())
-        trainer.step += 1
-
-    for _ in range(3):  # compile and warm-up
-        step()
+    stats = take_steps(trainer, 3)  # compile and warm-up
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")  # from here on nothing may wait for the GPU
     try:
-        for _ in range(22):
-            step()
+        stats += take_steps(trainer, 22)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     losses = [s.loss for s in stats]

@@ -200,7 +200,7 @@ def test_cuda_only_kernel_is_refused_before_anything_is_written(tmp_path):
 def test_trainer_with_compiled_blocks_and_a_pinned_kernel_matches_eager(tmp_path):
     """The trainer's wiring: blocks compiled in place (plain parameter names in its checkpoint state) under
     --train.attention math give the losses of the eager model with PyTorch's choice of kernel."""
-    from tests.helpers import build_trainer, make_data, single_info, tiny_config
+    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
 
     data = make_data(tmp_path)
     runs = {}
@@ -210,11 +210,7 @@ def test_trainer_with_compiled_blocks_and_a_pinned_kernel_matches_eager(tmp_path
         trainer = build_trainer(tiny_config(data, tmp_path / name, *flags), single_info())
         compiled = [getattr(b.forward, "func", None) is _compiled_block_forward for b in trainer.model.blocks]
         assert all(compiled) == (name == "blocks") and any(compiled) == (name == "blocks")
-        losses = []
-        for _ in range(3):
-            losses.append(trainer.train_step().loss)
-            trainer.step += 1
-        runs[name] = (losses, list(trainer.model.state_dict()))
+        runs[name] = (steps_of(trainer, 3), list(trainer.model.state_dict()))
     assert runs["blocks"][1] == runs["eager"][1]
     for a, b in zip(runs["blocks"][0], runs["eager"][0]):
         assert abs(a - b) < 1e-4, (runs["blocks"][0], runs["eager"][0])

@@ -9,21 +9,21 @@ import torch.multiprocessing as mp
 from gpttrain.errors import ConfigError, DataError, GpttrainError
 from gpttrain.optim import lr_at, param_groups
 from gpttrain.trainer import plan_steps, resolve_precision, round_up
-from tests.helpers import build_trainer, free_port, make_data, run_cli, single_info, tiny_config, torchrun
+from tests.helpers import (
+    build_trainer,
+    free_port,
+    make_data,
+    run_cli,
+    single_info,
+    steps_of,
+    tiny_config,
+    torchrun,
+)
 
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     return make_data(tmp_path_factory.mktemp("data"))
-
-
-def steps_of(trainer, n):
-    losses = []
-    for _ in range(n):
-        res = trainer.train_step()
-        trainer.step += 1
-        losses.append(res.loss)
-    return losses
 
 
 def _rank_main(rank, world, port, data_dir, run_dir, flags, out):
