@@ -127,6 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_json(obj: dict) -> None:
+    """bench's rows and info's object: one JSON line on stdout, even under -q."""
+    print(json.dumps(obj), flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
@@ -158,10 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from gpttrain.bench import run_bench
 
-            def emit(row: dict) -> None:
-                print(json.dumps(row), flush=True)
-
-            return run_bench(config_from_args(args, rest), emit, warmup=args.warmup, steps=args.steps,
+            return run_bench(config_from_args(args, rest), _print_json, warmup=args.warmup, steps=args.steps,
                              sweep=args.sweep)
         if args.command in ("generate", "export"):
             from gpttrain.api import run_export, run_generate
@@ -175,11 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from gpttrain.info import run_info
 
-            def emit_json(obj: dict) -> None:
-                print(json.dumps(obj), flush=True)  # stdout even under -q, like bench's line
-
             return run_info(config_from_args(args, rest), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
-                            as_json=args.json, emit=emit_json)
+                            as_json=args.json, emit=_print_json)
     except GpttrainError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 
@@ -18,10 +17,9 @@ log = logging.getLogger("gpttrain")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
-def memory_table(cfg: Config, gpus: int) -> list[dict]:
+def memory_table(cfg: Config, gpus: int, fused: bool) -> list[dict]:
     """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
     mb = cfg.train.micro_batch_size
-    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda")  # the estimates are for GPU runs
     fsdp_sizes = sorted({n for n in (2, 4, 8) if n <= gpus} | ({gpus} if gpus > 1 else set()))
     rows = []
     for precision in PRECISIONS:
@@ -35,9 +33,9 @@ def memory_table(cfg: Config, gpus: int) -> list[dict]:
 
 
 def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: bool = False,
-             emit: Callable[[dict], None] | None = None) -> int:
+             emit: Callable[[dict], None]) -> int:
     """Report `cfg`'s size, FLOPs and memory estimates. Text goes to the log; with `as_json` the one JSON object
-    goes to `emit` (the CLI prints it to stdout, so `-q` does not swallow it), or to the log without one."""
+    goes to `emit` (the CLI prints it to stdout, so `-q` does not swallow it)."""
     if gpus < 1:
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
     if gpu_mem_gib <= 0:
@@ -45,22 +43,19 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
-    rows = memory_table(cfg, gpus)
+    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda")  # the estimates are for GPU runs
+    rows = memory_table(cfg, gpus, fused)
     mb = cfg.train.micro_batch_size
     per_rank = mb * cfg.train.grad_accum_steps
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
-    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda")
     fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp",
                               fused_loss=fused)
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
                "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]}}
-        if emit is not None:
-            emit(out)
-        else:
-            log.info(json.dumps(out))
+        emit(out)
         return 0
 
     log.info("resolved config:\n%s", cfg.to_json())
