@@ -23,7 +23,6 @@ import numbers
 import os
 import sys
 import sysconfig
-import tempfile
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -118,7 +117,7 @@ class _Encoder:
 _worker_encoder: _Encoder | None = None
 
 
-def _init_worker(spec: dict[str, Any], payload_file: str | None) -> None:
+def _init_worker(spec: dict[str, Any], tokenizer_file: str | None) -> None:
     import signal
 
     # Ctrl-C is the parent's to handle: it stops feeding tasks and shuts the pool down in order.
@@ -126,8 +125,7 @@ def _init_worker(spec: dict[str, Any], payload_file: str | None) -> None:
     # One thread per worker process: the pool is the parallelism.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     global _worker_encoder
-    payload = Path(payload_file).read_text(encoding="utf-8") if payload_file is not None else None
-    _worker_encoder = _Encoder(from_spec(spec, payload))
+    _worker_encoder = _Encoder(from_spec(spec, tokenizer_file=tokenizer_file))
 
 
 def _encode_in_worker(task: list[tuple[int, str, bool]]) -> list[tuple[int, np.ndarray, int, bool]]:
@@ -149,12 +147,16 @@ def _tasks(segments: Iterable[tuple[int, str, bool]], target: int) -> Iterator[l
         yield task
 
 
-def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int) -> Iterator[list]:
+def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int,
+                     tokenizer_file: Path | None = None) -> Iterator[list]:
     """Encode tasks in order; at most 2 * workers tasks are in flight, so memory stays bounded.
 
     Pool.imap would read the whole task iterator ahead (all the corpus text at once); a window of
     futures keeps the same order with backpressure. A ProcessPoolExecutor (not a Pool) fails fast when
-    a worker dies, where a Pool would start replacements forever.
+    a worker dies, where a Pool would start replacements forever. Workers rebuild the tokenizer from
+    `tokenizer_file` (the one written beside the shards), not from its payload passed inline: MBs for gpt2
+    would go down each worker's start-up pipe, and spawn blocks on that write for good when the worker dies
+    before reading it (a script without a main guard), a hang instead of the error below.
     """
     if workers == 1:
         encoder = _Encoder(tok)
@@ -166,11 +168,10 @@ def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int) -> Ite
 
     # spawn: the parent may hold threads (HF tokenizers after training, torch), which fork does not copy safely.
     ctx = mp.get_context("spawn")
-    payload = payload_of(tok)
+    path = None if tokenizer_file is None else str(tokenizer_file)
     try:
-        with tempfile.TemporaryDirectory(prefix="gpttrain-tok-") as tmp, \
-                ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                                    initargs=(tok.spec(), _payload_file(payload, tmp))) as pool:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(tok.spec(), path)) as pool:
             window: deque = deque()
             try:
                 for task in tasks:
@@ -188,17 +189,6 @@ def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int) -> Ite
             "prepare() without an `if __name__ == \"__main__\":` guard, which spawned workers re-run); "
             "fix that or pass workers=1 (--workers 1)"
         ) from None
-
-
-def _payload_file(payload: str | None, tmp: str) -> str | None:
-    """The tokenizer payload as a file for the workers to read. Passed inline (MBs for gpt2), it would go
-    down each new worker's start-up pipe, and spawn blocks on that write for good when the worker dies
-    before reading it (a script without a main guard): a hang instead of the error below."""
-    if payload is None:
-        return None
-    path = Path(tmp) / "payload"
-    path.write_text(payload, encoding="utf-8")
-    return str(path)
 
 
 def _progress_bar(total: int, desc: str, enabled: bool):
@@ -433,7 +423,8 @@ def prepare(
         t_encode = time.perf_counter()
         segments = _segments(keyed, text_field, mode, val_fraction, PIECE_CHARS)
         with _progress_bar(total_bytes, "tokenize", progress) as bar:
-            for result in _ordered_results(tok, _tasks(segments, PIECE_CHARS), n_workers):
+            for result in _ordered_results(tok, _tasks(segments, PIECE_CHARS), n_workers,
+                                           None if tok_file is None else tmp / tok_file):
                 for side, ids, nbytes, last in result:
                     writers[side].write(ids)
                     st = stats[side]
