@@ -4,7 +4,7 @@
 # back while the machine is warm (a 15-minute session: about 1-2 minutes of start, then the two):
 #   bash benchmarks/fetch_gpu_wheels.sh                 # here, once: torchao for --train.fp8, into .whl/
 #   PART=speed bash benchmarks/gpu_session.sh           # there (device tool, carry [".whl"]): at most 570 s
-#   PART=tests bash benchmarks/gpu_session.sh           # there: the CUDA tests, at most about 4 minutes
+#   PART=tests bash benchmarks/gpu_session.sh           # there: the CUDA tests, at most TESTS_TIMEOUT (230) s
 #   DEVICE=cpu RUNS="tiny:4x1 demo:8x1+train.attention=math" STEPS=2 BUDGET=60 LOOP=demo:8 \
 #       bash benchmarks/gpu_session.sh                  # a rehearsal on CPU (PART=all: both parts)
 # speed: the timed runs in priority order (benchmarks/train.py starts none after BUDGET seconds and stops any
@@ -32,17 +32,19 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 # The issue's targets first (1.42B at 8x4, 124M at 32), then one change at a time against them, then the rest
 # of the reference table.
 RUNS="${RUNS:-gpt-1.4b:8x4 gpt2-124m:32x1 gpt2-124m:32x1+train.attention=cudnn gpt2-124m:32x1+model.drop_rate=0
-gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.compile_scope=blocks gpt2-124m:32x1+train.fp8=true
-gpt-1.4b:8x4+train.fused_loss=off gpt2-124m:12x1 gpt-1.4b:16x2 gpt-1.4b:8x4+model.drop_rate=0
+gpt-1.4b:8x4+model.drop_rate=0 gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.compile_scope=blocks
+gpt2-124m:32x1+train.fp8=true gpt-1.4b:8x4+train.fused_loss=off gpt2-124m:12x1 gpt-1.4b:16x2
 gpt2-124m:32x1+train.attention=flash gpt2-124m:32x1+train.compile_mode=reduce-overhead
 gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs}"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | tee "$OUT/env.txt"
+[ "$DEVICE" = cuda ] && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit \
+    --format=csv 2>&1 | tee -a "$OUT/env.txt"
 python3 -c "import torchao; print('torchao', torchao.__version__)" 2>&1 | tail -n 1 | tee -a "$OUT/env.txt"
 
 rc=0
 if [ "$PART" != speed ] && [ "$DEVICE" = cuda ]; then
-    timeout -s KILL 230 python3 -m pytest -q -m gpu tests/ -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
+    timeout -s KILL "${TESTS_TIMEOUT:-230}" python3 -m pytest -v -rA -m gpu tests/ -p no:cacheprovider > "$OUT/gpu_tests.log" 2>&1
     rc=$?
     tail -n 20 "$OUT/gpu_tests.log"
 fi

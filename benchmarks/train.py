@@ -59,8 +59,11 @@ def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data:
                     wall_s=round(time.perf_counter() - t0, 1))
     lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
     if r.returncode != 0 or not lines:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        row["error"] = " | ".join(tail)
+        out = (r.stderr or r.stdout).strip().splitlines()
+        row["error"] = " | ".join(out[-3:])
+        # The traceback's end on stderr too (the session log keeps it): one call may be all a device session has.
+        print(f"--- {' '.join(cmd)} failed (exit {r.returncode}); its last lines:", *out[-40:], sep="\n",
+              file=sys.stderr, flush=True)
     else:
         row = json.loads(lines[-1])
     row["variant"] = variant
