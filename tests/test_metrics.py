@@ -110,12 +110,62 @@ def test_fused_loss_estimate_bounds_the_measured_peak(precision, n, d, v, rows, 
     assert measured <= estimate <= 1.6 * measured, (measured, estimate)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16-mixed"])
+def test_compiled_loss_estimate_bounds_the_measured_peak(precision, tmp_path):
+    """The plain head + cross-entropy under torch.compile (the default on GPUs), measured on CPU with the
+    profiler: inductor keeps the 16-bit logits and writes their gradient over them, as the estimate says."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    from gpttrain.memory import compiled_loss_bytes
+
+    n, d, v = 4096, 256, 4096
+    torch.manual_seed(0)
+    h = torch.randn(n, d, requires_grad=True)
+    w = (0.02 * torch.randn(v, d)).requires_grad_()
+    t = torch.randint(0, v, (n,))
+    loss_fn = torch.compile(lambda h, w, t: F.cross_entropy(F.linear(h, w).float(), t))
+    amp = torch.autocast("cpu", torch.bfloat16) if precision == "bf16-mixed" else contextlib.nullcontext()
+
+    def step():
+        with amp:
+            loss = loss_fn(h, w, t)
+        loss.backward()
+        h.grad = w.grad = None
+
+    step()  # compile outside the measured run
+    measured = _peak_bytes(step, tmp_path / "trace.json")
+    estimate = compiled_loss_bytes(n, v, d, precision)
+    assert 0.99 * measured <= estimate <= 1.6 * measured, (measured, estimate)  # the loss scalar aside
+    eager_bytes = n * v * 14  # what the same loss keeps without compile: far above
+    assert estimate < eager_bytes / 3
+
+
 def test_fused_loss_estimate_at_the_original_size():
     cfg = resolve("gpt-1.4b").model
     plain = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp")
     fused = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", fused_loss=True)
-    assert plain.logits == 8 * 1024 * cfg.vocab_size * 14  # the full logits: about 5.4 GiB
+    compiled = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True)
+    assert plain.logits == 8 * 1024 * cfg.vocab_size * 14  # the full logits in eager mode: about 5.4 GiB
     assert 1 * GIB < fused.logits < 2 * GIB  # one chunk and the head's gradient
+    assert 0.77 * GIB < compiled.logits < fused.logits  # 16-bit logits (0.77 GiB) and the gradients
+    # Measured on an H200 (compiled, chunked loss): 39.55 GiB at peak. Both estimates are near it.
+    assert abs(fused.total / GIB - 39.55) < 1 and abs(compiled.total / GIB - 39.55) < 1
+
+
+@pytest.mark.parametrize("setting, device, compiled, expected", [
+    ("auto", "cuda", False, True),  # eager autograd would keep the full logits ~14 bytes each
+    ("auto", "cuda", True, False),  # compiled, inductor's plain cross-entropy is faster and no larger
+    ("auto", "cpu", False, False),
+    ("on", "cpu", True, True),
+    ("off", "cuda", False, False),
+])
+def test_fused_loss_default_depends_on_compile(setting, device, compiled, expected):
+    from gpttrain.loss import chunked_loss_wanted
+
+    assert chunked_loss_wanted(setting, device, compiled) is expected
 
 
 def test_gpu_utilization_tries_nvml_once_after_a_failure(monkeypatch):

@@ -98,12 +98,13 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     kernel), so `overhead` is the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
-    model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type)
+    compiled = compile_wanted(cfg.train.compile, device)
+    model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, compiled)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     run = model
-    if compile_wanted(cfg.train.compile, device):
+    if compiled:
         run = compile_model(model, cfg.train.compile_scope, cfg.train.compile_mode)
     loader = SyntheticLoader(cfg, device, seed=1)
     dtype = AUTOCAST_DTYPES.get(precision)

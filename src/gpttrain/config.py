@@ -95,7 +95,8 @@ class TrainConfig:
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"
     fp8: bool = False  # the blocks' linears in float8 through torchao (bf16-mixed, GPUs with fp8: H100, 4090)
     activation_checkpointing: bool = False
-    fused_loss: Literal["auto", "on", "off"] = "auto"  # chunked head + cross-entropy; auto = on CUDA
+    # Chunked head + cross-entropy; auto = on CUDA without torch.compile (compiled, the plain loss is faster).
+    fused_loss: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = 0  # 0 = only at the end and on signals
     keep_checkpoints: int = 3
     nonfinite: Literal["skip", "stop"] = "stop"

@@ -5,19 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
+
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import flops_per_token, matmul_params
 from gpttrain.model import count_params
+from gpttrain.parallel import compile_wanted
 
 log = logging.getLogger("gpttrain")
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
-def memory_table(cfg: Config, gpus: int, fused: bool) -> list[dict]:
+def memory_table(cfg: Config, gpus: int, fused: bool, compiled: bool) -> list[dict]:
     """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
     mb = cfg.train.micro_batch_size
     fsdp_sizes = sorted({n for n in (2, 4, 8) if n <= gpus} | ({gpus} if gpus > 1 else set()))
@@ -26,7 +29,7 @@ def memory_table(cfg: Config, gpus: int, fused: bool) -> list[dict]:
         for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
             for ac in (False, True):
                 est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac,
-                                               fused_loss=fused)
+                                               fused_loss=fused, compiled=compiled)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
     return rows
@@ -43,14 +46,16 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
-    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda")  # the estimates are for GPU runs
-    rows = memory_table(cfg, gpus, fused)
+    cuda = torch.device("cuda")  # the estimates are for GPU runs
+    compiled = compile_wanted(cfg.train.compile, cuda)
+    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda", compiled)
+    rows = memory_table(cfg, gpus, fused, compiled)
     mb = cfg.train.micro_batch_size
     per_rank = mb * cfg.train.grad_accum_steps
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
     fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp",
-                              fused_loss=fused)
+                              fused_loss=fused, compiled=compiled)
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
@@ -78,8 +83,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
              "logits: %s; add ~1 GiB for the CUDA context.)",
-             "the chunked head + loss (--train.fused_loss, on by default on GPUs)" if fused
-             else "the full logits (--train.fused_loss off)")
+             "the chunked head + loss (--train.fused_loss)" if fused
+             else "the full logits as torch.compile keeps them" if compiled
+             else "the full logits in eager mode (--train.fused_loss on would chunk them)")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])
     if ddp["total"] <= gpu_mem_gib:

@@ -66,11 +66,12 @@ def estimate_training_memory(
     activation_checkpointing: bool = False,
     seq_len: int | None = None,
     fused_loss: bool = False,
+    compiled: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
-    `fused_loss`: the chunked head + cross-entropy (`--train.fused_loss`, on by default on CUDA), whose logits
-    take one chunk at a time; off, the plain head's full logits."""
+    `fused_loss`: the chunked head + cross-entropy (`--train.fused_loss`), whose logits take one chunk at a time;
+    off, the plain head's full logits, as eager autograd keeps them or, `compiled`, as torch.compile does."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -105,6 +106,8 @@ def estimate_training_memory(
 
     if fused_loss:
         logits = fused_loss_bytes(tokens, V, d, precision)
+    elif compiled:
+        logits = compiled_loss_bytes(tokens, V, d, precision)
     else:
         # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,
         # and the fp32 gradient of the logits at the start of backward.
@@ -124,6 +127,17 @@ def fused_loss_bytes(tokens: int, vocab: int, width: int, precision: str, rows: 
     cast = 2 if precision in ("bf16-mixed", "fp16-mixed") else 0  # autocast's 16-bit copies of fp32 inputs
     h = 2 if precision == "bf16-pure" else 4  # the hidden states' dtype (the final LayerNorm's output)
     return rows * vocab * (8 + pc) + vocab * width * (4 + cdt + 4 + cast) + tokens * width * (h + cast)
+
+
+def compiled_loss_bytes(tokens: int, vocab: int, width: int, precision: str) -> int:
+    """Peak bytes of the plain head + cross-entropy under torch.compile beyond its inputs, an upper bound (checked
+    against the profiler in the tests): inductor saves the logits in the compute dtype and writes their gradient
+    over them; the head's weight gradient and the hidden states' gradient; under autocast, 16-bit copies of the
+    weight and the hidden states."""
+    cdt = 4 if precision == "fp32" else 2
+    cast = 2 if precision in ("bf16-mixed", "fp16-mixed") else 0
+    h = 2 if precision == "bf16-pure" else 4
+    return tokens * vocab * cdt + vocab * width * (4 + cast) + tokens * width * (h + cast)
 
 
 def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: int, **kw) -> tuple[int, int] | None:

@@ -187,7 +187,8 @@ class Trainer:
                                                fp8=cfg.train.fp8)
         else:
             self.model = build_local_model(cfg.model, self.device, self.precision, fp8=cfg.train.fp8)
-        self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type)
+        self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type,
+                                                      compile_wanted(cfg.train.compile, self.device))
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -402,14 +403,11 @@ class Trainer:
         t = self.cfg.train
         per_rank = t.micro_batch_size * t.grad_accum_steps
         total = self.device_memory()
-        strategy = "fsdp" if self.strategy == "fsdp" else "ddp"
-        est = estimate_training_memory(self.cfg.model, t.micro_batch_size, self.precision, strategy,
-                                       self.info.world_size, t.activation_checkpointing,
-                                       fused_loss=self.model.chunked_loss)
-        fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, precision=self.precision,
-                                  strategy=strategy, world_size=self.info.world_size,
-                                  activation_checkpointing=t.activation_checkpointing,
-                                  fused_loss=self.model.chunked_loss)
+        layout = dict(precision=self.precision, strategy="fsdp" if self.strategy == "fsdp" else "ddp",
+                      world_size=self.info.world_size, activation_checkpointing=t.activation_checkpointing,
+                      fused_loss=self.model.chunked_loss, compiled=compile_wanted(t.compile, self.device))
+        est = estimate_training_memory(self.cfg.model, t.micro_batch_size, **layout)
+        fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, **layout)
         msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
                f"(gpttrain info estimates {est.total / GIB:.1f} GiB per GPU; this GPU has {total / GIB:.1f} GiB).")
         if fit is not None and fit[0] < t.micro_batch_size:
