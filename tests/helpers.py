@@ -87,6 +87,22 @@ def run_cli(args: list[str], cwd: Path, env_extra: dict | None = None, timeout: 
                           text=True, timeout=timeout)
 
 
+def cpu_memory(fn, trace_file: Path) -> tuple[int, int]:
+    """CPU memory allocated by torch while `fn` runs, above what was allocated before: (peak, still held at the
+    end), from the running sum of the profiler's allocation and free records in time order."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    prof.export_chrome_trace(str(trace_file))
+    events = json.loads(trace_file.read_text())["traceEvents"]
+    running = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        running += e["args"]["Bytes"]
+        peak = max(peak, running)
+    return peak, running
+
+
 def refused_train(tmp_path: Path, *flags: str) -> str:
     """`gpttrain train` of the tiny preset with `flags`, expected to be refused: asserts exit 2 and no run dir,
     returns the message's (last) line."""

@@ -3,6 +3,7 @@ import pytest
 from gpttrain.config import resolve
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import flops_per_token, lookup_peak_tflops, matmul_params, mfu, model_tflops
+from tests.helpers import cpu_memory
 
 
 def test_flops_per_token_of_the_reference_models():
@@ -64,24 +65,6 @@ def test_suggest_micro_batch_keeps_the_global_batch():
     assert suggest_micro_batch(resolve("gpt-1.4b").model, 1 * GIB, 32) is None
 
 
-def _peak_bytes(fn, trace_file) -> int:
-    """Peak of CPU memory allocated by torch while `fn` runs, above what was allocated before: the running sum of
-    the profiler's allocation and free records, in time order."""
-    import json
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    prof.export_chrome_trace(str(trace_file))
-    events = json.loads(trace_file.read_text())["traceEvents"]
-    running = peak = 0
-    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
-        running += e["args"]["Bytes"]
-        peak = max(peak, running)
-    return peak
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-pure"])
 @pytest.mark.parametrize("n, d, v, rows", [(4096, 256, 4096, 256), (4096, 1024, 4096, 64)])  # chunks; head grad
 def test_fused_loss_estimate_bounds_the_measured_peak(precision, n, d, v, rows, tmp_path):
@@ -105,7 +88,7 @@ def test_fused_loss_estimate_bounds_the_measured_peak(precision, n, d, v, rows, 
         with amp:
             out["loss"] = linear_cross_entropy(h, w, t, chunk_rows=rows)
 
-    measured = _peak_bytes(forward, tmp_path / "trace.json")
+    measured, _ = cpu_memory(forward, tmp_path / "trace.json")
     estimate = fused_loss_bytes(n, v, d, precision, rows=rows)
     assert measured <= estimate <= 1.6 * measured, (measured, estimate)
 
@@ -136,7 +119,7 @@ def test_compiled_loss_estimate_bounds_the_measured_peak(precision, tmp_path):
         h.grad = w.grad = None
 
     step()  # compile outside the measured run
-    measured = _peak_bytes(step, tmp_path / "trace.json")
+    measured, _ = cpu_memory(step, tmp_path / "trace.json")
     estimate = compiled_loss_bytes(n, v, d, precision)
     assert 0.99 * measured <= estimate <= 1.6 * measured, (measured, estimate)  # the loss scalar aside
     eager_bytes = n * v * 14  # what the same loss keeps without compile: far above
@@ -153,6 +136,22 @@ def test_fused_loss_estimate_at_the_original_size():
     assert 0.77 * GIB < compiled.logits < fused.logits  # 16-bit logits (0.77 GiB) and the gradients
     # Measured on an H200 (compiled, chunked loss): 39.55 GiB at peak. Both estimates are near it.
     assert abs(fused.total / GIB - 39.55) < 1 and abs(compiled.total / GIB - 39.55) < 1
+
+
+def test_recomputed_weight_casts_estimate():
+    from gpttrain.model import count_params
+
+    cfg = resolve("gpt-1.4b").model
+    kept = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True)
+    recast = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True, recompute_casts=True)
+    assert kept.compute_copies == 2 * count_params(cfg)  # every weight's 16-bit copy, kept for backward
+    assert recast.compute_copies == 2 * cfg.vocab_size * cfg.emb_dim  # the largest one (the head's) at a time
+    assert recast.total < 38 * GIB < kept.total  # the GPU-speed issue's memory target at micro-batch 8
+    # Nothing to recompute: no 16-bit copies (fp32, bf16-pure), FSDP's own gathers, or eager autograd.
+    for layout in (dict(precision="fp32"), dict(precision="bf16-pure"), dict(strategy="fsdp", world_size=2),
+                   dict(compiled=False)):
+        kw = dict(dict(precision="bf16-mixed", strategy="ddp", compiled=True), **layout)
+        assert estimate_training_memory(cfg, 8, recompute_casts=True, **kw) == estimate_training_memory(cfg, 8, **kw)
 
 
 @pytest.mark.parametrize("setting, device, compiled, expected", [

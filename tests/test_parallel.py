@@ -1,6 +1,7 @@
 """torch.compile per block (`--train.compile_scope blocks`) and pinned attention kernels (`--train.attention`)."""
 
 import copy
+import functools
 import re
 
 import pytest
@@ -214,3 +215,91 @@ def test_trainer_with_compiled_blocks_and_a_pinned_kernel_matches_eager(tmp_path
     assert runs["blocks"][1] == runs["eager"][1]
     for a, b in zip(runs["blocks"][0], runs["eager"][0]):
         assert abs(a - b) < 1e-4, (runs["blocks"][0], runs["eager"][0])
+
+
+# ---- recomputed weight casts (--train.recompute_weight_casts) ------------------------------------------------
+
+
+def _bf16_forward(run, x, y, out: dict) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out["loss"] = run(x, y)
+
+
+def test_recomputed_weight_casts_keep_the_gradients_and_drop_the_16_bit_copies(tmp_path):
+    """Compiled (inductor) under bf16 autocast: the same loss and gradients, while forward no
+    longer leaves a 16-bit copy of every linear weight allocated for backward (2 bytes per weight less)."""
+    from gpttrain.parallel import recompute_weight_casts
+    from tests.helpers import cpu_memory
+
+    x, y = batch(tiny(), b=4, t=64)
+    results = {}
+    for name in ("kept", "recast"):
+        torch._dynamo.reset()
+        model = tiny()
+        if name == "recast":
+            recompute_weight_casts(model)
+        out = {}
+        forward = functools.partial(_bf16_forward, torch.compile(model), x, y, out)
+        forward()  # compile outside the measured run
+        out["loss"].backward()
+        model.zero_grad(set_to_none=True)
+        _, held = cpu_memory(forward, tmp_path / f"{name}.json")  # what forward leaves for backward
+        out["loss"].backward()
+        results[name] = (out["loss"].detach(), {n: p.grad for n, p in model.named_parameters()}, held)
+    (loss_k, grads_k, held_k), (loss_r, grads_r, held_r) = results["kept"], results["recast"]
+    # Equal up to summation order: inductor may fuse the two graphs' reductions differently (the embedding's).
+    torch.testing.assert_close(loss_r, loss_k, rtol=1e-6, atol=0)
+    torch.testing.assert_close(grads_r, grads_k, rtol=1e-5, atol=1e-7)
+    linear_weights = sum(m.weight.numel() for m in tiny().modules() if type(m) is torch.nn.Linear)
+    assert held_k - held_r == 2 * linear_weights, (held_k, held_r, linear_weights)
+
+
+def test_recomputed_weight_casts_leave_eager_fp32_and_evaluation_alone():
+    """Outside autocast (fp32) and without gradients (evaluation, sampling) the linears run as before."""
+    from gpttrain.parallel import recompute_weight_casts
+
+    plain, recast = tiny(), tiny()
+    recompute_weight_casts(recast)
+    x, y = batch(plain)
+    loss_p, grads_p = loss_and_grads(plain, x, y)
+    loss_r, grads_r = loss_and_grads(recast, x, y)
+    assert torch.equal(loss_p, loss_r) and all(torch.equal(grads_p[n], grads_r[n]) for n in grads_p)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(plain(x), recast(x))
+    assert list(plain.state_dict()) == list(recast.state_dict())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--train.recompute_weight_casts", "true"),
+     "error: --train.recompute_weight_casts true: precision fp32 makes no 16-bit copies of the weights; it is "
+     "for --train.precision bf16-mixed or fp16-mixed"),
+    (("--train.recompute_weight_casts", "true", "--train.precision", "bf16-mixed", "--train.compile", "off"),
+     "error: --train.recompute_weight_casts true needs torch.compile (--train.compile on): without it autograd "
+     "keeps the 16-bit weight copies whatever this flag says"),
+])
+def test_recomputed_weight_casts_where_they_would_do_nothing_are_refused(tmp_path, flags, message):
+    from tests.helpers import refused_train
+
+    assert refused_train(tmp_path, *flags) == message
+
+
+def test_trainer_recasts_the_weights_when_asked(tmp_path):
+    """The trainer's wiring: bf16-mixed, compiled, the flag on: every plain linear recasts, and steps train."""
+    from gpttrain.parallel import _recast_linear_forward
+    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
+
+    cfg = tiny_config(make_data(tmp_path), tmp_path / "run", "--train.precision", "bf16-mixed", "--train.compile",
+                      "on", "--train.recompute_weight_casts", "true", "--optim.lr", "3e-3")
+    trainer = build_trainer(cfg, single_info())
+    linears = [m for m in trainer.model.modules() if type(m) is torch.nn.Linear]
+    assert linears and all(m.forward.func is _recast_linear_forward for m in linears)
+    losses = steps_of(trainer, 6)
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+
+
+def test_recomputed_weight_casts_are_refused_with_fsdp():
+    from gpttrain.parallel import check_recompute_weight_casts
+
+    with pytest.raises(ConfigError, match="FSDP already gathers the weights in 16 bits"):
+        check_recompute_weight_casts("bf16-mixed", True, "fsdp")
+    check_recompute_weight_casts("bf16-mixed", True, "ddp")  # accepted

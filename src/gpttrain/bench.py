@@ -29,6 +29,7 @@ from gpttrain.parallel import (
     build_local_model,
     compile_model,
     compile_wanted,
+    recompute_weight_casts,
 )
 
 log = logging.getLogger("gpttrain")
@@ -94,14 +95,16 @@ def _time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float
 
 def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
-    the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, compile, attention
-    kernel), so `overhead` is the cost of the loop alone."""
+    the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, recast weights,
+    compile, attention kernel), so `overhead` is the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
     model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, compiled)
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
+    if cfg.train.recompute_weight_casts:
+        recompute_weight_casts(model)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     run = model
     if compiled:
@@ -195,7 +198,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int) -> dict:
         "world_size": info.world_size, "precision": trainer.precision,
         "compile": compiled, "compile_mode": cfg.train.compile_mode if compiled else None,
         "compile_scope": cfg.train.compile_scope if compiled else None, "attention": cfg.train.attention,
-        "fp8": cfg.train.fp8,
+        "fp8": cfg.train.fp8, "recompute_weight_casts": cfg.train.recompute_weight_casts,
         "fused_loss": trainer.model.chunked_loss,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),

@@ -29,7 +29,8 @@ def memory_table(cfg: Config, gpus: int, fused: bool, compiled: bool) -> list[di
         for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
             for ac in (False, True):
                 est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac,
-                                               fused_loss=fused, compiled=compiled)
+                                               fused_loss=fused, compiled=compiled,
+                                               recompute_casts=cfg.train.recompute_weight_casts)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
     return rows
@@ -55,11 +56,17 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
     fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp",
-                              fused_loss=fused, compiled=compiled)
+                              fused_loss=fused, compiled=compiled, recompute_casts=cfg.train.recompute_weight_casts)
+    # What --train.recompute_weight_casts would make of bf16-mixed DDP, where it is not set and can apply.
+    recast = None
+    if compiled and not cfg.train.recompute_weight_casts:
+        recast = estimate_training_memory(m, mb, default_prec, "ddp", fused_loss=fused, compiled=True,
+                                          recompute_casts=True).total / GIB
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
-               "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]}}
+               "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]},
+               "ddp_bf16_mixed_recompute_weight_casts_gib": recast}
         emit(out)
         return 0
 
@@ -91,6 +98,11 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     if ddp["total"] <= gpu_mem_gib:
         log.info("verdict: %s with DDP fits %g GiB per GPU (%.1f GiB estimated).", default_prec, gpu_mem_gib,
                  ddp["total"])
+        return 0
+    if recast is not None and recast <= gpu_mem_gib:
+        log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, more than %g GiB; with "
+                 "--train.recompute_weight_casts true it fits (%.1f GiB estimated).", default_prec, ddp["total"],
+                 mb, gpu_mem_gib, recast)
         return 0
     options = [r for r in rows if r["precision"] == default_prec and r["total"] <= gpu_mem_gib]
     msg = f"verdict: {default_prec} with DDP needs {ddp['total']:.1f} GiB per GPU at micro-batch {mb}: " \

@@ -67,11 +67,14 @@ def estimate_training_memory(
     seq_len: int | None = None,
     fused_loss: bool = False,
     compiled: bool = False,
+    recompute_casts: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
     `fused_loss`: the chunked head + cross-entropy (`--train.fused_loss`), whose logits take one chunk at a time;
-    off, the plain head's full logits, as eager autograd keeps them or, `compiled`, as torch.compile does."""
+    off, the plain head's full logits, as eager autograd keeps them or, `compiled`, as torch.compile does.
+    `recompute_casts` (`--train.recompute_weight_casts`, compiled mixed precision without FSDP): the 16-bit
+    weight copies are made again in backward, so only the largest one (a block's or the head's) is held."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -90,8 +93,10 @@ def estimate_training_memory(
         cdt = 2 if precision != "fp32" else 4
         root = V * d * (1 if cfg.tie_embeddings else 2) + T * d
         compute_copies = cdt * (root + 2 * block_params)
+    elif half and compiled and recompute_casts:
+        compute_copies = 2 * max(block_params, V * d)  # one block's (or the head's) copies, made in backward
     elif half:
-        compute_copies = 2 * P  # autocast caches a 16-bit copy of every weight for the step
+        compute_copies = 2 * P  # a 16-bit copy of every weight, kept from forward to backward
     else:
         compute_copies = 0.0
 

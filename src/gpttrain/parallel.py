@@ -41,6 +41,47 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         block.forward = functools.partial(_checkpointed_forward, block.forward)
 
 
+def _cast(weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return weight.to(dtype)
+
+
+def _recast_linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) and torch.is_grad_enabled():
+        dtype = torch.get_autocast_dtype(dev)
+        if linear.weight.dtype != dtype:
+            # The cast alone in a checkpoint region: torch.compile tags it to be recomputed, so backward casts
+            # the fp32 weight again instead of keeping its 16-bit copy from forward to backward.
+            weight = checkpoint(_cast, linear.weight, dtype, use_reentrant=False)
+            return F.linear(x, weight, linear.bias)
+    return F.linear(x, linear.weight, linear.bias)
+
+
+def recompute_weight_casts(model: nn.Module) -> None:
+    """`--train.recompute_weight_casts`: each plain linear's 16-bit weight copy (autocast's cast of the fp32
+    master weight) is made again in backward instead of being kept from forward: 2 bytes per parameter less at
+    the peak (the start of backward), for one more cast per micro-step. Takes effect under torch.compile, whose
+    partitioner otherwise saves every copy (eager autograd keeps them whatever this does); fp8 linears cast
+    their own weights and are left alone. Parameter names and values are unchanged."""
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = functools.partial(_recast_linear_forward, module)
+
+
+def check_recompute_weight_casts(precision: str, compiled: bool, strategy: str) -> None:
+    """Refuse `--train.recompute_weight_casts` where it could do nothing, rather than let it be a silent no-op."""
+    flag = "--train.recompute_weight_casts true"
+    if precision not in AUTOCAST_DTYPES:
+        raise ConfigError(f"{flag}: precision {precision} makes no 16-bit copies of the weights; it is for "
+                          "--train.precision bf16-mixed or fp16-mixed")
+    if not compiled:
+        raise ConfigError(f"{flag} needs torch.compile (--train.compile on): without it autograd keeps the "
+                          "16-bit weight copies whatever this flag says")
+    if strategy == "fsdp":
+        raise ConfigError(f"{flag}: FSDP already gathers the weights in 16 bits for each block's forward and "
+                          "again for its backward, keeping no copy in between; drop the flag")
+
+
 def compile_wanted(setting: str, device: torch.device) -> bool:
     if setting == "on":
         return True

@@ -36,8 +36,10 @@ from gpttrain.parallel import (
     build_fsdp_model,
     build_local_model,
     check_attention,
+    check_recompute_weight_casts,
     compile_model,
     compile_wanted,
+    recompute_weight_casts,
     strategy_for,
     wrap_ddp,
 )
@@ -177,6 +179,9 @@ class Trainer:
             from gpttrain.fp8 import check_fp8
 
             check_fp8(self.precision, self.device, cfg.train.micro_batch_size * cfg.model.context_length)
+        if cfg.train.recompute_weight_casts:
+            check_recompute_weight_casts(self.precision, compile_wanted(cfg.train.compile, self.device),
+                                         self.strategy)
         compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
         check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
                         head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
@@ -219,6 +224,8 @@ class Trainer:
         model: torch.nn.Module = self.model
         if self.cfg.train.activation_checkpointing and self.strategy != "fsdp":  # FSDP applied it before sharding
             apply_activation_checkpointing(self.model)
+        if self.cfg.train.recompute_weight_casts:
+            recompute_weight_casts(self.model)
         # DDP first, then compile: the compiler splits the graph at DDP's buckets (DDPOptimizer), so
         # gradient all-reduces overlap backward instead of all waiting for its end.
         self.ddp = wrap_ddp(model, self.info) if self.strategy == "ddp" else None
@@ -405,7 +412,8 @@ class Trainer:
         total = self.device_memory()
         layout = dict(precision=self.precision, strategy="fsdp" if self.strategy == "fsdp" else "ddp",
                       world_size=self.info.world_size, activation_checkpointing=t.activation_checkpointing,
-                      fused_loss=self.model.chunked_loss, compiled=compile_wanted(t.compile, self.device))
+                      fused_loss=self.model.chunked_loss, compiled=compile_wanted(t.compile, self.device),
+                      recompute_casts=t.recompute_weight_casts)
         est = estimate_training_memory(self.cfg.model, t.micro_batch_size, **layout)
         fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, **layout)
         msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
@@ -416,6 +424,10 @@ class Trainer:
         else:
             msg += (" Try --train.activation_checkpointing true, --dist.strategy fsdp over more GPUs, "
                     "or a smaller model.")
+        if (not t.recompute_weight_casts and layout["compiled"] and self.precision in AUTOCAST_DTYPES
+                and layout["strategy"] == "ddp"):
+            saved = 2 * self.model.num_params() / GIB
+            msg += f" --train.recompute_weight_casts true would save about {saved:.1f} GiB."
         return msg
 
     def fit(self) -> int:
