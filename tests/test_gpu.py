@@ -69,6 +69,7 @@ SPEED_OPTIONS = {
     "blocks": ("--train.compile_scope", "blocks"),
     "fp8": ("--train.fp8", "true"),
     "fused_loss": ("--train.fused_loss", "on"),  # the chunked loss, compiled (the default only in eager mode)
+    "recast": ("--train.recompute_weight_casts", "true"),
 }
 
 
@@ -99,6 +100,41 @@ def test_speed_options_train_on_cuda_without_host_syncs(tmp_path, option):
         torch.cuda.set_sync_debug_mode("default")
     losses = [s.loss for s in stats]
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3, losses
+
+
+def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
+    """Compiled, bf16 autocast: what forward leaves allocated for backward drops by the 16-bit weight copies
+    (2 bytes per linear weight), and the gradients stay those of the kept copies."""
+    from gpttrain.config import resolve
+    from gpttrain.model import build_model
+    from gpttrain.parallel import recompute_weight_casts
+
+    cfg = resolve("tiny").model
+    cfg.emb_dim, cfg.n_layers, cfg.vocab_size = 512, 4, 4096
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (4, cfg.context_length + 1), generator=g).cuda()
+    results = {}
+    for name in ("kept", "recast"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cuda"))
+        if name == "recast":
+            recompute_weight_casts(model)
+        run = torch.compile(model)
+        for _ in range(2):  # the second time with compiled code and gradients in place (an accumulation step)
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = run(x[:, :-1], x[:, 1:])
+            held = torch.cuda.memory_allocated() - before
+            loss.backward()
+        results[name] = (held, {n: p.grad.clone() for n, p in model.named_parameters()})
+        del model, run, loss
+    linear_weights = sum(p.numel() for n, p in build_model(cfg, torch.device("meta")).named_parameters()
+                         if p.dim() == 2 and "emb" not in n)
+    assert results["kept"][0] - results["recast"][0] >= 0.95 * 2 * linear_weights, (results["kept"][0],
+                                                                                     results["recast"][0])
+    torch.testing.assert_close(results["recast"][1], results["kept"][1], rtol=1e-3, atol=1e-5)
 
 
 def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
