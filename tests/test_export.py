@@ -214,6 +214,24 @@ def test_separate_head_refused_for_a_tied_model(tmp_path):
         init_from_hf(GPT(tiny_cfg(tie_embeddings=True)), tmp_path / "hf")
 
 
+@pytest.mark.parametrize("fmt", ["hf", "safetensors"])
+def test_a_lost_tie_is_refused_before_the_head_is_dropped(tmp_path, fmt):
+    """A config saying "tied" over a model whose head became its own tensor with other values: both exports
+    would store the embedding alone and lose the head, so they refuse and write nothing."""
+    model = tiny_model(tie_embeddings=True)
+    model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach() + 1.0)
+    out = tmp_path / "out"
+
+    def export():
+        return export_hf(model, model.cfg, out) if fmt == "hf" else export_safetensors(model, {}, out)
+
+    with pytest.raises(ConfigError, match="tie_embeddings is true but the model's output head is a separate tensor"):
+        export()
+    assert not out.exists() and no_temp_dirs(tmp_path)
+    model.out_head.weight = torch.nn.Parameter(model.tok_emb.weight.detach().clone())  # separate, equal: fine
+    assert export() == out and (out / "model.safetensors").is_file()
+
+
 def test_non_empty_out_dir_refused_and_overwrite(tmp_path):
     out = tmp_path / "hf"
     out.mkdir()

@@ -407,6 +407,7 @@ def export_safetensors(
     """
     from gpttrain.checkpoint import model_state_for_saving
 
+    _check_tie(model, model.cfg)
     tensors = model_state_for_saving(model)  # a tied head stored once, as in checkpoints
     meta = {"format": "gpttrain", "format_version": 1, "config": cfg_dict, "tokenizer": tokenizer_spec,
             "tied_embeddings": model.cfg.tie_embeddings}
