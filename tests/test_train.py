@@ -255,6 +255,18 @@ def test_oom_is_answered_with_a_batch_that_fits(data_dir, tmp_path, monkeypatch)
         trainer.fit()
 
 
+def test_oom_message_points_to_recomputed_weight_casts_where_they_apply(data_dir, tmp_path, monkeypatch):
+    hints = {}
+    for name, flags in (("kept", ("--train.compile", "on")),
+                        ("recast", ("--train.compile", "on", "--train.recompute_weight_casts", "true")),
+                        ("eager", ("--train.compile", "off"))):
+        cfg = tiny_config(data_dir, tmp_path / name, "--train.precision", "bf16-mixed", *flags)
+        trainer = build_trainer(cfg, single_info())
+        monkeypatch.setattr(trainer, "device_memory", lambda: 1 << 20)  # nothing fits
+        hints[name] = "--train.recompute_weight_casts true would save about" in trainer._oom_message()
+    assert hints == {"kept": True, "recast": False, "eager": False}  # compiled bf16-mixed without the flag only
+
+
 def test_bench_cpu_reports_overhead(tmp_path):
     r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "3",
                  "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
