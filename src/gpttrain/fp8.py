@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -102,3 +103,10 @@ def convert_to_fp8(model: nn.Module) -> int:
 
     convert_to_float8_training(model.blocks, module_filter_fn=eligible, config=Float8LinearConfig())
     return len(converted)
+
+
+def has_fp8_layers(model: nn.Module) -> bool:
+    """Whether any of `model`'s layers is torchao's Float8Linear (none can be unless torchao's float8 module was
+    imported, so this never imports torchao itself)."""
+    float8_linear = sys.modules.get("torchao.float8.float8_linear")
+    return float8_linear is not None and any(isinstance(m, float8_linear.Float8Linear) for m in model.modules())

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from gpttrain.errors import ConfigError
+from gpttrain.fp8 import has_fp8_layers
 from gpttrain.model import KVCache
 
 log = logging.getLogger("gpttrain")
@@ -207,8 +208,7 @@ def generate_ids(
     model.eval()
     try:
         # torchao's fp8 linears (--train.fp8) cannot run on inference tensors: no_grad for those models.
-        fp8 = any(type(m).__name__ == "Float8Linear" for m in model.modules())
-        with torch.no_grad() if fp8 else torch.inference_mode():
+        with torch.no_grad() if has_fp8_layers(model) else torch.inference_mode():
             seq = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)  # (B, P + N)
             seq[:, :prompt_len] = idx
             cur = prompt_len
