@@ -103,16 +103,17 @@ def test_speed_options_train_on_cuda_without_host_syncs(tmp_path, option):
 
 
 def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
-    """Compiled, bf16 autocast: what forward leaves allocated for backward drops by the 16-bit weight copies
-    (2 bytes per linear weight), and the gradients stay those of the kept copies."""
+    """Compiled, bf16 autocast, activations outweighing the gradients: what forward leaves allocated for backward
+    and the step's peak both drop by about the 16-bit weight copies (2 bytes per linear weight), and the
+    gradients stay those of the kept copies."""
     from gpttrain.config import resolve
     from gpttrain.model import build_model
     from gpttrain.parallel import recompute_weight_casts
 
     cfg = resolve("tiny").model
-    cfg.emb_dim, cfg.n_layers, cfg.vocab_size = 512, 4, 4096
+    cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.context_length = 512, 4, 4096, 256
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (4, cfg.context_length + 1), generator=g).cuda()
+    x = torch.randint(0, cfg.vocab_size, (16, cfg.context_length + 1), generator=g).cuda()
     results = {}
     for name in ("kept", "recast"):
         torch._dynamo.reset()
@@ -123,18 +124,22 @@ def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
         run = torch.compile(model)
         for _ in range(2):  # the second time with compiled code and gradients in place (an accumulation step)
             torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = run(x[:, :-1], x[:, 1:])
             held = torch.cuda.memory_allocated() - before
             loss.backward()
-        results[name] = (held, {n: p.grad.clone() for n, p in model.named_parameters()})
+            torch.cuda.synchronize()
+            peak = torch.cuda.max_memory_allocated() - before
+        results[name] = (held, peak, {n: p.grad.clone() for n, p in model.named_parameters()})
         del model, run, loss
-    linear_weights = sum(p.numel() for n, p in build_model(cfg, torch.device("meta")).named_parameters()
-                         if p.dim() == 2 and "emb" not in n)
-    assert results["kept"][0] - results["recast"][0] >= 0.95 * 2 * linear_weights, (results["kept"][0],
-                                                                                     results["recast"][0])
-    torch.testing.assert_close(results["recast"][1], results["kept"][1], rtol=1e-3, atol=1e-5)
+    copies = 2 * sum(p.numel() for n, p in build_model(cfg, torch.device("meta")).named_parameters()
+                     if p.dim() == 2 and "emb" not in n)
+    (held_k, peak_k, grads_k), (held_r, peak_r, grads_r) = results["kept"], results["recast"]
+    assert held_k - held_r >= 0.95 * copies, (held_k, held_r, copies)
+    assert peak_k - peak_r >= 0.5 * copies, (peak_k, peak_r, copies)  # one block's copies may be back at once
+    torch.testing.assert_close(grads_r, grads_k, rtol=1e-3, atol=1e-5)
 
 
 def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):

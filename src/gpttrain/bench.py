@@ -29,6 +29,7 @@ from gpttrain.parallel import (
     build_local_model,
     compile_model,
     compile_wanted,
+    compiles_head,
     recompute_weight_casts,
 )
 
@@ -100,7 +101,8 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
-    model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, compiled)
+    model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, precision,
+                                             compiles_head(cfg.train, device))
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.recompute_weight_casts:

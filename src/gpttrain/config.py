@@ -96,7 +96,7 @@ class TrainConfig:
     fp8: bool = False  # the blocks' linears in float8 through torchao (bf16-mixed, GPUs with fp8: H100, 4090)
     activation_checkpointing: bool = False
     # Recast the 16-bit weight copies in backward instead of keeping them (bf16/fp16-mixed under torch.compile):
-    # 2 bytes per parameter less memory (2.6 GiB at 1.42B) for one more cast of the weights per micro-step.
+    # 2 bytes per linear weight less memory (about 2.4 GiB at 1.42B) for one more cast of them per micro-step.
     recompute_weight_casts: bool = False
     # Chunked head + cross-entropy; auto = on CUDA without torch.compile (compiled, the plain loss is faster).
     fused_loss: Literal["auto", "on", "off"] = "auto"

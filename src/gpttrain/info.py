@@ -5,22 +5,30 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
-
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted
 from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
 from gpttrain.metrics import flops_per_token, matmul_params
 from gpttrain.model import count_params
-from gpttrain.parallel import compile_wanted
 
 log = logging.getLogger("gpttrain")
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
-def memory_table(cfg: Config, gpus: int, fused: bool, compiled: bool) -> list[dict]:
+def gpu_layout(cfg: Config, precision: str, **overrides) -> dict:
+    """`estimate_training_memory`'s keywords for a GPU run of `cfg` in `precision`: compiled unless
+    `--train.compile off` (auto compiles on Linux GPUs, where such runs are), the loss `--train.fused_loss` picks."""
+    t = cfg.train
+    compiled = t.compile != "off"
+    head_compiled = compiled and t.compile_scope == "model"
+    return dict(precision=precision, compiled=compiled, compile_scope=t.compile_scope,
+                recompute_casts=t.recompute_weight_casts,
+                fused_loss=chunked_loss_wanted(t.fused_loss, "cuda", precision, head_compiled), **overrides)
+
+
+def memory_table(cfg: Config, gpus: int) -> list[dict]:
     """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
     mb = cfg.train.micro_batch_size
     fsdp_sizes = sorted({n for n in (2, 4, 8) if n <= gpus} | ({gpus} if gpus > 1 else set()))
@@ -28,9 +36,9 @@ def memory_table(cfg: Config, gpus: int, fused: bool, compiled: bool) -> list[di
     for precision in PRECISIONS:
         for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
             for ac in (False, True):
-                est = estimate_training_memory(cfg.model, mb, precision, strategy, world, ac,
-                                               fused_loss=fused, compiled=compiled,
-                                               recompute_casts=cfg.train.recompute_weight_casts)
+                est = estimate_training_memory(cfg.model, mb, **gpu_layout(cfg, precision, strategy=strategy,
+                                                                            world_size=world,
+                                                                            activation_checkpointing=ac))
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
     return rows
@@ -47,21 +55,17 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
-    cuda = torch.device("cuda")  # the estimates are for GPU runs
-    compiled = compile_wanted(cfg.train.compile, cuda)
-    fused = chunked_loss_wanted(cfg.train.fused_loss, "cuda", compiled)
-    rows = memory_table(cfg, gpus, fused, compiled)
+    rows = memory_table(cfg, gpus)
     mb = cfg.train.micro_batch_size
     per_rank = mb * cfg.train.grad_accum_steps
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
-    fit = suggest_micro_batch(m, budget, per_rank, precision=default_prec, strategy="ddp",
-                              fused_loss=fused, compiled=compiled, recompute_casts=cfg.train.recompute_weight_casts)
+    layout = gpu_layout(cfg, default_prec, strategy="ddp")
+    fit = suggest_micro_batch(m, budget, per_rank, **layout)
     # What --train.recompute_weight_casts would make of bf16-mixed DDP, where it is not set and can apply.
     recast = None
-    if compiled and not cfg.train.recompute_weight_casts:
-        recast = estimate_training_memory(m, mb, default_prec, "ddp", fused_loss=fused, compiled=True,
-                                          recompute_casts=True).total / GIB
+    if layout["compiled"] and not cfg.train.recompute_weight_casts:
+        recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
@@ -90,8 +94,10 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
              "logits: %s; add ~1 GiB for the CUDA context.)",
-             "the chunked head + loss (--train.fused_loss)" if fused
-             else "the full logits as torch.compile keeps them" if compiled
+             "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
+             else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"
+                                                             if gpu_layout(cfg, "fp32")["fused_loss"] else "")
+             if layout["compiled"] and cfg.train.compile_scope == "model"
              else "the full logits in eager mode (--train.fused_loss on would chunk them)")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])

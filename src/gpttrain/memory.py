@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
 from gpttrain.loss import chunk_rows_for
+from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
 
 GIB = 1024**3
@@ -67,14 +68,16 @@ def estimate_training_memory(
     seq_len: int | None = None,
     fused_loss: bool = False,
     compiled: bool = False,
+    compile_scope: str = "model",
     recompute_casts: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
     `fused_loss`: the chunked head + cross-entropy (`--train.fused_loss`), whose logits take one chunk at a time;
-    off, the plain head's full logits, as eager autograd keeps them or, `compiled`, as torch.compile does.
-    `recompute_casts` (`--train.recompute_weight_casts`, compiled mixed precision without FSDP): the 16-bit
-    weight copies are made again in backward, so only the largest one (a block's or the head's) is held."""
+    off, the plain head's full logits, as eager autograd keeps them or as torch.compile does where it compiles
+    the head (`compiled` with `compile_scope` "model"). Mixed precision keeps a 16-bit copy of every linear
+    weight from forward to backward, except, compiled, with `recompute_casts` (`--train.recompute_weight_casts`)
+    or activation checkpointing: then the copies are made again in backward and about one block's is held."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -93,10 +96,10 @@ def estimate_training_memory(
         cdt = 2 if precision != "fp32" else 4
         root = V * d * (1 if cfg.tie_embeddings else 2) + T * d
         compute_copies = cdt * (root + 2 * block_params)
-    elif half and compiled and recompute_casts:
+    elif half and compiled and (recompute_casts or activation_checkpointing):
         compute_copies = 2 * max(block_params, V * d)  # one block's (or the head's) copies, made in backward
     elif half:
-        compute_copies = 2 * P  # a 16-bit copy of every weight, kept from forward to backward
+        compute_copies = 2 * matmul_params(cfg)  # the linears' 16-bit weights (embeddings are looked up in fp32)
     else:
         compute_copies = 0.0
 
@@ -111,7 +114,7 @@ def estimate_training_memory(
 
     if fused_loss:
         logits = fused_loss_bytes(tokens, V, d, precision)
-    elif compiled:
+    elif compiled and compile_scope == "model":
         logits = compiled_loss_bytes(tokens, V, d, precision)
     else:
         # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,

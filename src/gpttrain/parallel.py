@@ -59,10 +59,11 @@ def _recast_linear_forward(linear: nn.Linear, x: torch.Tensor) -> torch.Tensor:
 
 def recompute_weight_casts(model: nn.Module) -> None:
     """`--train.recompute_weight_casts`: each plain linear's 16-bit weight copy (autocast's cast of the fp32
-    master weight) is made again in backward instead of being kept from forward: 2 bytes per parameter less at
-    the peak (the start of backward), for one more cast per micro-step. Takes effect under torch.compile, whose
-    partitioner otherwise saves every copy (eager autograd keeps them whatever this does); fp8 linears cast
-    their own weights and are left alone. Parameter names and values are unchanged."""
+    master weight) is made again in backward instead of being kept from forward to backward: 2 bytes per linear
+    weight less while a step's activations are all held (the start of backward, the peak of a run whose
+    activations outweigh its gradients), for one more cast per micro-step. Takes effect under torch.compile,
+    whose partitioner otherwise saves every copy (eager autograd keeps them whatever this does); fp8 linears
+    cast their own weights and are left alone. Parameter names and values are unchanged."""
     for module in model.modules():
         if type(module) is nn.Linear:
             module.forward = functools.partial(_recast_linear_forward, module)
@@ -88,6 +89,12 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
     if setting == "off":
         return False
     return device.type == "cuda" and sys.platform.startswith("linux")
+
+
+def compiles_head(train, device: torch.device) -> bool:
+    """Whether torch.compile takes in the output head and the loss: the whole model is compiled (`--train.compile
+    _scope blocks` compiles the blocks alone). `train` is the config's TrainConfig."""
+    return compile_wanted(train.compile, device) and train.compile_scope == "model"
 
 
 def compile_model(model: nn.Module, scope: str, mode: str, *, backend: str | Callable = "inductor") -> nn.Module:

@@ -39,6 +39,7 @@ from gpttrain.parallel import (
     check_recompute_weight_casts,
     compile_model,
     compile_wanted,
+    compiles_head,
     recompute_weight_casts,
     strategy_for,
     wrap_ddp,
@@ -192,8 +193,8 @@ class Trainer:
                                                fp8=cfg.train.fp8)
         else:
             self.model = build_local_model(cfg.model, self.device, self.precision, fp8=cfg.train.fp8)
-        self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type,
-                                                      compile_wanted(cfg.train.compile, self.device))
+        self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type, self.precision,
+                                                      compiles_head(cfg.train, self.device))
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -413,7 +414,7 @@ class Trainer:
         layout = dict(precision=self.precision, strategy="fsdp" if self.strategy == "fsdp" else "ddp",
                       world_size=self.info.world_size, activation_checkpointing=t.activation_checkpointing,
                       fused_loss=self.model.chunked_loss, compiled=compile_wanted(t.compile, self.device),
-                      recompute_casts=t.recompute_weight_casts)
+                      compile_scope=t.compile_scope, recompute_casts=t.recompute_weight_casts)
         est = estimate_training_memory(self.cfg.model, t.micro_batch_size, **layout)
         fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, **layout)
         msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
@@ -424,10 +425,12 @@ class Trainer:
         else:
             msg += (" Try --train.activation_checkpointing true, --dist.strategy fsdp over more GPUs, "
                     "or a smaller model.")
+        # The flag's hint only where it saves much: activation checkpointing already recasts in backward, and
+        # fp8 linears cast their own weights (the head alone would be recast).
         if (not t.recompute_weight_casts and layout["compiled"] and self.precision in AUTOCAST_DTYPES
-                and layout["strategy"] == "ddp"):
-            saved = 2 * self.model.num_params() / GIB
-            msg += f" --train.recompute_weight_casts true would save about {saved:.1f} GiB."
+                and layout["strategy"] == "ddp" and not t.activation_checkpointing and not t.fp8):
+            recast = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_casts=True))
+            msg += f" --train.recompute_weight_casts true would save about {(est.total - recast.total) / GIB:.1f} GiB."
         return msg
 
     def fit(self) -> int:
