@@ -98,7 +98,8 @@ class TrainConfig:
     # Recast the 16-bit weight copies in backward instead of keeping them (bf16/fp16-mixed under torch.compile):
     # 2 bytes per linear weight less memory (about 2.4 GiB at 1.42B) for one more cast of them per micro-step.
     recompute_weight_casts: bool = False
-    # Chunked head + cross-entropy; auto = on CUDA without torch.compile (compiled, the plain loss is faster).
+    # Chunked head + cross-entropy; auto = on CUDA, except where torch.compile compiles the whole model of a
+    # 16-bit run (inductor's fused plain loss is faster there and no larger).
     fused_loss: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = 0  # 0 = only at the end and on signals
     keep_checkpoints: int = 3

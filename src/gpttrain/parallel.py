@@ -92,8 +92,8 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
 
 
 def compiles_head(train, device: torch.device) -> bool:
-    """Whether torch.compile takes in the output head and the loss: the whole model is compiled (`--train.compile
-    _scope blocks` compiles the blocks alone). `train` is the config's TrainConfig."""
+    """Whether torch.compile takes in the output head and the loss: it compiles the whole model
+    (`--train.compile_scope blocks` compiles the blocks alone). `train` is the config's TrainConfig."""
     return compile_wanted(train.compile, device) and train.compile_scope == "model"
 
 
