@@ -486,8 +486,9 @@ def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
     if request != "auto":
         path = resolve_checkpoint(request)
         return path, verify(path)
-    existing = list_checkpoints(run_dir)
-    incomplete = [p for p in _step_folders(run_dir) if p not in existing]
+    folders = _step_folders(run_dir)  # listed once: complete ones (as list_checkpoints) and interrupted saves
+    existing = [p for p in folders if (p / COMPLETE).is_file()]
+    incomplete = [p for p in folders if p not in existing]
     if not existing:
         if incomplete:
             raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
