@@ -73,6 +73,19 @@ def steps_of(trainer, n: int) -> list[float]:
     return [s.loss for s in take_steps(trainer, n)]
 
 
+@contextlib.contextmanager
+def gloo_rank(rank: int, world: int, port: int):
+    """One rank of an `mp.spawn`ed test: torchrun's environment, one thread (the ranks share 2 cores), a gloo
+    session around the body; yields its DistInfo."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from gpttrain import distributed as distmod
+
+    with distmod.session("cpu", "gloo") as info:
+        yield info
+
+
 def single_info():
     from gpttrain.distributed import DistInfo
 

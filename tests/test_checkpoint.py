@@ -30,6 +30,7 @@ from tests.helpers import (
     REPO,
     build_trainer,
     free_port,
+    gloo_rank,
     make_data,
     read_metrics,
     run_cli,
@@ -586,12 +587,7 @@ def test_save_replaces_an_incomplete_folder_of_the_same_step(data_dir, tmp_path)
 
 
 def _nan_rank_main(rank, world, port, data_dir, run_dir, out_dir, strategy):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from gpttrain import distributed as distmod
-
-    with distmod.session("cpu", "gloo") as info:
+    with gloo_rank(rank, world, port) as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, *DROPOUT, "--train.max_steps", "4",
                                             "--train.nonfinite", "skip", "--train.max_skipped_steps", "1",
                                             "--train.eval_every", "1000", "--dist.strategy", strategy), info)

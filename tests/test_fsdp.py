@@ -16,6 +16,7 @@ from tests.helpers import (
     REPO,
     build_trainer,
     free_port,
+    gloo_rank,
     make_data,
     nan_for_uninitialised_weights,
     run_cli,
@@ -33,12 +34,7 @@ def data_dir(tmp_path_factory):
 
 
 def _rank(rank, world, port, data_dir, run_dir, strategy, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from gpttrain import distributed as distmod
-
-    with distmod.session("cpu", "gloo") as info:
+    with gloo_rank(rank, world, port) as info:
         cfg = tiny_config(data_dir, run_dir, "--dist.strategy", strategy, "--train.micro_batch_size", "2",
                           "--train.grad_accum_steps", "2", "--optim.eps", "1e-6")
         trainer = build_trainer(cfg, info)
@@ -169,12 +165,7 @@ def test_load_and_consolidate_fill_every_weight_from_the_shards(sharded_run, tmp
 
 
 def _fp16_overflow_rank(rank, world, port, data_dir, run_dir, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from gpttrain import distributed as distmod
-
-    with distmod.session("cpu", "gloo") as info:
+    with gloo_rank(rank, world, port) as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, "--dist.strategy", "fsdp"), info)
         # fp16-mixed's scaler (CPU runs refuse fp16 autocast, so the scaler alone, on fp32 compute).
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
@@ -205,14 +196,9 @@ def test_fp16_overflow_in_one_shard_is_skipped_by_every_rank(data_dir, tmp_path)
 
 
 def _init_from_rank(rank, world, port, data_dir, run_dir, hf_dir, out, flags):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from gpttrain import distributed as distmod
-
-    with distmod.session("cpu", "gloo") as info:
+    with gloo_rank(rank, world, port) as info:
         cfg = tiny_config(data_dir, run_dir, "--dist.strategy", "fsdp", "--run.init_from", str(hf_dir), *flags)
         trainer = build_trainer(cfg, info)
         assert (trainer.model.out_head.weight is trainer.model.tok_emb.weight) == cfg.model.tie_embeddings

@@ -12,6 +12,7 @@ from gpttrain.trainer import plan_steps, resolve_precision, round_up
 from tests.helpers import (
     build_trainer,
     free_port,
+    gloo_rank,
     make_data,
     run_cli,
     single_info,
@@ -27,12 +28,7 @@ def data_dir(tmp_path_factory):
 
 
 def _rank_main(rank, world, port, data_dir, run_dir, flags, out):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    from gpttrain import distributed as distmod
-
-    with distmod.session("cpu", "gloo") as info:
+    with gloo_rank(rank, world, port) as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, *flags), info)
         losses = steps_of(trainer, 3)
         if rank == 0:
