@@ -51,24 +51,29 @@ def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data:
     if data:
         cmd += ["--data", data]
     t0 = time.perf_counter()
-    row = {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum}
+    row = head_of(preset, mb, accum, variant)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout_s)
     except subprocess.TimeoutExpired:
-        return dict(row, variant=variant, error=f"timed out after --run-timeout-s {args.run_timeout_s:g}",
-                    wall_s=round(time.perf_counter() - t0, 1))
-    lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
-    if r.returncode != 0 or not lines:
-        out = (r.stderr or r.stdout).strip().splitlines()
-        row["error"] = " | ".join(out[-3:])
-        # The traceback's end on stderr too (the session log keeps it): one call may be all a device session has.
-        print(f"--- {' '.join(cmd)} failed (exit {r.returncode}); its last lines:", *out[-40:], sep="\n",
-              file=sys.stderr, flush=True)
+        row["error"] = f"timed out after --run-timeout-s {args.run_timeout_s:g}"
     else:
-        row = json.loads(lines[-1])
-    row["variant"] = variant
+        lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
+        if r.returncode != 0 or not lines:
+            out = (r.stderr or r.stdout).strip().splitlines()
+            row["error"] = " | ".join(out[-3:])
+            # The traceback's end on stderr too (the session log keeps it): one call may be all a device session
+            # has.
+            print(f"--- {' '.join(cmd)} failed (exit {r.returncode}); its last lines:", *out[-40:], sep="\n",
+                  file=sys.stderr, flush=True)
+        else:
+            row = dict(json.loads(lines[-1]), variant=variant)
     row["wall_s"] = round(time.perf_counter() - t0, 1)  # the whole process: start, compile, timing, matmul peak
     return row
+
+
+def head_of(preset: str, mb: int, accum: int, variant: dict[str, str]) -> dict:
+    """The fields every row starts with, whether it ran, failed or was not started."""
+    return {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "variant": variant}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -93,8 +98,8 @@ def main(argv: list[str] | None = None) -> int:
 
     for preset, mb, accum, variant in runs:
         if spent():
-            summary.append({"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "variant": variant,
-                            "error": f"not run: --budget-s {args.budget_s:g} spent"})
+            summary.append(dict(head_of(preset, mb, accum, variant),
+                                error=f"not run: --budget-s {args.budget_s:g} spent"))
             continue
         row = bench(preset, mb, accum, variant, args, None)
         print(json.dumps(row), flush=True)

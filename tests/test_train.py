@@ -265,6 +265,26 @@ def test_oom_message_points_to_recomputed_weight_casts_where_they_apply(data_dir
     assert hints == {"kept": True, "recast": False, "eager": False, "checkpointed": False}
 
 
+def test_train_benchmark_rows_a_failed_run_and_the_summary(tmp_path):
+    """benchmarks/train.py, which the GPU figures come from: one row per run, a failed run's row with its error
+    (and its traceback's end on stderr), then the summary."""
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--device", "cpu", "--runs",
+                        "tiny:2x1", "tiny:2x1+train.attention=bogus", "--steps", "2", "--warmup", "1",
+                        "--run-dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    ran, failed, summary = [json.loads(line) for line in r.stdout.splitlines()]
+    assert ran["preset"] == "tiny" and ran["variant"] == {} and ran["tok_per_s"] > 0 and ran["wall_s"] > 0
+    assert failed["variant"] == {"train.attention": "bogus"} and "tok_per_s" not in failed
+    assert failed["error"].startswith("error: --train.attention: 'bogus' is not allowed")
+    assert "failed (exit 2); its last lines:" in r.stderr
+    assert [row.get("error") for row in summary["summary"]] == [None, failed["error"]]
+
+
 def test_bench_cpu_reports_overhead(tmp_path):
     r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "3",
                  "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
