@@ -35,7 +35,8 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 # finish within 150 s at 1.42B (80 s at 124M), so it is left to a call of its own:
 #   RUNS="gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.fp8=true" RUN_TIMEOUT=250 BUDGET=260 PART=speed ...
 RUNS="${RUNS:-gpt-1.4b:8x4 gpt2-124m:32x1 gpt-1.4b:8x4+train.recompute_weight_casts=true
-gpt-1.4b:8x4+model.drop_rate=0 gpt-1.4b:8x4+train.fused_loss=on gpt2-124m:32x1+train.compile_scope=blocks
+gpt-1.4b:8x4+model.drop_rate=0 gpt-1.4b:8x4+train.fused_loss=on gpt-1.4b:8x4+train.attention=cudnn
+gpt2-124m:32x1+train.compile_scope=blocks
 gpt2-124m:32x1+train.compile_mode=reduce-overhead gpt2-124m:32x1+train.recompute_weight_casts=true
 gpt-1.4b:16x2 gpt2-124m:12x1}"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
