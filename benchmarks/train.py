@@ -54,8 +54,11 @@ def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data:
     row = head_of(preset, mb, accum, variant)
     try:
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=args.run_timeout_s)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
         row["error"] = f"timed out after --run-timeout-s {args.run_timeout_s:g}"
+        out = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else (e.stderr or "")
+        print(f"--- {' '.join(cmd)} timed out; its last lines:", *out.strip().splitlines()[-40:], sep="\n",
+              file=sys.stderr, flush=True)
     else:
         lines = [line for line in r.stdout.splitlines() if line.startswith("{")]
         if r.returncode != 0 or not lines:
@@ -66,13 +69,13 @@ def bench(preset: str, mb: int, accum: int, variant: dict[str, str], args, data:
             print(f"--- {' '.join(cmd)} failed (exit {r.returncode}); its last lines:", *out[-40:], sep="\n",
                   file=sys.stderr, flush=True)
         else:
-            row = dict(json.loads(lines[-1]), variant=variant)
+            row = {**row, **json.loads(lines[-1])}
     row["wall_s"] = round(time.perf_counter() - t0, 1)  # the whole process: start, compile, timing, matmul peak
     return row
 
 
 def head_of(preset: str, mb: int, accum: int, variant: dict[str, str]) -> dict:
-    """The fields every row starts with, whether it ran, failed or was not started."""
+    """The fields every row starts with, whether it ran (bench's own fields follow), failed or was not started."""
     return {"preset": preset, "micro_batch_size": mb, "grad_accum_steps": accum, "variant": variant}
 
 

@@ -265,24 +265,35 @@ def test_oom_message_points_to_recomputed_weight_casts_where_they_apply(data_dir
     assert hints == {"kept": True, "recast": False, "eager": False, "checkpointed": False}
 
 
-def test_train_benchmark_rows_a_failed_run_and_the_summary(tmp_path):
-    """benchmarks/train.py, which the GPU figures come from: one row per run, a failed run's row with its error
-    (and its traceback's end on stderr), then the summary."""
+def _train_benchmark(tmp_path, *args: str):
     import subprocess
     import sys
 
     from tests.helpers import REPO
 
-    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--device", "cpu", "--runs",
-                        "tiny:2x1", "tiny:2x1+train.attention=bogus", "--steps", "2", "--warmup", "1",
-                        "--run-dir", str(tmp_path / "b")], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks" / "train.py"), "--device", "cpu", "--steps", "2",
+                        "--warmup", "1", "--run-dir", str(tmp_path / "b"), *args], capture_output=True, text=True,
+                       timeout=300, cwd=tmp_path, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-2000:]
-    ran, failed, summary = [json.loads(line) for line in r.stdout.splitlines()]
+    return [json.loads(line) for line in r.stdout.splitlines()], r.stderr
+
+
+def test_train_benchmark_rows_a_failed_run_and_the_summary(tmp_path):
+    """benchmarks/train.py, which the GPU figures come from: one row per run, a failed, timed-out or unstarted
+    run's row with its error (a failure's traceback end on stderr), then the summary."""
+    (ran, failed, summary), err = _train_benchmark(tmp_path, "--runs", "tiny:2x1", "tiny:2x1+train.attention=bogus")
     assert ran["preset"] == "tiny" and ran["variant"] == {} and ran["tok_per_s"] > 0 and ran["wall_s"] > 0
+    assert (failed["preset"], failed["micro_batch_size"], failed["grad_accum_steps"]) == ("tiny", 2, 1)
     assert failed["variant"] == {"train.attention": "bogus"} and "tok_per_s" not in failed
     assert failed["error"].startswith("error: --train.attention: 'bogus' is not allowed")
-    assert "failed (exit 2); its last lines:" in r.stderr
+    assert "failed (exit 2); its last lines:" in err
     assert [row.get("error") for row in summary["summary"]] == [None, failed["error"]]
+
+    (timed_out, summary), err = _train_benchmark(tmp_path, "--runs", "tiny:2x1", "--run-timeout-s", "0.01")
+    assert timed_out["error"] == "timed out after --run-timeout-s 0.01" and "timed out; its last lines:" in err
+    (summary,), _ = _train_benchmark(tmp_path, "--runs", "tiny:2x1", "tiny:4x1", "--budget-s", "0")
+    assert [(row["micro_batch_size"], row["error"]) for row in summary["summary"]] == [
+        (2, "not run: --budget-s 0 spent"), (4, "not run: --budget-s 0 spent")]
 
 
 def test_bench_cpu_reports_overhead(tmp_path):
