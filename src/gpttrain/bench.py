@@ -17,7 +17,7 @@ import torch
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
-from gpttrain.loss import chunked_loss_wanted
+from gpttrain.loss import chunked_loss_wanted, compiles_head
 from gpttrain.memory import GIB
 from gpttrain.metrics import flops_per_token, mfu, model_tflops
 from gpttrain.monitor import setup_logging
@@ -29,7 +29,6 @@ from gpttrain.parallel import (
     build_local_model,
     compile_model,
     compile_wanted,
-    compiles_head,
     recompute_weight_casts,
 )
 
@@ -102,7 +101,7 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
     model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, precision,
-                                             compiles_head(cfg.train, device))
+                                             compiles_head(compiled, cfg.train.compile_scope))
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if cfg.train.recompute_weight_casts:
@@ -192,7 +191,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int) -> dict:
     step_s = _time_steps(trainer.train_step, device, warmup, steps)
     tok_s = trainer.tokens_per_step / step_s
     per_gpu = tok_s / info.world_size
-    compiled = compile_wanted(cfg.train.compile, device)
+    compiled = trainer.compiled
     tflops = model_tflops(per_gpu, cfg.model)
     res = {
         "preset": cfg.preset, "device": str(device),

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
-from gpttrain.loss import chunked_loss_wanted
-from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
+from gpttrain.loss import compiles_head
+from gpttrain.memory import GIB, estimate_training_memory, run_layout, suggest_micro_batch
 from gpttrain.metrics import flops_per_token, matmul_params
 from gpttrain.model import count_params
 
@@ -18,14 +18,9 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
 def gpu_layout(cfg: Config, precision: str, **overrides) -> dict:
-    """`estimate_training_memory`'s keywords for a GPU run of `cfg` in `precision`: compiled unless
-    `--train.compile off` (auto compiles on Linux GPUs, where such runs are), the loss `--train.fused_loss` picks."""
-    t = cfg.train
-    compiled = t.compile != "off"
-    head_compiled = compiled and t.compile_scope == "model"
-    return dict(precision=precision, compiled=compiled, compile_scope=t.compile_scope,
-                recompute_casts=t.recompute_weight_casts,
-                fused_loss=chunked_loss_wanted(t.fused_loss, "cuda", precision, head_compiled), **overrides)
+    """`run_layout` for a GPU run of `cfg` in `precision`: compiled unless `--train.compile off` (auto compiles on
+    Linux GPUs, where such runs are)."""
+    return run_layout(cfg.train, precision, cfg.train.compile != "off", **overrides)
 
 
 def memory_table(cfg: Config, gpus: int) -> list[dict]:
@@ -97,7 +92,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
              "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
              else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"
                                                              if gpu_layout(cfg, "fp32")["fused_loss"] else "")
-             if layout["compiled"] and cfg.train.compile_scope == "model"
+             if compiles_head(layout["compiled"], cfg.train.compile_scope)
              else "the full logits in eager mode (--train.fused_loss on would chunk them)")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])

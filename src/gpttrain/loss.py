@@ -20,6 +20,12 @@ def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return t.dtype
 
 
+def compiles_head(compiled: bool, compile_scope: str) -> bool:
+    """Whether torch.compile takes in the output head and the loss: it compiles the whole model
+    (`--train.compile_scope blocks` compiles the blocks alone)."""
+    return compiled and compile_scope == "model"
+
+
 def chunked_loss_wanted(setting: str, device_type: str, precision: str, compiled_head: bool) -> bool:
     """`--train.fused_loss`: `auto` is on for CUDA, where eager autograd keeps the full logits several times over
     (about 14 bytes per logit: GBs), except in a 16-bit run whose head and loss torch.compile compiles (the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
-from gpttrain.loss import chunk_rows_for
+from gpttrain.loss import chunk_rows_for, chunked_loss_wanted, compiles_head
 from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
 
@@ -56,6 +56,16 @@ def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> float
         return 16 * 2 + masks
     # autocast: LayerNorm runs in fp32, so its two inputs are saved in fp32, the rest in 16 bits.
     return 14 * 2 + 2 * 4 + masks
+
+
+def run_layout(train, precision: str, compiled: bool, **overrides) -> dict:
+    """`estimate_training_memory`'s keywords for a GPU run of `train` (the config's TrainConfig) in `precision`,
+    compiled or not: the loss `--train.fused_loss` picks there and the weight-cast setting; `overrides` (strategy,
+    world_size, activation_checkpointing) on top. `gpttrain info` and the trainer's OOM message share it."""
+    head = compiles_head(compiled, train.compile_scope)
+    return dict(precision=precision, compiled=compiled, compile_scope=train.compile_scope,
+                recompute_casts=train.recompute_weight_casts,
+                fused_loss=chunked_loss_wanted(train.fused_loss, "cuda", precision, head), **overrides)
 
 
 def estimate_training_memory(
@@ -114,7 +124,7 @@ def estimate_training_memory(
 
     if fused_loss:
         logits = fused_loss_bytes(tokens, V, d, precision)
-    elif compiled and compile_scope == "model":
+    elif compiles_head(compiled, compile_scope):
         logits = compiled_loss_bytes(tokens, V, d, precision)
     else:
         # Logits: the head's output, its fp32 copy for the loss, log-softmax saved for backward,

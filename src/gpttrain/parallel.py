@@ -91,12 +91,6 @@ def compile_wanted(setting: str, device: torch.device) -> bool:
     return device.type == "cuda" and sys.platform.startswith("linux")
 
 
-def compiles_head(train, device: torch.device) -> bool:
-    """Whether torch.compile takes in the output head and the loss: it compiles the whole model
-    (`--train.compile_scope blocks` compiles the blocks alone). `train` is the config's TrainConfig."""
-    return compile_wanted(train.compile, device) and train.compile_scope == "model"
-
-
 def compile_model(model: nn.Module, scope: str, mode: str, *, backend: str | Callable = "inductor") -> nn.Module:
     """torch.compile the whole model (`scope="model"`: returns the compiled wrapper, pass DDP's wrapper here)
     or each transformer block in place (`"blocks"`: returns `model` itself, parameter names unchanged).

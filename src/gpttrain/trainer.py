@@ -23,8 +23,8 @@ from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, GpttrainError
-from gpttrain.loss import chunked_loss_wanted
-from gpttrain.memory import GIB, estimate_training_memory, suggest_micro_batch
+from gpttrain.loss import chunked_loss_wanted, compiles_head
+from gpttrain.memory import GIB, estimate_training_memory, run_layout, suggest_micro_batch
 from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
@@ -39,7 +39,6 @@ from gpttrain.parallel import (
     check_recompute_weight_casts,
     compile_model,
     compile_wanted,
-    compiles_head,
     recompute_weight_casts,
     strategy_for,
     wrap_ddp,
@@ -180,9 +179,9 @@ class Trainer:
             from gpttrain.fp8 import check_fp8
 
             check_fp8(self.precision, self.device, cfg.train.micro_batch_size * cfg.model.context_length)
+        self.compiled = compile_wanted(cfg.train.compile, self.device)
         if cfg.train.recompute_weight_casts:
-            check_recompute_weight_casts(self.precision, compile_wanted(cfg.train.compile, self.device),
-                                         self.strategy)
+            check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
         compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
         check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
                         head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
@@ -194,7 +193,7 @@ class Trainer:
         else:
             self.model = build_local_model(cfg.model, self.device, self.precision, fp8=cfg.train.fp8)
         self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type, self.precision,
-                                                      compiles_head(cfg.train, self.device))
+                                                      compiles_head(self.compiled, cfg.train.compile_scope))
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -232,7 +231,7 @@ class Trainer:
         self.ddp = wrap_ddp(model, self.info) if self.strategy == "ddp" else None
         if self.ddp is not None:
             model = self.ddp
-        if compile_wanted(self.cfg.train.compile, self.device):
+        if self.compiled:
             # scope "model" returns the compiled wrapper; "blocks" compiles each block in place, returns `model`.
             model = compile_model(model, self.cfg.train.compile_scope, self.cfg.train.compile_mode)
         return model
@@ -411,10 +410,8 @@ class Trainer:
         t = self.cfg.train
         per_rank = t.micro_batch_size * t.grad_accum_steps
         total = self.device_memory()
-        layout = dict(precision=self.precision, strategy="fsdp" if self.strategy == "fsdp" else "ddp",
-                      world_size=self.info.world_size, activation_checkpointing=t.activation_checkpointing,
-                      fused_loss=self.model.chunked_loss, compiled=compile_wanted(t.compile, self.device),
-                      compile_scope=t.compile_scope, recompute_casts=t.recompute_weight_casts)
+        layout = run_layout(t, self.precision, self.compiled, strategy="fsdp" if self.strategy == "fsdp" else "ddp",
+                            world_size=self.info.world_size, activation_checkpointing=t.activation_checkpointing)
         est = estimate_training_memory(self.cfg.model, t.micro_batch_size, **layout)
         fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, **layout)
         msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
@@ -466,7 +463,7 @@ class Trainer:
         log.info("model: %s parameters, %d layers x %d wide, %d heads, context %d, vocab %d",
                  f"{self.model.num_params():,}", cfg.model.n_layers, cfg.model.emb_dim, cfg.model.n_heads,
                  cfg.model.context_length, cfg.model.vocab_size)
-        compiled = f"on ({t.compile_scope}, mode {t.compile_mode})" if compile_wanted(t.compile, self.device) else "off"
+        compiled = f"on ({t.compile_scope}, mode {t.compile_mode})" if self.compiled else "off"
         log.info("world: %d process(es) on %s (backend %s, %s), precision %s%s, compile %s, attention %s",
                  info.world_size, self.device, info.backend or "none", self.strategy, self.precision,
                  " + fp8" if t.fp8 else "", compiled, t.attention)
