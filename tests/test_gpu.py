@@ -143,10 +143,13 @@ def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
 
 
 def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
-    r = run_cli(["bench", "--preset", "tiny", "--device", "cuda", "--warmup", "2", "--steps", "5",
+    r = run_cli(["bench", "--preset", "tiny", "--device", "cuda", "--warmup", "2", "--steps", "5", "--profile",
                  "--run-dir", str(tmp_path)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["matmul_peak_tflops"] > 10
     assert 0 < row["peak_ratio"] < 1
     assert row["mem_peak_gib"] > 0
+    prof = row["profile"]  # the CUDA kernels of two steps, by kind
+    assert 0 < prof["busy_ms"] <= prof["step_ms"] * 1.01
+    assert prof["ms_by_kind"]["matmul"] > 0 and prof["ms_by_kind"]["attention"] > 0, prof

@@ -306,6 +306,38 @@ def test_bench_cpu_reports_overhead(tmp_path):
     assert row["mfu"] is None and row["tok_per_s"] > 0
 
 
+def test_bench_profile_says_where_the_step_time_goes(tmp_path):
+    r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--profile",
+                 "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    prof = json.loads(r.stdout.strip().splitlines()[-1])["profile"]
+    assert prof["profiled_steps"] == 2 and 0 < prof["busy_ms"] <= prof["step_ms"]
+    kinds = prof["ms_by_kind"]
+    assert kinds["matmul"] > 0 and kinds["attention"] > 0 and kinds["optimizer"] > 0
+    assert sum(kinds.values()) == pytest.approx(prof["busy_ms"], rel=0.01)
+    mm = next(t for t in prof["top"] if t["name"] == "aten::mm")
+    assert mm["calls"] == int(mm["calls"]) > 0  # per step: the same matmuls each step
+
+
+def test_profile_summary_kinds_and_busy_time():
+    from gpttrain.bench import summarize_profile, work_kind
+
+    assert [work_kind(n) for n in ("nvjet_tst_128x256_64x4_1x2_h_bz_coopA_NTN", "flash_fwd_kernel",
+                                   "sm90_xmma_gemm_bf16bf16_bf16f32", "triton_poi_fused_add_gelu_3",
+                                   "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
+                                   "Memcpy HtoD (Pageable -> Device)", "cudnn_generated_fort_native_sdpa_sm90",
+                                   "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "elementwise_kernel")] == [
+        "matmul", "attention", "matmul", "compiled elementwise", "optimizer", "copy", "attention",
+        "communication", "other"]
+    # Two steps in 100 us of wall time; the matmul overlaps the copy for 5 us, so the device was busy 45 us.
+    spans = [("gemm_a", 0, 20), ("Memcpy HtoD", 15, 25), ("triton_poi_x", 40, 50), ("gemm_a", 60, 70)]
+    out = summarize_profile(spans, steps=2, wall_us=100)
+    assert out["step_ms"] == pytest.approx(0.05) and out["busy_ms"] == pytest.approx(0.0225)
+    assert out["idle_share"] == pytest.approx(0.55)
+    assert out["ms_by_kind"] == {"matmul": 0.015, "copy": 0.005, "compiled elementwise": 0.005}
+    assert out["top"][0] == {"name": "gemm_a", "ms": 0.015, "calls": 1.0}
+
+
 def test_average_throughput_counts_only_timed_steps(data_dir, tmp_path):
     # Each process's first step (compile, warm-up) is untimed; after a resume the average must still be
     # tokens of timed steps over their time, not steps since the start over it.

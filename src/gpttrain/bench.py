@@ -93,6 +93,74 @@ def _time_steps(step_fn, device: torch.device, warmup: int, steps: int) -> float
     return (time.perf_counter() - t0) / steps
 
 
+# What a kernel (CUDA) or operator (CPU) name says about its work, first match wins (lower-case fragments):
+# cuBLAS GEMMs are nvjet/xmma/cutlass kernels on Hopper, flash and cuDNN attention name themselves, inductor's
+# kernels are triton_* (GPU) or cpp_fused_* (CPU), fused AdamW and the clipping norm run multi_tensor_apply.
+WORK_KINDS = (
+    ("attention", ("flash", "fmha", "sdpa", "attention")),
+    ("optimizer", ("adam", "multi_tensor_apply", "lpnorm", "foreach")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "aten::mm", "aten::addmm", "aten::bmm", "aten::linear")),
+    ("compiled elementwise", ("triton", "cpp_fused")),
+    ("copy", ("memcpy", "memset", "copy")),
+    ("communication", ("nccl", "gloo")),
+)
+
+
+def work_kind(name: str) -> str:
+    low = name.lower()
+    return next((kind for kind, parts in WORK_KINDS if any(p in low for p in parts)), "other")
+
+
+def summarize_profile(spans: list[tuple[str, float, float]], steps: int, wall_us: float, top: int = 12) -> dict:
+    """Where a step's time goes, from (name, start_us, end_us) spans of kernels (or operators' self time laid
+    end to end on CPU): milliseconds per step by kind and for the `top` names, and how much of the step the
+    device was busy (the union of the spans, so overlapping streams count once)."""
+    kinds: dict[str, float] = {}
+    names: dict[str, list] = {}
+    for name, start, end in spans:
+        kinds[work_kind(name)] = kinds.get(work_kind(name), 0.0) + end - start
+        entry = names.setdefault(name, [0.0, 0])
+        entry[0] += end - start
+        entry[1] += 1
+    busy, reach = 0.0, float("-inf")
+    for _, start, end in sorted(spans, key=lambda s: s[1]):
+        busy += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    per_step = 1000.0 * steps  # microseconds in all steps -> milliseconds per step
+    ranked = sorted(names.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "profiled_steps": steps, "step_ms": wall_us / per_step, "busy_ms": busy / per_step,
+        "idle_share": max(0.0, 1 - busy / wall_us) if wall_us > 0 else None,
+        "ms_by_kind": {k: round(v / per_step, 3) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": n[:120], "ms": round(t / per_step, 3), "calls": c / steps} for n, (t, c) in ranked],
+    }
+
+
+def profile_steps(step_fn, device: torch.device, steps: int = 2) -> dict:
+    """Run `steps` more (warm) steps under torch.profiler and summarize them (summarize_profile): CUDA kernels
+    on a GPU, operators' self time on CPU."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    _sync(device)
+    with profile(activities=[ProfilerActivity.CUDA] if gpu else [ProfilerActivity.CPU]) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_fn()
+        _sync(device)
+        wall_us = (time.perf_counter() - t0) * 1e6
+    if gpu:
+        spans = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == DeviceType.CUDA]
+    else:  # no device timeline: each operator's self time, end to end (busy = time inside operators)
+        spans, t = [], 0.0
+        for e in prof.events():
+            spans.append((e.name, t, t + e.self_cpu_time_total))
+            t += e.self_cpu_time_total
+    return summarize_profile(spans, steps, wall_us)
+
+
 def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
     the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, recast weights,
@@ -132,8 +200,10 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     return _time_steps(step, device, warmup, steps)
 
 
-def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False) -> int:
-    """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result)."""
+def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False,
+              profile: bool = False) -> int:
+    """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result). With
+    `profile`, two more steps run under torch.profiler and the row gets their breakdown (`profile`)."""
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
 
     if warmup < 0 or steps < 1:
@@ -161,7 +231,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             else:
                 loader, _ = build_loaders(c, info, data_dir)
             try:
-                res = _bench_one(c, info, loader, warmup, steps)
+                res = _bench_one(c, info, loader, warmup, steps, profile)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 log.warning("micro-batch %d does not fit", mb)
@@ -180,7 +250,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     return 0
 
 
-def _bench_one(cfg: Config, info, loader, warmup: int, steps: int) -> dict:
+def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool = False) -> dict:
     from gpttrain.trainer import Trainer
 
     device = info.device
@@ -208,6 +278,8 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int) -> dict:
         "mfu": mfu(per_gpu, cfg.model, trainer.peak_tflops),
         "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
     }
+    if profile:  # after the timing and the memory reading, which the profiler must not disturb
+        res["profile"] = profile_steps(trainer.train_step, device)
     trainer.close()
     del trainer
     if device.type == "cuda":

@@ -96,6 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--sweep", action="store_true", help="try micro-batch sizes 1, 2, 4, ... and report the best")
+    p.add_argument("--profile", action="store_true",
+                   help="then profile two more steps and add where their time went (milliseconds per step by kind "
+                        "of kernel: matmul, attention, compiled elementwise, optimizer...; the top kernels; the "
+                        "device's idle share) to the row as `profile`")
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 
@@ -164,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             from gpttrain.bench import run_bench
 
             return run_bench(config_from_args(args, rest), _print_json, warmup=args.warmup, steps=args.steps,
-                             sweep=args.sweep)
+                             sweep=args.sweep, profile=args.profile)
         if args.command in ("generate", "export"):
             from gpttrain.api import run_export, run_generate
 
