@@ -34,14 +34,31 @@ def test_info_of_the_original_model(capsys):
     assert "FSDP x4" in out and "verdict:" in out
 
 
-def test_info_points_to_recomputed_weight_casts_where_they_make_it_fit(capsys):
-    # gpt-1.4b at micro-batch 8: 39.4 GiB estimated, 37.1 with the flag.
+def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
+    # gpt-1.4b at micro-batch 8: 39.4 GiB estimated, 37.1 with the casts recomputed. auto recomputes them where
+    # the estimate without is over 90% of the GPU's memory (--gpu-mem here, the card's memory in a run).
+    fits = "verdict: bf16-mixed with DDP fits 38 GiB per GPU (37.1 GiB estimated, with the weight casts " \
+           "recomputed in backward)."
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38"]) == 0
+    out = capsys.readouterr().out
+    assert fits in out and "0.19*" in out
+    assert "--train.recompute_weight_casts auto: the estimate without is over 90% of 38 GiB" in out
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "fits 80 GiB per GPU (39.4 GiB estimated)." in out and "*" not in out
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--train.recompute_weight_casts", "false"]) == 0
     assert "with --train.recompute_weight_casts true it fits (37.1 GiB estimated)" in capsys.readouterr().out
-    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--train.recompute_weight_casts", "true"]) == 0
-    assert "verdict: bf16-mixed with DDP fits 38 GiB per GPU (37.1 GiB estimated)" in capsys.readouterr().out
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "80", "--train.recompute_weight_casts", "true"]) == 0
+    assert "fits 80 GiB per GPU (37.1 GiB estimated, with the weight casts" in capsys.readouterr().out
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--train.compile", "off", "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["ddp_bf16_mixed_recompute_weight_casts_gib"] is None  # eager
+    out = json.loads(capsys.readouterr().out)
+    assert out["ddp_bf16_mixed_recompute_weight_casts_gib"] is None  # eager: no use
+    assert not any(row["recompute_casts"] for row in out["memory_gib"])
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["memory_gib"]
+    # Only compiled mixed precision without FSDP or activation checkpointing recomputes them.
+    assert {(r["precision"], r["strategy"], r["activation_checkpointing"]) for r in rows if r["recompute_casts"]} \
+        == {("bf16-mixed", "ddp", False)}
 
 
 def test_info_estimates_the_loss_the_run_will_use(capsys):

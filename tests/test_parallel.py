@@ -307,6 +307,36 @@ def test_trainer_recasts_the_weights_when_asked(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 
+def test_trainer_recasts_the_weights_by_itself_where_the_run_would_not_fit(tmp_path, monkeypatch):
+    """--train.recompute_weight_casts auto (the default): on where the memory estimate with the copies kept is over
+    90% of the GPU's memory and recasting applies (compiled mixed precision), else off."""
+    from gpttrain.memory import estimate_training_memory
+    from gpttrain.parallel import _recast_linear_forward
+    from gpttrain.trainer import Trainer
+    from tests.helpers import build_trainer, make_data, single_info, tiny_config
+
+    data = make_data(tmp_path)
+
+    def trainer_on(gpu_bytes, *flags):
+        monkeypatch.setattr(Trainer, "device_memory", lambda self: gpu_bytes)
+        cfg = tiny_config(data, tmp_path / "run", "--train.precision", "bf16-mixed", *flags)
+        trainer = build_trainer(cfg, single_info())
+        linears = [m for m in trainer.model.modules() if type(m) is torch.nn.Linear]
+        recast = [getattr(m.forward, "func", None) is _recast_linear_forward for m in linears]
+        assert all(recast) == trainer.recast and any(recast) == trainer.recast
+        return trainer
+
+    probe = trainer_on(0, "--train.compile", "on")
+    kept = estimate_training_memory(probe.cfg.model, probe.cfg.train.micro_batch_size,
+                                    **probe.memory_layout(recompute_casts=False)).total
+    assert not probe.recast  # no GPU memory to go by (CPU): off
+    assert trainer_on(kept / 0.95, "--train.compile", "on").recast  # over 90% of the GPU
+    assert not trainer_on(kept / 0.85, "--train.compile", "on").recast  # under it
+    assert not trainer_on(kept / 0.95, "--train.compile", "off").recast  # eager: autograd keeps the copies anyway
+    assert not trainer_on(kept / 0.95, "--train.compile", "on", "--train.activation_checkpointing", "true").recast
+    assert not trainer_on(kept / 0.95, "--train.compile", "on", "--train.recompute_weight_casts", "false").recast
+
+
 def test_recomputed_weight_casts_are_refused_with_fsdp():
     from gpttrain.parallel import check_recompute_weight_casts
 

@@ -161,10 +161,12 @@ def profile_steps(step_fn, device: torch.device, steps: int = 2) -> dict:
     return summarize_profile(spans, steps, wall_us)
 
 
-def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int) -> float:
+def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int,
+                         recast: bool = False) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
     the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, recast weights,
-    compile, attention kernel), so `overhead` is the cost of the loop alone."""
+    compile, attention kernel; `recast`: the trainer's resolved --train.recompute_weight_casts), so `overhead` is
+    the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
@@ -172,7 +174,7 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
                                              compiles_head(compiled, cfg.train.compile_scope))
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
-    if cfg.train.recompute_weight_casts:
+    if recast:
         recompute_weight_casts(model)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     run = model
@@ -269,7 +271,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         "world_size": info.world_size, "precision": trainer.precision,
         "compile": compiled, "compile_mode": cfg.train.compile_mode if compiled else None,
         "compile_scope": cfg.train.compile_scope if compiled else None, "attention": cfg.train.attention,
-        "fp8": cfg.train.fp8, "recompute_weight_casts": cfg.train.recompute_weight_casts,
+        "fp8": cfg.train.fp8, "recompute_weight_casts": trainer.recast,
         "fused_loss": trainer.model.chunked_loss,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),
@@ -288,7 +290,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         res["matmul_peak_tflops"] = peak_measured
         res["peak_ratio"] = tflops / peak_measured
     else:
-        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps)
+        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps, res["recompute_weight_casts"])
         res["plain_step_s"] = plain
         res["overhead"] = step_s / plain - 1
     return res

@@ -8,7 +8,14 @@ from collections.abc import Callable
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import compiles_head
-from gpttrain.memory import GIB, estimate_training_memory, run_layout, suggest_micro_batch
+from gpttrain.memory import (
+    GIB,
+    USABLE_SHARE,
+    estimate_training_memory,
+    recast_applies,
+    run_layout,
+    suggest_micro_batch,
+)
 from gpttrain.metrics import flops_per_token, matmul_params
 from gpttrain.model import count_params
 
@@ -17,25 +24,27 @@ log = logging.getLogger("gpttrain")
 PRECISIONS = ("fp32", "bf16-mixed", "bf16-pure")
 
 
-def gpu_layout(cfg: Config, precision: str, **overrides) -> dict:
-    """`run_layout` for a GPU run of `cfg` in `precision`: compiled unless `--train.compile off` (auto compiles on
-    Linux GPUs, where such runs are)."""
-    return run_layout(cfg.train, precision, cfg.train.compile != "off", **overrides)
+def gpu_layout(cfg: Config, precision: str, gpu_mem_gib: float, **overrides) -> dict:
+    """`run_layout` for a run of `cfg` in `precision` on GPUs of `gpu_mem_gib`: compiled unless `--train.compile
+    off` (auto compiles on Linux GPUs, where such runs are)."""
+    return run_layout(cfg.model, cfg.train, precision, cfg.train.compile != "off", gpu_mem_gib * GIB, **overrides)
 
 
-def memory_table(cfg: Config, gpus: int) -> list[dict]:
-    """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing."""
+def memory_table(cfg: Config, gpus: int, gpu_mem_gib: float) -> list[dict]:
+    """Rows of per-GPU estimates: each precision x (DDP, FSDP over 2..gpus) x activation checkpointing, as runs
+    on GPUs of `gpu_mem_gib` would be laid out (`recompute_casts`: whether the weight casts are recomputed)."""
     mb = cfg.train.micro_batch_size
     fsdp_sizes = sorted({n for n in (2, 4, 8) if n <= gpus} | ({gpus} if gpus > 1 else set()))
     rows = []
     for precision in PRECISIONS:
         for strategy, world in [("ddp", 1)] + [("fsdp", n) for n in fsdp_sizes]:
             for ac in (False, True):
-                est = estimate_training_memory(cfg.model, mb, **gpu_layout(cfg, precision, strategy=strategy,
-                                                                            world_size=world,
-                                                                            activation_checkpointing=ac))
+                layout = gpu_layout(cfg, precision, gpu_mem_gib, strategy=strategy, world_size=world,
+                                    activation_checkpointing=ac)
+                est = estimate_training_memory(cfg.model, mb, **layout)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
-                             "activation_checkpointing": ac, "micro_batch_size": mb, **est.as_gib()})
+                             "activation_checkpointing": ac, "micro_batch_size": mb,
+                             "recompute_casts": layout["recompute_casts"], **est.as_gib()})
     return rows
 
 
@@ -50,16 +59,17 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
-    rows = memory_table(cfg, gpus)
+    rows = memory_table(cfg, gpus, gpu_mem_gib)
     mb = cfg.train.micro_batch_size
     per_rank = mb * cfg.train.grad_accum_steps
     budget = gpu_mem_gib * GIB
     default_prec = "bf16-mixed"
-    layout = gpu_layout(cfg, default_prec, strategy="ddp")
+    layout = gpu_layout(cfg, default_prec, gpu_mem_gib, strategy="ddp")
     fit = suggest_micro_batch(m, budget, per_rank, **layout)
-    # What --train.recompute_weight_casts would make of bf16-mixed DDP, where it is not set and can apply.
+    # What --train.recompute_weight_casts true would make of bf16-mixed DDP, where it is off and would apply.
     recast = None
-    if layout["compiled"] and not cfg.train.recompute_weight_casts:
+    if not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
+                                                        cfg.train.activation_checkpointing, cfg.train.fp8):
         recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
@@ -83,22 +93,28 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     for r in rows:
         strategy = "DDP" if r["strategy"] == "ddp" else f"FSDP x{r['gpus']}"
         log.info(f"  {r['precision']:11s} {strategy:9s} {'yes' if r['activation_checkpointing'] else 'no':4s} "
-                 f"{r['weights']:8.2f} {r['grads']:7.2f} {r['optimizer']:7.2f} {r['compute_copies']:7.2f} "
+                 f"{r['weights']:8.2f} {r['grads']:7.2f} {r['optimizer']:7.2f} "
+                 f"{r['compute_copies']:6.2f}{'*' if r['recompute_casts'] else ' '} "
                  f"{r['activations']:7.2f} {r['logits']:7.2f} {r['total']:7.2f}  "
                  f"{'yes' if r['total'] <= gpu_mem_gib else 'no'}")
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
-             "logits: %s; add ~1 GiB for the CUDA context.)",
+             "logits: %s; add ~1 GiB for the CUDA context.)%s",
              "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
              else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"
-                                                             if gpu_layout(cfg, "fp32")["fused_loss"] else "")
+                                                             if gpu_layout(cfg, "fp32", gpu_mem_gib)["fused_loss"]
+                                                             else "")
              if compiles_head(layout["compiled"], cfg.train.compile_scope)
-             else "the full logits in eager mode (--train.fused_loss on would chunk them)")
+             else "the full logits in eager mode (--train.fused_loss on would chunk them)",
+             "\n(copies*: recast in backward instead of kept, --train.recompute_weight_casts "
+             + ("true)" if cfg.train.recompute_weight_casts is True else
+                f"auto: the estimate without is over {USABLE_SHARE:.0%} of {gpu_mem_gib:g} GiB)")
+             if any(r["recompute_casts"] for r in rows) else "")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])
     if ddp["total"] <= gpu_mem_gib:
-        log.info("verdict: %s with DDP fits %g GiB per GPU (%.1f GiB estimated).", default_prec, gpu_mem_gib,
-                 ddp["total"])
+        log.info("verdict: %s with DDP fits %g GiB per GPU (%.1f GiB estimated%s).", default_prec, gpu_mem_gib,
+                 ddp["total"], ", with the weight casts recomputed in backward" if ddp["recompute_casts"] else "")
         return 0
     if recast is not None and recast <= gpu_mem_gib:
         log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, more than %g GiB; with "

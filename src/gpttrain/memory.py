@@ -58,14 +58,44 @@ def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> float
     return 14 * 2 + 2 * 4 + masks
 
 
-def run_layout(train, precision: str, compiled: bool, **overrides) -> dict:
-    """`estimate_training_memory`'s keywords for a GPU run of `train` (the config's TrainConfig) in `precision`,
-    compiled or not: the loss `--train.fused_loss` picks there and the weight-cast setting; `overrides` (strategy,
-    world_size, activation_checkpointing) on top. `gpttrain info` and the trainer's OOM message share it."""
+# The share of a GPU's memory a run's estimate may fill; the rest is for the CUDA context, cuBLAS's workspaces
+# and the allocator's fragmentation. The trainer's OOM advice and `--train.recompute_weight_casts auto` use it.
+USABLE_SHARE = 0.9
+
+
+def recast_applies(precision: str, compiled: bool, strategy: str, activation_checkpointing: bool,
+                   fp8: bool) -> bool:
+    """Whether recomputing the weight casts (`--train.recompute_weight_casts`) saves memory in such a run: mixed
+    precision under torch.compile, whose partitioner otherwise keeps every linear's 16-bit copy; not under FSDP
+    (which keeps no copy between forward and backward), activation checkpointing (which recasts already) or fp8
+    (whose linears cast their own weights)."""
+    return (precision in ("bf16-mixed", "fp16-mixed") and compiled and strategy != "fsdp"
+            and not activation_checkpointing and not fp8)
+
+
+def run_layout(model: ModelConfig, train, precision: str, compiled: bool, gpu_bytes: float, **overrides) -> dict:
+    """`estimate_training_memory`'s keywords for a GPU run of `model` with `train` (the config's TrainConfig) in
+    `precision`, compiled or not, on GPUs of `gpu_bytes`: the loss `--train.fused_loss` picks there and whether
+    the weight casts are recomputed; `overrides` (strategy, world_size, activation_checkpointing, recompute_casts)
+    on top. `--train.recompute_weight_casts auto` recomputes them where that applies (`recast_applies`) and the
+    estimate without it is over USABLE_SHARE of `gpu_bytes` (never where `gpu_bytes` is 0: no GPU). `gpttrain
+    info`, the trainer and its OOM message share it."""
     head = compiles_head(compiled, train.compile_scope)
-    return dict(precision=precision, compiled=compiled, compile_scope=train.compile_scope,
-                recompute_casts=train.recompute_weight_casts,
-                fused_loss=chunked_loss_wanted(train.fused_loss, "cuda", precision, head), **overrides)
+    layout = dict(precision=precision, compiled=compiled, compile_scope=train.compile_scope,
+                  fused_loss=chunked_loss_wanted(train.fused_loss, "cuda", precision, head),
+                  activation_checkpointing=train.activation_checkpointing, recompute_casts=False)
+    layout.update(overrides)
+    if "recompute_casts" not in overrides:
+        setting = train.recompute_weight_casts
+        if setting == "auto":
+            layout["recompute_casts"] = (
+                gpu_bytes > 0
+                and recast_applies(precision, compiled, layout.get("strategy", "ddp"),
+                                   layout["activation_checkpointing"], train.fp8)
+                and estimate_training_memory(model, train.micro_batch_size, **layout).total > USABLE_SHARE * gpu_bytes)
+        else:
+            layout["recompute_casts"] = setting
+    return layout
 
 
 def estimate_training_memory(

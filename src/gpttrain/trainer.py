@@ -24,7 +24,14 @@ from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, GpttrainError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
-from gpttrain.memory import GIB, estimate_training_memory, run_layout, suggest_micro_batch
+from gpttrain.memory import (
+    GIB,
+    USABLE_SHARE,
+    estimate_training_memory,
+    recast_applies,
+    run_layout,
+    suggest_micro_batch,
+)
 from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
@@ -180,8 +187,15 @@ class Trainer:
 
             check_fp8(self.precision, self.device, cfg.train.micro_batch_size * cfg.model.context_length)
         self.compiled = compile_wanted(cfg.train.compile, self.device)
-        if cfg.train.recompute_weight_casts:
+        if cfg.train.recompute_weight_casts is True:
             check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
+        self.recast = self.memory_layout()["recompute_casts"]  # the weight casts recomputed in backward
+        if self.recast and cfg.train.recompute_weight_casts == "auto" and info.is_main:
+            kept = estimate_training_memory(cfg.model, cfg.train.micro_batch_size,
+                                            **self.memory_layout(recompute_casts=False))
+            log.info("recomputing the 16-bit weight casts in backward (--train.recompute_weight_casts auto): the "
+                     "memory estimate with them kept, %.1f GiB, is over %.0f%% of this GPU's %.1f GiB",
+                     kept.total / GIB, 100 * USABLE_SHARE, self.device_memory() / GIB)
         compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
         check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
                         head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
@@ -224,7 +238,7 @@ class Trainer:
         model: torch.nn.Module = self.model
         if self.cfg.train.activation_checkpointing and self.strategy != "fsdp":  # FSDP applied it before sharding
             apply_activation_checkpointing(self.model)
-        if self.cfg.train.recompute_weight_casts:
+        if self.recast:
             recompute_weight_casts(self.model)
         # DDP first, then compile: the compiler splits the graph at DDP's buckets (DDPOptimizer), so
         # gradient all-reduces overlap backward instead of all waiting for its end.
@@ -406,14 +420,19 @@ class Trainer:
         """Bytes of memory on this rank's GPU (0 off CUDA)."""
         return torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 0
 
+    def memory_layout(self, **overrides) -> dict:
+        """This run's `run_layout` (the memory estimate's keywords), `overrides` on top."""
+        return run_layout(self.cfg.model, self.cfg.train, self.precision, self.compiled, self.device_memory(),
+                          strategy="fsdp" if self.strategy == "fsdp" else "ddp", world_size=self.info.world_size,
+                          **overrides)
+
     def _oom_message(self) -> str:
         t = self.cfg.train
         per_rank = t.micro_batch_size * t.grad_accum_steps
         total = self.device_memory()
-        layout = run_layout(t, self.precision, self.compiled, strategy="fsdp" if self.strategy == "fsdp" else "ddp",
-                            world_size=self.info.world_size, activation_checkpointing=t.activation_checkpointing)
+        layout = self.memory_layout(recompute_casts=self.recast)
         est = estimate_training_memory(self.cfg.model, t.micro_batch_size, **layout)
-        fit = suggest_micro_batch(self.cfg.model, 0.9 * total, per_rank, **layout)
+        fit = suggest_micro_batch(self.cfg.model, USABLE_SHARE * total, per_rank, **layout)
         msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
                f"(gpttrain info estimates {est.total / GIB:.1f} GiB per GPU; this GPU has {total / GIB:.1f} GiB).")
         if fit is not None and fit[0] < t.micro_batch_size:
@@ -424,8 +443,8 @@ class Trainer:
                     "or a smaller model.")
         # The flag's hint only where it saves much: activation checkpointing already recasts in backward, and
         # fp8 linears cast their own weights (the head alone would be recast).
-        if (not t.recompute_weight_casts and layout["compiled"] and self.precision in AUTOCAST_DTYPES
-                and layout["strategy"] == "ddp" and not t.activation_checkpointing and not t.fp8):
+        if not self.recast and recast_applies(self.precision, self.compiled, layout["strategy"],
+                                              t.activation_checkpointing, t.fp8):
             recast = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_casts=True))
             msg += f" --train.recompute_weight_casts true would save about {(est.total - recast.total) / GIB:.1f} GiB."
         return msg
