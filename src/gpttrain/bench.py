@@ -111,7 +111,7 @@ def work_kind(name: str) -> str:
     return next((kind for kind, parts in WORK_KINDS if any(p in low for p in parts)), "other")
 
 
-def summarize_profile(spans: list[tuple[str, float, float]], steps: int, wall_us: float, top: int = 12) -> dict:
+def summarize_profile(spans: list[tuple[str, float, float]], steps: int, wall_us: float, top: int = 25) -> dict:
     """Where a step's time goes, from (name, start_us, end_us) spans of kernels (or operators' self time laid
     end to end on CPU): milliseconds per step by kind and for the `top` names, and how much of the step the
     device was busy (the union of the spans, so overlapping streams count once)."""
