@@ -46,6 +46,11 @@ class SyntheticLoader:
         self.windows_per_epoch = 10**9
         self.progress = 0.0
         self._pool = [torch.randint(0, self.V, (self.B, self.T + 1), generator=self.gen) for _ in range(4)]
+        if device.type == "cuda":
+            # Pinned, as the real loader's batches are: a non-blocking copy from pageable memory goes through
+            # the driver's staging buffer and can make the host wait for the queued kernels, which idles the
+            # GPU while the next micro-step is launched. The pool is never written, so reusing it is safe.
+            self._pool = [w.pin_memory() for w in self._pool]
         self._i = 0
 
     def next_batch(self):
