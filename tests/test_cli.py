@@ -50,6 +50,14 @@ def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
     assert "with --train.recompute_weight_casts true it fits (37.1 GiB estimated)" in capsys.readouterr().out
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "80", "--train.recompute_weight_casts", "true"]) == 0
     assert "fits 80 GiB per GPU (37.1 GiB estimated, with the weight casts" in capsys.readouterr().out
+    assert main(["info", "--preset", "gpt-1.4b", "--json", "--train.recompute_weight_casts", "true"]) == 0
+    rows = json.loads(capsys.readouterr().out)["memory_gib"]
+    assert {(r["precision"], r["strategy"], r["activation_checkpointing"]) for r in rows if r["recompute_casts"]} \
+        == {("bf16-mixed", "ddp", False)}  # marked only where recasting changes anything
+    # What train would refuse on a GPU, info refuses too.
+    assert main(["info", "--preset", "gpt-1.4b", "--train.recompute_weight_casts", "true", "--train.compile",
+                 "off"]) == 2
+    assert "--train.recompute_weight_casts true needs torch.compile" in capsys.readouterr().err
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--train.compile", "off", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["ddp_bf16_mixed_recompute_weight_casts_gib"] is None  # eager: no use

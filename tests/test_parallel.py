@@ -307,7 +307,7 @@ def test_trainer_recasts_the_weights_when_asked(tmp_path):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
 
 
-def test_trainer_recasts_the_weights_by_itself_where_the_run_would_not_fit(tmp_path, monkeypatch):
+def test_trainer_recasts_the_weights_by_itself_where_the_run_would_not_fit(tmp_path, monkeypatch, caplog):
     """--train.recompute_weight_casts auto (the default): on where the memory estimate with the copies kept is over
     90% of the GPU's memory and recasting applies (compiled mixed precision), else off."""
     from gpttrain.memory import estimate_training_memory
@@ -330,7 +330,11 @@ def test_trainer_recasts_the_weights_by_itself_where_the_run_would_not_fit(tmp_p
     kept = estimate_training_memory(probe.cfg.model, probe.cfg.train.micro_batch_size,
                                     **probe.memory_layout(recompute_casts=False)).total
     assert not probe.recast  # no GPU memory to go by (CPU): off
-    assert trainer_on(kept / 0.95, "--train.compile", "on").recast  # over 90% of the GPU
+    with caplog.at_level("INFO", logger="gpttrain"):
+        on = trainer_on(kept / 0.95, "--train.compile", "on")
+    assert on.recast  # over 90% of the GPU, and said so
+    assert "recomputing the 16-bit weight casts in backward (--train.recompute_weight_casts auto)" in caplog.text
+    assert "would save about" not in on._oom_message()  # no advice to do what it does
     assert not trainer_on(kept / 0.85, "--train.compile", "on").recast  # under it
     assert not trainer_on(kept / 0.95, "--train.compile", "off").recast  # eager: autograd keeps the copies anyway
     assert not trainer_on(kept / 0.95, "--train.compile", "on", "--train.activation_checkpointing", "true").recast

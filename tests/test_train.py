@@ -319,6 +319,20 @@ def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     assert mm["calls"] == int(mm["calls"]) > 0  # per step: the same matmuls each step
 
 
+def test_bench_keeps_the_timed_row_when_the_profiler_fails(tmp_path, monkeypatch):
+    from gpttrain import bench
+    from gpttrain.config import parse_dotted, resolve
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("CUPTI is gone")
+
+    monkeypatch.setattr(bench, "profile_steps", boom)
+    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
+    rows = []
+    assert bench.run_bench(cfg, rows.append, warmup=1, steps=1, profile=True) == 0
+    assert rows[-1]["tok_per_s"] > 0 and rows[-1]["profile"] == {"error": "RuntimeError: CUPTI is gone"}
+
+
 def test_profile_summary_kinds_and_busy_time():
     from gpttrain.bench import summarize_profile, work_kind
 
@@ -326,9 +340,10 @@ def test_profile_summary_kinds_and_busy_time():
                                    "sm90_xmma_gemm_bf16bf16_bf16f32", "triton_poi_fused_add_gelu_3",
                                    "void at::native::multi_tensor_apply_kernel<FusedAdamMathFunctor>",
                                    "Memcpy HtoD (Pageable -> Device)", "cudnn_generated_fort_native_sdpa_sm90",
-                                   "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "elementwise_kernel")] == [
+                                   "ncclDevKernel_AllReduce_Sum_bf16_RING_LL", "elementwise_kernel",
+                                   "triton_tem_fused_addmm_1", "triton_poi_fused__scaled_dot_product_flash_3")] == [
         "matmul", "attention", "matmul", "compiled elementwise", "optimizer", "copy", "attention",
-        "communication", "other"]
+        "communication", "other", "matmul", "compiled elementwise"]
     # Two steps in 100 us of wall time; the matmul overlaps the copy for 5 us, so the device was busy 45 us.
     spans = [("gemm_a", 0, 20), ("Memcpy HtoD", 15, 25), ("triton_poi_x", 40, 50), ("gemm_a", 60, 70)]
     out = summarize_profile(spans, steps=2, wall_us=100)

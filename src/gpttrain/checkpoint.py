@@ -31,7 +31,7 @@ import torch
 
 from gpttrain import __version__
 from gpttrain import distributed as distmod
-from gpttrain.data.shards import file_sha256
+from gpttrain.data.shards import file_sha256, fsync_dir
 from gpttrain.errors import ConfigError, GpttrainError
 
 log = logging.getLogger("gpttrain")
@@ -88,16 +88,6 @@ def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
 def _fsync_file(path: Path) -> None:
     with open(path, "rb") as f:
         os.fsync(f.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":
-        return  # directories cannot be opened for fsync on Windows
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -213,15 +203,15 @@ def _commit(tmp: Path, final: Path) -> None:
         _fsync_file(p)
         files[p.relative_to(tmp).as_posix()] = {"size": p.stat().st_size, "sha256": file_sha256(p)}
     if (tmp / SHARDED_DIR).is_dir():
-        _fsync_dir(tmp / SHARDED_DIR)
+        fsync_dir(tmp / SHARDED_DIR)
     _write_json(tmp / COMPLETE, {"format_version": FORMAT_VERSION, "files": files})
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():
         # A folder under the final name without COMPLETE (an interrupted prune, an older gpttrain):
         # discovery ignores it, but it would block the rename.
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _save_failed(trainer, tmp: Path, error: BaseException | None) -> None:

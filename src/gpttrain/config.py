@@ -97,7 +97,7 @@ class TrainConfig:
     activation_checkpointing: bool = False
     # Recast the 16-bit weight copies in backward instead of keeping them (bf16/fp16-mixed under torch.compile):
     # 2 bytes per linear weight less memory (about 2.3 GiB at 1.42B) for one more cast of them per micro-step
-    # (1.5% slower at 1.42B on an H200). auto = on where the run's memory estimate is over 90% of the GPU's.
+    # (1.3% fewer tokens/s at 1.42B on an H200). auto = on where the run's memory estimate is over 90% of the GPU's.
     recompute_weight_casts: bool | Literal["auto"] = "auto"
     # Chunked head + cross-entropy; auto = on CUDA, except where torch.compile compiles the whole model of a
     # 16-bit run (inductor's fused plain loss is faster there and no larger).

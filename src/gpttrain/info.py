@@ -18,6 +18,7 @@ from gpttrain.memory import (
 )
 from gpttrain.metrics import flops_per_token, matmul_params
 from gpttrain.model import count_params
+from gpttrain.parallel import check_recompute_weight_casts
 
 log = logging.getLogger("gpttrain")
 
@@ -42,9 +43,11 @@ def memory_table(cfg: Config, gpus: int, gpu_mem_gib: float) -> list[dict]:
                 layout = gpu_layout(cfg, precision, gpu_mem_gib, strategy=strategy, world_size=world,
                                     activation_checkpointing=ac)
                 est = estimate_training_memory(cfg.model, mb, **layout)
+                recast = layout["recompute_casts"] and recast_applies(precision, layout["compiled"], strategy, ac,
+                                                                      cfg.train.fp8)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
-                             "activation_checkpointing": ac, "micro_batch_size": mb,
-                             "recompute_casts": layout["recompute_casts"], **est.as_gib()})
+                             "activation_checkpointing": ac, "micro_batch_size": mb, "recompute_casts": recast,
+                             **est.as_gib()})
     return rows
 
 
@@ -56,6 +59,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
     if gpu_mem_gib <= 0:
         raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a positive number of GiB")
+    if cfg.train.recompute_weight_casts is True:  # refused as a GPU run of this config would refuse it
+        check_recompute_weight_casts("bf16-mixed" if cfg.train.precision == "auto" else cfg.train.precision,
+                                     cfg.train.compile != "off", "fsdp" if cfg.dist.strategy == "fsdp" else "ddp")
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)

@@ -190,6 +190,10 @@ class Trainer:
         if cfg.train.recompute_weight_casts is True:
             check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
         self.recast = self.memory_layout()["recompute_casts"]  # the weight casts recomputed in backward
+        if cfg.train.recompute_weight_casts == "auto" and info.distributed:
+            # One choice for all ranks, whatever their GPUs' sizes: recast where any rank needs it.
+            flag = torch.tensor([float(self.recast)], device=self.device)
+            self.recast = bool(distmod.all_reduce(flag, info, "max").item())
         if self.recast and cfg.train.recompute_weight_casts == "auto" and info.is_main:
             kept = estimate_training_memory(cfg.model, cfg.train.micro_batch_size,
                                             **self.memory_layout(recompute_casts=False))
