@@ -377,6 +377,35 @@ def test_bpe_trains_on_an_even_sample_of_a_corpus_over_the_cap(tmp_path, caplog,
     assert "tokenizer changed" in caplog.text
 
 
+def test_bpe_trains_on_the_train_split_only(tmp_path, monkeypatch):
+    """The val split is held out from the tokenizer as from the model: no val text reaches bpe training, in
+    either split mode (whole documents to val, or the tail of a few documents)."""
+    from gpttrain.data.sources import _goes_to_val
+
+    seen: list[str] = []
+    stub = BPETokenizer.train(["word text"], 260)
+
+    def train(texts, vocab_size):
+        seen.extend(texts)
+        return stub
+
+    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    for i in range(200):  # document mode: each document has its own word
+        write(tmp_path / "d" / f"doc{i:03d}.txt", f"shared text uniq{i:03d}x\n" * 5)
+    meta = run([tmp_path / "d"], tmp_path / "s1", tokenizer="bpe", bpe_vocab_size=300)
+    assert meta["split_mode"] == "document" and meta["tokenizer_request"]["trained_on"] == "train split"
+    val_docs = {i for i in range(200) if _goes_to_val(f"doc{i:03d}.txt", 0.1)}
+    assert 5 < len(val_docs) < 40
+    text = "".join(seen)
+    assert {i for i in range(200) if f"uniq{i:03d}x" in text} == set(range(200)) - val_docs
+
+    seen.clear()  # tail mode: one document, its last tenth goes to val
+    write(tmp_path / "t" / "book.txt", "early words here\n" * 900 + "closing lines there\n" * 50)  # < a tenth
+    meta = run([tmp_path / "t"], tmp_path / "s2", tokenizer="bpe", bpe_vocab_size=300)
+    assert meta["split_mode"] == "tail"
+    assert "early words" in "".join(seen) and "closing lines" not in "".join(seen)
+
+
 def test_the_bpe_sample_takes_short_and_long_documents_alike(tmp_path, monkeypatch):
     """800 short documents (1.2 KB) with a long one (60 KB) after every 25th: each kind gives about the asked
     share. A rule that kept a piece while the kept total lagged the share kept a piece about in proportion

@@ -52,8 +52,6 @@ from gpttrain.data.sources import (
     VAL,
     _choose_split_mode,
     _cut_pieces,
-    _doc_chunks,
-    _iter_docs,
     _normalize_extensions,
     _resolve_keyed,
     _segments,
@@ -199,41 +197,44 @@ def _progress_bar(total: int, desc: str, enabled: bool):
 
 
 def _train_bpe(keyed: list[tuple[Path, str]], text_field: str, vocab_size: int, total: int,
-               progress: bool, train_bytes: int | None = None) -> BPETokenizer:
-    """Train on all of the text, or on a sample of about `train_bytes` of it taken from the whole corpus
-    (its first megabytes alone could be one book, or one language).
+               progress: bool, mode: str, val_fraction: float, train_bytes: int | None = None) -> BPETokenizer:
+    """Train on the train split's text (the val split's stays unseen, as it is by the model), all of it or a
+    sample of about `train_bytes` taken from the whole of it (its first megabytes alone could be one book, or
+    one language).
 
     The text is cut into slices of at most SUB_PIECE_CHARS, and slice i is kept when frac(i x golden
-    ratio) < train_bytes / total. That sequence spreads its hits evenly over any run of slices (no
-    unlucky stretches, as a random draw has), whatever a slice's size or place in its document, so long
-    documents and short, beginnings and ends, are sampled alike, and the same inputs always give the
-    same tokenizer."""
+    ratio) < train_bytes / (the train split's share of `total`). That sequence spreads its hits evenly over any
+    run of slices (no unlucky stretches, as a random draw has), whatever a slice's size or place in its
+    document, so long documents and short, beginnings and ends, are sampled alike, and the same inputs always
+    give the same tokenizer."""
     t0 = time.perf_counter()
-    share = 1.0 if train_bytes is None else train_bytes / max(total, 1)
+    share = 1.0 if train_bytes is None else train_bytes / max(total * (1 - val_fraction), 1)
     counts = {"seen": 0, "kept": 0, "slices": 0}  # bytes: UTF-8 of the text (a JSONL text field, not the file)
     with _progress_bar(total, "train bpe", progress) as bar:
         def texts() -> Iterator[str]:
-            for doc in _iter_docs(keyed, text_field):
-                for piece, _ in _cut_pieces(_doc_chunks(doc), SUB_PIECE_CHARS):
-                    bar.update(len(piece))  # characters: close enough to bytes for a progress bar
-                    if train_bytes is None:
-                        yield piece
-                        continue
-                    # A piece without a safe cut can run to MAX_PIECE_CHARS: sample slices, not pieces.
-                    for i in range(0, len(piece), SUB_PIECE_CHARS):
-                        part = piece[i:i + SUB_PIECE_CHARS]
-                        n = len(part.encode("utf-8", errors="replace"))
-                        counts["seen"] += n
-                        counts["slices"] += 1
-                        if (counts["slices"] * GOLDEN_RATIO_FRACTION) % 1.0 < share:
-                            counts["kept"] += n
-                            yield part
+            for side, piece, _ in _segments(keyed, text_field, mode, val_fraction, SUB_PIECE_CHARS):
+                bar.update(len(piece))  # characters: close enough to bytes for a progress bar
+                if side == VAL:
+                    continue
+                if train_bytes is None:
+                    yield piece
+                    continue
+                # A piece without a safe cut can run to MAX_PIECE_CHARS: sample slices, not pieces.
+                for i in range(0, len(piece), SUB_PIECE_CHARS):
+                    part = piece[i:i + SUB_PIECE_CHARS]
+                    n = len(part.encode("utf-8", errors="replace"))
+                    counts["seen"] += n
+                    counts["slices"] += 1
+                    if (counts["slices"] * GOLDEN_RATIO_FRACTION) % 1.0 < share:
+                        counts["kept"] += n
+                        yield part
 
         tok = BPETokenizer.train(texts(), vocab_size)
         bar.update(max(0, bar.total - bar.n))
     on = "" if train_bytes is None else \
-        f" on {counts['kept'] / 1e6:,.1f} MB of text sampled from all {counts['seen'] / 1e6:,.1f} MB (its cap)"
-    logger.info("trained a bpe tokenizer of %d tokens%s in %.1f s", tok.vocab_size, on, time.perf_counter() - t0)
+        f": {counts['kept'] / 1e6:,.1f} MB of text sampled from all its {counts['seen'] / 1e6:,.1f} MB (the cap)"
+    logger.info("trained a bpe tokenizer of %d tokens on the train split%s in %.1f s", tok.vocab_size, on,
+                time.perf_counter() - t0)
     return tok
 
 
@@ -332,6 +333,7 @@ def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vo
         req["file_sha256"] = file_sha256(p)
     elif tokenizer == "bpe":
         req["vocab_size"] = bpe_vocab_size
+        req["trained_on"] = "train split"  # (earlier versions trained on both splits: their dirs are rebuilt)
         if train_bytes is not None:  # only where it samples: inputs within the cap keep their fingerprint
             req["train_bytes"] = train_bytes
     return req
@@ -403,7 +405,7 @@ def prepare(
     elif tokenizer_file is not None:
         tok = BPETokenizer.from_file(tokenizer_file)
     else:
-        tok = _train_bpe(keyed, text_field, bpe_vocab_size, total_bytes, progress, train_bytes)
+        tok = _train_bpe(keyed, text_field, bpe_vocab_size, total_bytes, progress, mode, val_fraction, train_bytes)
     n_workers = workers or max(1, min(_default_workers(), total_bytes // AUTO_BYTES_PER_WORKER[tokenizer]))
     dtype = token_dtype(tok.vocab_size)
 
@@ -523,8 +525,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab-size", type=int, default=8192, metavar="N",
                         help="vocabulary size of a trained bpe tokenizer, >= 258 (default: 8192)")
     parser.add_argument("--bpe-train-mb", type=float, default=DEFAULT_BPE_TRAIN_MB, metavar="MB",
-                        help="train the bpe tokenizer on a sample of about this many MB drawn from all of the "
-                             "text, for a corpus larger than that (.jsonl: compared with the files' size); "
+                        help="train the bpe tokenizer (on the train split) on a sample of about this many MB "
+                             "drawn from all of that text, for a corpus larger than that (.jsonl: compared with "
+                             "the files' size); "
                              f"0 = all of it (default: {DEFAULT_BPE_TRAIN_MB:g})")
     parser.add_argument("--val-fraction", type=float, default=0.1, metavar="F",
                         help="share of the text held out for validation, in (0, 1) (default: 0.1)")
