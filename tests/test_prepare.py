@@ -356,7 +356,7 @@ def test_bpe_training_is_deterministic(tmp_path):
 
 
 def test_bpe_trains_on_an_even_sample_of_a_corpus_over_the_cap(tmp_path, caplog, monkeypatch):
-    """--bpe-train-mb: the sample is drawn from the whole corpus, not its first megabytes: with a quarter
+    """--bpe-train-mb: the sample is drawn from the whole train split, not its first megabytes: with a quarter
     of the text, words found only in the last files still become single tokens."""
     monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
     caplog.set_level(logging.INFO, logger="gpttrain")
@@ -393,7 +393,7 @@ def test_bpe_trains_on_the_train_split_only(tmp_path, monkeypatch):
     for i in range(200):  # document mode: each document has its own word
         write(tmp_path / "d" / f"doc{i:03d}.txt", f"shared text uniq{i:03d}x\n" * 5)
     meta = run([tmp_path / "d"], tmp_path / "s1", tokenizer="bpe", bpe_vocab_size=300)
-    assert meta["split_mode"] == "document" and meta["tokenizer_request"]["trained_on"] == "train split"
+    assert meta["split_mode"] == "document" and meta["tokenizer_trained_on"] == "train split"
     val_docs = {i for i in range(200) if _goes_to_val(f"doc{i:03d}.txt", 0.1)}
     assert 5 < len(val_docs) < 40
     text = "".join(seen)
@@ -404,6 +404,46 @@ def test_bpe_trains_on_the_train_split_only(tmp_path, monkeypatch):
     meta = run([tmp_path / "t"], tmp_path / "s2", tokenizer="bpe", bpe_vocab_size=300)
     assert meta["split_mode"] == "tail"
     assert "early words" in "".join(seen) and "closing lines" not in "".join(seen)
+
+
+def test_the_bpe_cap_is_measured_against_the_train_split(tmp_path, monkeypatch):
+    """The sample's share is the cap over the train split's bytes, counted: which documents go to val is a hash's
+    choice, so a large one there leaves a train split far below (1 - val_fraction) of the inputs. Here the
+    train split is within the cap, so all of it is used."""
+    from gpttrain.data.sources import _goes_to_val
+
+    seen: list[str] = []
+    stub = BPETokenizer.train(["word text"], 260)
+
+    def train(texts, vocab_size):
+        seen.extend(texts)
+        return stub
+
+    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    for i in range(200):
+        write(tmp_path / "c" / f"doc{i:03d}.txt", f"uniq{i:03d}x " * 100)  # 1.1 KB each
+    big = next(f"big{k}.txt" for k in range(1000) if _goes_to_val(f"big{k}.txt", 0.1))
+    write(tmp_path / "c" / big, "val only text\n" * 150_000)  # 2.1 MB, all of it in val
+    meta = run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=1.0)
+    assert meta["tokenizer_request"]["train_bytes"] == 1_000_000  # the inputs are over the cap: it samples
+    train_docs = {i for i in range(200) if not _goes_to_val(f"doc{i:03d}.txt", 0.1)}
+    text = "".join(seen)
+    assert {i for i in range(200) if f"uniq{i:03d}x" in text} == train_docs and "val only" not in text
+
+
+def test_a_dir_whose_bpe_saw_both_splits_is_kept_with_a_notice(tmp_path, caplog, monkeypatch):
+    """Dirs prepared before the tokenizer was held off the val split keep their tokenizer (runs and checkpoints
+    on them stay valid), and reusing one says how to prepare it anew."""
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="gpttrain")
+    make_corpus(tmp_path / "c", n=40)
+    first = run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300)
+    legacy = {k: v for k, v in first.items() if k != "tokenizer_trained_on"}
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(legacy))
+    caplog.clear()
+    again = run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300)
+    assert again["tokenizer"] == first["tokenizer"] and "up to date, reusing" in caplog.text
+    assert "its bpe tokenizer was trained on both splits, by an earlier gpttrain" in caplog.text
 
 
 def test_the_bpe_sample_takes_short_and_long_documents_alike(tmp_path, monkeypatch):
@@ -501,7 +541,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     (["--workers", "-1"], r"--workers -1: must be >= 0"),
     (["--shard-tokens", "0"], r"--shard-tokens 0"),
     (["--tokenizer", "byte", "--tokenizer-file", "x"], r"--tokenizer-file x: the byte tokenizer takes no file"),
-    (["--bpe-train-mb", "-1"], r"--bpe-train-mb -1.0: must be a number >= 0 \(0 = train on all of the text\)"),
+    (["--bpe-train-mb", "-1"], r"--bpe-train-mb -1.0: must be a number >= 0 \(0 = train on all of the train split\)"),
     (["--bpe-train-mb", "nan"], r"--bpe-train-mb nan: must be a number >= 0"),
 ])
 def test_cli_flags_are_validated(tmp_path, flags, match):

@@ -47,7 +47,7 @@ class DataConfig:
     tokenizer: Literal["gpt2", "bpe", "byte"] = "bpe"
     tokenizer_file: str | None = None
     bpe_vocab_size: int = 8192
-    bpe_train_mb: float = 0  # > 0: a bpe tokenizer trains on a sample of about this many MB of a larger text
+    bpe_train_mb: float = 0  # > 0: a bpe tokenizer trains on a sample of about this many MB of a larger train split
     stride: int | None = None  # None = context_length (no overlap, as the original)
     val_fraction: float = 0.1
     text_field: str = "text"
@@ -429,7 +429,7 @@ def validate_config(cfg: Config) -> None:
                           "(256 bytes + end-of-text + 1 merge)")
     if d.bpe_train_mb < 0:
         raise ConfigError(f"--data.bpe_train_mb: {d.bpe_train_mb} must be >= 0 (0 = train the bpe tokenizer on "
-                          "all of the text)")
+                          "all of the train split)")
     if d.stride is not None and d.stride < 1:
         raise ConfigError(f"--data.stride: {d.stride} must be a positive integer (or none for context_length)")
     if not 0.0 < d.val_fraction < 1.0:

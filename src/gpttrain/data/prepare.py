@@ -73,7 +73,7 @@ logger = logging.getLogger("gpttrain")
 TOKENIZERS = ("gpt2", "bpe", "byte")
 DEFAULT_OUT = "data/prepared"
 DEFAULT_SHARD_TOKENS = 100_000_000
-DEFAULT_BPE_TRAIN_MB = 0  # 0 = all of the text; bpe training runs at about 10 MB/s on 2 cores
+DEFAULT_BPE_TRAIN_MB = 0  # 0 = all of the train split's text; bpe training runs at about 10 MB/s on 2 cores
 PIECE_CHARS = 1 << 20  # text handed to a worker per task
 GOLDEN_RATIO_FRACTION = (5 ** 0.5 - 1) / 2  # steps of a low-discrepancy sequence: the bpe sample's choice
 SUB_PIECE_CHARS = 1 << 16  # HF tokenizers encode long strings slowly; bpe training buffers 256 of these
@@ -203,35 +203,44 @@ def _train_bpe(keyed: list[tuple[Path, str]], text_field: str, vocab_size: int, 
     one language).
 
     The text is cut into slices of at most SUB_PIECE_CHARS, and slice i is kept when frac(i x golden
-    ratio) < train_bytes / (the train split's share of `total`). That sequence spreads its hits evenly over any
-    run of slices (no unlucky stretches, as a random draw has), whatever a slice's size or place in its
-    document, so long documents and short, beginnings and ends, are sampled alike, and the same inputs always
-    give the same tokenizer."""
+    ratio) < train_bytes / (the train split's bytes, counted in a first pass: which documents go to val is
+    decided by a hash, so the split's size is known only by looking). That sequence spreads its hits evenly
+    over any run of slices (no unlucky stretches, as a random draw has), whatever a slice's size or place in
+    its document, so long documents and short, beginnings and ends, are sampled alike, and the same inputs
+    always give the same tokenizer."""
     t0 = time.perf_counter()
-    share = 1.0 if train_bytes is None else train_bytes / max(total * (1 - val_fraction), 1)
-    counts = {"seen": 0, "kept": 0, "slices": 0}  # bytes: UTF-8 of the text (a JSONL text field, not the file)
-    with _progress_bar(total, "train bpe", progress) as bar:
-        def texts() -> Iterator[str]:
+
+    def train_pieces(desc: str) -> Iterator[str]:
+        with _progress_bar(total, desc, progress) as bar:
             for side, piece, _ in _segments(keyed, text_field, mode, val_fraction, SUB_PIECE_CHARS):
                 bar.update(len(piece))  # characters: close enough to bytes for a progress bar
-                if side == VAL:
-                    continue
-                if train_bytes is None:
+                if side != VAL:
                     yield piece
-                    continue
-                # A piece without a safe cut can run to MAX_PIECE_CHARS: sample slices, not pieces.
-                for i in range(0, len(piece), SUB_PIECE_CHARS):
-                    part = piece[i:i + SUB_PIECE_CHARS]
-                    n = len(part.encode("utf-8", errors="replace"))
-                    counts["seen"] += n
-                    counts["slices"] += 1
-                    if (counts["slices"] * GOLDEN_RATIO_FRACTION) % 1.0 < share:
-                        counts["kept"] += n
-                        yield part
+            bar.update(max(0, bar.total - bar.n))
 
-        tok = BPETokenizer.train(texts(), vocab_size)
-        bar.update(max(0, bar.total - bar.n))
-    on = "" if train_bytes is None else \
+    share = 1.0
+    if train_bytes is not None:
+        split_bytes = sum(len(piece.encode("utf-8", errors="replace")) for piece in train_pieces("count train"))
+        share = train_bytes / max(split_bytes, 1)
+    counts = {"seen": 0, "kept": 0, "slices": 0}  # bytes: UTF-8 of the text (a JSONL text field, not the file)
+
+    def texts() -> Iterator[str]:
+        for piece in train_pieces("train bpe"):
+            if share >= 1.0:
+                yield piece
+                continue
+            # A piece without a safe cut can run to MAX_PIECE_CHARS: sample slices, not pieces.
+            for i in range(0, len(piece), SUB_PIECE_CHARS):
+                part = piece[i:i + SUB_PIECE_CHARS]
+                n = len(part.encode("utf-8", errors="replace"))
+                counts["seen"] += n
+                counts["slices"] += 1
+                if (counts["slices"] * GOLDEN_RATIO_FRACTION) % 1.0 < share:
+                    counts["kept"] += n
+                    yield part
+
+    tok = BPETokenizer.train(texts(), vocab_size)
+    on = "" if share >= 1.0 else \
         f": {counts['kept'] / 1e6:,.1f} MB of text sampled from all its {counts['seen'] / 1e6:,.1f} MB (the cap)"
     logger.info("trained a bpe tokenizer of %d tokens on the train split%s in %.1f s", tok.vocab_size, on,
                 time.perf_counter() - t0)
@@ -300,7 +309,7 @@ def _validate(tokenizer: str, tokenizer_file: str | Path | None, bpe_vocab_size:
                           "(256 bytes, <|endoftext|> and at least one merge)")
     if isinstance(bpe_train_mb, bool) or not isinstance(bpe_train_mb, numbers.Real) or \
             not math.isfinite(bpe_train_mb) or bpe_train_mb < 0:
-        raise ConfigError(f"--bpe-train-mb {bpe_train_mb}: must be a number >= 0 (0 = train on all of the text)")
+        raise ConfigError(f"--bpe-train-mb {bpe_train_mb}: must be a number >= 0 (0 = train on all of the train split)")
     if workers < 0:
         raise ConfigError(f"--workers {workers}: must be >= 0 (0 = all cores, 1 = no worker processes)")
     if shard_tokens < 1:
@@ -333,7 +342,6 @@ def _tokenizer_request(tokenizer: str, tokenizer_file: str | Path | None, bpe_vo
         req["file_sha256"] = file_sha256(p)
     elif tokenizer == "bpe":
         req["vocab_size"] = bpe_vocab_size
-        req["trained_on"] = "train split"  # (earlier versions trained on both splits: their dirs are rebuilt)
         if train_bytes is not None:  # only where it samples: inputs within the cap keep their fingerprint
             req["train_bytes"] = train_bytes
     return req
@@ -357,8 +365,8 @@ def prepare(
     """Tokenize `inputs` (none = the embedded default corpus) into shards + meta.json in `out`; return the meta.
 
     Reuses `out` when its fingerprint (sources, tokenizer, settings) matches and its files verify. A bpe
-    tokenizer trains on all of the text, or, with `bpe_train_mb` > 0 and inputs larger than that (MB =
-    10^6 bytes of the input files), on a sample of about that size drawn from all of it.
+    tokenizer trains on all of the train split's text, or, with `bpe_train_mb` > 0 and inputs larger than that
+    (MB = 10^6 bytes of the input files), on a sample of about that size drawn from all of it.
     """
     t_start = time.perf_counter()
     _validate(tokenizer, tokenizer_file, bpe_vocab_size, val_fraction, workers, shard_tokens, bpe_train_mb)
@@ -389,6 +397,12 @@ def prepare(
             if old.get("fingerprint") == fingerprint and problem is None:
                 logger.info("%s: up to date, reusing (%d train + %d val tokens)", out,
                             old["splits"]["train"]["tokens"], old["splits"]["val"]["tokens"])
+                if tok_request["kind"] == "bpe" and "file_sha256" not in tok_request \
+                        and "tokenizer_trained_on" not in old:
+                    # Kept as it is: runs and checkpoints on this dir stay valid (same tokenizer).
+                    logger.info("%s: its bpe tokenizer was trained on both splits, by an earlier gpttrain (val "
+                                "text is unseen by the tokenizers trained now); delete the folder to prepare it "
+                                "anew", out)
                 return old
             why = [problem] if problem else _why_rebuild(old, sources, tok_request, settings)
             logger.info("%s: rebuilding: %s", out, "; ".join(why))
@@ -451,6 +465,7 @@ def prepare(
             "tokenizer": tok.spec(),
             "tokenizer_file": tok_file,
             "tokenizer_request": tok_request,
+            **({"tokenizer_trained_on": "train split"} if tokenizer == "bpe" and tokenizer_file is None else {}),
             "dtype": dtype.name,
             "default_corpus": not inputs,
             "sources": sources,
@@ -518,7 +533,7 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
                         help=f"directory for the shards and meta.json (default: {DEFAULT_OUT})")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="bpe",
-                        help="gpt2 (tiktoken), bpe (trained on the inputs) or byte (default: bpe)")
+                        help="gpt2 (tiktoken), bpe (trained on the inputs' train split) or byte (default: bpe)")
     parser.add_argument("--tokenizer-file", default=None, metavar="FILE",
                         help="gpt2: a gpt2.tiktoken ranks file (default: tiktoken's cache); bpe: a tokenizer.json "
                              "to use instead of training one (default: none, train)")
