@@ -121,6 +121,20 @@ def test_no_inputs_prepares_the_default_corpus_offline(tmp_path, monkeypatch):
 # ---- inputs -------------------------------------------------------------------------------------------------
 
 
+def capture_bpe_training(monkeypatch) -> list[str]:
+    """Stand in for bpe training: the texts it is given are collected in the returned list (a tiny fixed
+    tokenizer is trained instead)."""
+    seen: list[str] = []
+    stub = BPETokenizer.train(["word text line"], 260)
+
+    def train(texts, vocab_size):
+        seen.extend(texts)
+        return stub
+
+    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    return seen
+
+
 def make_corpus(root: Path, n: int = 150) -> list[Path]:
     files = [write(root / f"part{i % 3}" / f"doc{i:03d}.txt", f"document {i}\n" + "word " * (i % 17 + 3))
              for i in range(n)]
@@ -382,14 +396,7 @@ def test_bpe_trains_on_the_train_split_only(tmp_path, monkeypatch):
     either split mode (whole documents to val, or the tail of a few documents)."""
     from gpttrain.data.sources import _goes_to_val
 
-    seen: list[str] = []
-    stub = BPETokenizer.train(["word text"], 260)
-
-    def train(texts, vocab_size):
-        seen.extend(texts)
-        return stub
-
-    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    seen = capture_bpe_training(monkeypatch)
     for i in range(200):  # document mode: each document has its own word
         write(tmp_path / "d" / f"doc{i:03d}.txt", f"shared text uniq{i:03d}x\n" * 5)
     meta = run([tmp_path / "d"], tmp_path / "s1", tokenizer="bpe", bpe_vocab_size=300)
@@ -412,14 +419,7 @@ def test_the_bpe_cap_is_measured_against_the_train_split(tmp_path, monkeypatch):
     train split is within the cap, so all of it is used."""
     from gpttrain.data.sources import _goes_to_val
 
-    seen: list[str] = []
-    stub = BPETokenizer.train(["word text"], 260)
-
-    def train(texts, vocab_size):
-        seen.extend(texts)
-        return stub
-
-    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    seen = capture_bpe_training(monkeypatch)
     for i in range(200):
         write(tmp_path / "c" / f"doc{i:03d}.txt", f"uniq{i:03d}x " * 100)  # 1.1 KB each
     big = next(f"big{k}.txt" for k in range(1000) if _goes_to_val(f"big{k}.txt", 0.1))
@@ -454,14 +454,7 @@ def test_the_bpe_sample_takes_short_and_long_documents_alike(tmp_path, monkeypat
         write(tmp_path / "c" / f"doc{i:03d}a.txt", "shortword line\n" * 80)
         if i % 25 == 0:
             write(tmp_path / "c" / f"doc{i:03d}b.txt", "longword line\n" * 4300)
-    seen: list[str] = []
-    stub = BPETokenizer.train(["shortword longword line"], 260)
-
-    def train(texts, vocab_size):
-        seen.extend(texts)
-        return stub
-
-    monkeypatch.setattr(BPETokenizer, "train", staticmethod(train))
+    seen = capture_bpe_training(monkeypatch)
     total = sum(p.stat().st_size for p in (tmp_path / "c").iterdir())
     run([tmp_path / "c"], tmp_path / "s", tokenizer="bpe", bpe_vocab_size=300, bpe_train_mb=total / 4e6)
     short = sum(t.count("shortword") for t in seen) / (800 * 80)  # the share of each kind's lines kept
