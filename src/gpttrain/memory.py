@@ -14,6 +14,7 @@ from gpttrain.config import ModelConfig
 from gpttrain.loss import chunk_rows_for, chunked_loss_wanted, compiles_head
 from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
+from gpttrain.parallel import AUTOCAST_DTYPES
 
 GIB = 1024**3
 
@@ -69,7 +70,7 @@ def recast_applies(precision: str, compiled: bool, strategy: str, activation_che
     precision under torch.compile, whose partitioner otherwise keeps every linear's 16-bit copy; not under FSDP
     (which keeps no copy between forward and backward), activation checkpointing (which recasts already) or fp8
     (whose linears cast their own weights)."""
-    return (precision in ("bf16-mixed", "fp16-mixed") and compiled and strategy != "fsdp"
+    return (precision in AUTOCAST_DTYPES and compiled and strategy != "fsdp"
             and not activation_checkpointing and not fp8)
 
 
@@ -128,7 +129,7 @@ def estimate_training_memory(
     shard = world_size if strategy == "fsdp" else 1
     weights, grads, optimizer = wb * P / shard, gb * P / shard, ob * P / shard
 
-    half = precision in ("bf16-mixed", "fp16-mixed")
+    half = precision in AUTOCAST_DTYPES
     block_params = (count_params(cfg) - 2 * d - V * d * (1 if cfg.tie_embeddings else 2) - T * d) / max(L, 1)
     if strategy == "fsdp" and world_size > 1:
         # Unsharded working copies: the root (embeddings, head) plus about two blocks in flight
@@ -172,7 +173,7 @@ def fused_loss_bytes(tokens: int, vocab: int, width: int, precision: str, rows: 
     rows = min(tokens, rows or chunk_rows_for(vocab))
     cdt = 4 if precision == "fp32" else 2  # the compute dtype
     pc = 0 if precision == "fp32" else 2  # the probabilities' copy in the compute dtype
-    cast = 2 if precision in ("bf16-mixed", "fp16-mixed") else 0  # autocast's 16-bit copies of fp32 inputs
+    cast = 2 if precision in AUTOCAST_DTYPES else 0  # autocast's 16-bit copies of fp32 inputs
     h = 2 if precision == "bf16-pure" else 4  # the hidden states' dtype (the final LayerNorm's output)
     return rows * vocab * (8 + pc) + vocab * width * (4 + cdt + 4 + cast) + tokens * width * (h + cast)
 
@@ -183,7 +184,7 @@ def compiled_loss_bytes(tokens: int, vocab: int, width: int, precision: str) -> 
     over them; the head's weight gradient and the hidden states' gradient; under autocast, 16-bit copies of the
     weight and the hidden states."""
     cdt = 4 if precision == "fp32" else 2
-    cast = 2 if precision in ("bf16-mixed", "fp16-mixed") else 0
+    cast = 2 if precision in AUTOCAST_DTYPES else 0
     h = 2 if precision == "bf16-pure" else 4
     return tokens * vocab * cdt + vocab * width * (4 + cast) + tokens * width * (h + cast)
 

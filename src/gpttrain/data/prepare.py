@@ -383,6 +383,7 @@ def prepare(
     total_bytes = sum(s["size"] for s in sources)
     train_bytes = _bpe_train_bytes(bpe_train_mb, total_bytes)
     tok_request = _tokenizer_request(tokenizer, tokenizer_file, bpe_vocab_size, train_bytes)
+    trains_bpe = tokenizer == "bpe" and tokenizer_file is None  # a bpe tokenizer trained here (on the train split)
     settings = {"val_fraction": val_fraction, "text_field": text_field, "extensions": list(exts),
                 "shard_tokens": shard_tokens, "format_version": FORMAT_VERSION}
     fingerprint, parts = _fingerprint(sources, tok_request, settings)
@@ -397,8 +398,7 @@ def prepare(
             if old.get("fingerprint") == fingerprint and problem is None:
                 logger.info("%s: up to date, reusing (%d train + %d val tokens)", out,
                             old["splits"]["train"]["tokens"], old["splits"]["val"]["tokens"])
-                if tok_request["kind"] == "bpe" and "file_sha256" not in tok_request \
-                        and "tokenizer_trained_on" not in old:
+                if trains_bpe and "tokenizer_trained_on" not in old:
                     # Kept as it is: runs and checkpoints on this dir stay valid (same tokenizer).
                     logger.info("%s: its bpe tokenizer was trained on both splits, by an earlier gpttrain (val "
                                 "text is unseen by the tokenizers trained now); delete the folder to prepare it "
@@ -465,7 +465,7 @@ def prepare(
             "tokenizer": tok.spec(),
             "tokenizer_file": tok_file,
             "tokenizer_request": tok_request,
-            **({"tokenizer_trained_on": "train split"} if tokenizer == "bpe" and tokenizer_file is None else {}),
+            **({"tokenizer_trained_on": "train split"} if trains_bpe else {}),
             "dtype": dtype.name,
             "default_corpus": not inputs,
             "sources": sources,
