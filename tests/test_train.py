@@ -93,8 +93,18 @@ def test_end_to_end_single_process_outputs(data_dir, tmp_path):
             "mem_peak_gib", "time"}
     assert keys <= set(train[0])
     assert train[0]["mfu"] is None  # CPU: unknown peak, omitted
-    assert {"train_loss", "val_loss", "val_ppl", "tokens"} <= set(evals[0])
+    assert {"train_loss", "val_loss", "val_ppl", "tokens", "eval_seconds"} <= set(evals[0])
     assert train[-1]["tokens"] == 12 * 4 * 64
+    # The process's time by kind, last: the parts add up to its wall time.
+    summary = recs[-1]
+    assert summary["kind"] == "summary" and summary["step"] == 12
+    parts = ("first_step_s", "train_s", "eval_s", "plot_s", "checkpoint_s", "other_s")
+    assert all(summary[k] >= 0 for k in parts)
+    assert sum(summary[k] for k in parts) == pytest.approx(summary["wall_s"], rel=1e-6)
+    assert summary["timed_steps"] == 11 and summary["evals"] == 2
+    assert summary["eval_s"] >= sum(r["eval_seconds"] for r in evals)
+    assert 0 < summary["eval_share"] < 1 and 0 < summary["bookkeeping_share"] < 1
+    assert "time in this process:" in (run / "train.log").read_text()
     assert "Every effort moves you" in (run / "samples.txt").read_text()
     assert (run / "loss.pdf").read_bytes().startswith(b"%PDF")
 
@@ -458,6 +468,62 @@ def _plotting_trainer(data_dir, run_dir, monkeypatch, *, steps: int, eval_every:
     return trainer, drawn
 
 
+def _slowed_trainer(data_dir, run_dir, monkeypatch, *, eval_s: float = 0.0, step_s: float = 0.0, steps: int = 8):
+    """A tiny trainer, evaluating every 2 steps, whose evaluations and steps each sleep the given seconds."""
+    import time
+
+    trainer = build_trainer(tiny_config(data_dir, run_dir, "--train.max_steps", str(steps), "--train.eval_every", "2",
+                                        "--log.sample_every", "0"), single_info())
+    real_eval, real_step = trainer.evaluate, trainer.train_step
+
+    def evaluate():
+        time.sleep(eval_s)
+        return real_eval()
+
+    def step(stop_requested=False):
+        time.sleep(step_s)
+        return real_step(stop_requested)
+
+    monkeypatch.setattr(trainer, "evaluate", evaluate)
+    monkeypatch.setattr(trainer, "train_step", step)
+    return trainer
+
+
+def test_costly_evaluation_is_said_once_with_the_flags_that_cut_it(data_dir, tmp_path, monkeypatch, caplog):
+    # An evaluation of 0.3 s every 2 steps of a few ms: over 90% of the time. Said at the second evaluation
+    # (the first may compile), once.
+    trainer = _slowed_trainer(data_dir, tmp_path / "run", monkeypatch, eval_s=0.3)
+    with caplog.at_level("WARNING", logger="gpttrain"):
+        assert trainer.fit() == 0
+    hints = [r.getMessage() for r in caplog.records if "evaluation takes" in r.getMessage()]
+    assert len(hints) == 1, hints
+    share = int(hints[0].split("evaluation takes ")[1].split("%")[0])
+    assert share >= 90
+    assert "every 2 steps" in hints[0] and "over 2 batches of each split" in hints[0]
+    assert "raise --train.eval_every or lower --train.eval_batches" in hints[0]
+    summary = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["kind"] == "summary" and summary["evals"] == 4 and summary["eval_s"] >= 4 * 0.3
+    assert summary["eval_share"] >= 0.9
+
+
+def test_cheap_evaluation_is_not_remarked(data_dir, tmp_path, monkeypatch, caplog):
+    trainer = _slowed_trainer(data_dir, tmp_path / "run", monkeypatch, step_s=0.1)  # evaluations take ms
+    with caplog.at_level("WARNING", logger="gpttrain"):
+        assert trainer.fit() == 0
+    assert not [r for r in caplog.records if "evaluation takes" in r.getMessage()]
+
+
+def test_loop_clock_shares():
+    from gpttrain.trainer import LoopClock
+
+    clock = LoopClock(start=0.0, train_at_start=10.0, steps_at_start=5)
+    assert clock.cadence(20.0, 15) is None  # no evaluation after the process's first yet
+    clock.evals = [{"losses": 9.0, "sample": 0.0}, {"losses": 1.0, "sample": 0.5}, {"losses": 2.0, "sample": 0.5}]
+    parts, per_step = clock.cadence(20.0, 15)  # 10 s over 10 steps; the first evaluation left out
+    assert parts == {"losses": 1.5, "sample": 0.5} and per_step == 1.0
+    assert clock.eval_share(20.0, 15, eval_every=8) == pytest.approx(2.0 / (2.0 + 8.0))
+
+
 def test_loss_plot_redraws_cost_about_one_percent_and_the_end_always_draws(data_dir, tmp_path, monkeypatch):
     """Evaluations every step: after the warm-up drawing, a drawing waits for 1/PLOT_COST_SHARE times the
     last one's duration, so the plot costs the loop about 1%; the run's end draws its final state."""
@@ -500,3 +566,5 @@ def test_a_stopped_run_draws_its_plot_at_the_stop(data_dir, tmp_path, monkeypatc
     assert trainer.fit() == 0
     # The step already asked for learns of the signal at the next one, which stops: no evaluation at 6.
     assert trainer.step == 6 and drawn == [4, 6]
+    summary = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["kind"] == "summary" and summary["step"] == 6 and summary["checkpoint_s"] > 0

@@ -13,6 +13,7 @@ import logging
 import math
 import signal
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,55 @@ from gpttrain.parallel import (
 
 log = logging.getLogger("gpttrain")
 PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.png during training
+EVAL_SHARE_HINT = 0.10  # evaluation's share of the time, at the run's cadence, over which the loop says so
+
+
+@dataclass
+class LoopClock:
+    """Where one process's training loop spends its wall time (perf_counter seconds): the summary at its end
+    and the evaluation-share hint read it. Steps are timed by the trainer's train_time; the rest is here."""
+
+    start: float
+    train_at_start: float  # the run's train_time (resumes add up) when this process's loop began
+    steps_at_start: int  # and its timed_steps
+    first_step: float = 0.0  # this process's first step: compile, warm-up
+    evals: list[dict[str, float]] = field(default_factory=list)  # each evaluation's seconds: losses, sample
+    plots: float = 0.0  # loss-plot drawings at evaluations
+    checkpoints: float = 0.0
+    hinted: bool = False
+
+    def cadence(self, train_time: float, timed_steps: int) -> tuple[dict[str, float], float] | None:
+        """(mean seconds of an evaluation's parts, mean seconds of a step). The process's first evaluation is
+        left out (it may compile or warm caches, as its first step does); None until there is a later one and
+        a timed step."""
+        steps = timed_steps - self.steps_at_start
+        if len(self.evals) < 2 or steps <= 0:
+            return None
+        later = self.evals[1:]
+        return {k: sum(e[k] for e in later) / len(later) for k in later[0]}, (train_time - self.train_at_start) / steps
+
+    def eval_share(self, train_time: float, timed_steps: int, eval_every: int) -> float | None:
+        """Evaluation's share of the time at this cadence: a mean evaluation over itself plus eval_every mean
+        steps."""
+        mean = self.cadence(train_time, timed_steps)
+        if mean is None:
+            return None
+        per_eval = sum(mean[0].values())
+        return per_eval / (per_eval + eval_every * mean[1])
+
+    def split(self, train_time: float, timed_steps: int, eval_every: int) -> dict[str, Any]:
+        """Seconds by kind since the loop began; `other` is logging and the reads at log steps."""
+        wall = time.perf_counter() - self.start
+        train = train_time - self.train_at_start
+        evaluation = sum(sum(e.values()) for e in self.evals)
+        other = max(wall - self.first_step - train - evaluation - self.plots - self.checkpoints, 0.0)
+        after_first = wall - self.first_step
+        return {"wall_s": wall, "first_step_s": self.first_step, "train_s": train, "eval_s": evaluation,
+                "plot_s": self.plots, "checkpoint_s": self.checkpoints, "other_s": other,
+                "timed_steps": timed_steps - self.steps_at_start, "evals": len(self.evals),
+                # the loop's time besides its steps, over all of it but the first step
+                "bookkeeping_share": (after_first - train) / after_first if after_first > 0 else None,
+                "eval_share": self.eval_share(train_time, timed_steps, eval_every)}
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -501,12 +551,11 @@ class Trainer:
         log.info("run dir: %s", self.run_dir)
 
     def _loop(self, monitor: Monitor, stop: StopFlag) -> int:
-        from gpttrain import checkpoint as ckpt
-
         t = self.cfg.train
         self._log_start()
         pending: list[StepStats] = []  # steps queued on the device whose numbers the host has not read yet
         t_mark = time.perf_counter()
+        clock = self.clock = LoopClock(t_mark, self.train_time, self.timed_steps)
         logged = (self.train_time, self.timed_steps)  # the counters at the last train record
         first_step_of_process = True
         bar_loss = {}
@@ -528,6 +577,8 @@ class Trainer:
             if not first_step_of_process:  # each process's first step compiles and warms up: not timed
                 self.train_time += now - t_mark
                 self.timed_steps += len(pending)
+            else:
+                clock.first_step = now - t_mark
             first_step_of_process = False
             t_mark = now
             first = self.step - len(pending) + 1
@@ -543,24 +594,63 @@ class Trainer:
                 self._log_train(monitor, res, self.timed_steps - logged[1], self.train_time - logged[0])
                 logged = (self.train_time, self.timed_steps)
             if eval_now:
-                self._eval_and_report(monitor)
+                clock.evals.append(self._eval_and_report(monitor))
+                self._hint_eval_share()
             if stop_now:
                 why = f"{stop.signal_name} received" if stop.signal_name else "stop signal received by another rank"
                 log.info("%s: saving a checkpoint at step %d and exiting", why, self.step)
-                ckpt.save(self, reason="signal")
+                self._save(reason="signal")
                 self._plot(force=True)
+                self._report_time(monitor)
                 return 0
             if ckpt_now:
-                ckpt.save(self, reason="periodic")
+                self._save(reason="periodic")
             t_mark = time.perf_counter()  # evaluation and checkpoint time is not training throughput
-        ckpt.save(self, reason="final")
+        self._save(reason="final")
+        self._report_time(monitor)
         self._finish()
         return 0
+
+    def _save(self, reason: str) -> None:
+        from gpttrain import checkpoint as ckpt
+
+        t0 = time.perf_counter()
+        ckpt.save(self, reason=reason)
+        self.clock.checkpoints += time.perf_counter() - t0
+
+    def _hint_eval_share(self) -> None:
+        """Say once per process, from its second evaluation on, when evaluation takes over EVAL_SHARE_HINT of
+        the time: a cadence copied from a small run (the original script's every 5 steps) costs a large one."""
+        t = self.cfg.train
+        share = self.clock.eval_share(self.train_time, self.timed_steps, t.eval_every)
+        if self.clock.hinted or share is None or share <= EVAL_SHARE_HINT or not self.info.is_main:
+            return
+        self.clock.hinted = True
+        parts, per_step = self.clock.cadence(self.train_time, self.timed_steps)
+        levers = "raise --train.eval_every or lower --train.eval_batches"
+        if parts["sample"] > parts["losses"]:
+            levers = "raise --log.sample_every (evaluations per sample) or --train.eval_every"
+        log.warning("evaluation takes %.0f%% of this run's time: every %d steps (%.2f s), %.2f s for the losses "
+                    "over %d batches of each split and %.2f s for samples, on average; %s to train faster",
+                    100 * share, t.eval_every, t.eval_every * per_step, parts["losses"], t.eval_batches,
+                    parts["sample"], levers)
+
+    def _report_time(self, monitor: Monitor) -> None:
+        """The process's time by kind: a `summary` record in metrics.jsonl and one log line."""
+        split = self.clock.split(self.train_time, self.timed_steps, self.cfg.train.eval_every)
+        monitor.record({"kind": "summary", "step": self.step, **split, "time": time.time()})
+        if not self.info.is_main:
+            return
+        share = split["eval_share"]
+        log.info("time in this process: %.1f s: first step (compile, warm-up) %.1f s, steps %.1f s, %d "
+                 "evaluations %.1f s%s, plots %.1f s, checkpoints %.1f s, other %.1f s", split["wall_s"],
+                 split["first_step_s"], split["train_s"], split["evals"], split["eval_s"],
+                 f" ({100 * share:.1f}% of the time at this cadence)" if share is not None else "",
+                 split["plot_s"], split["checkpoint_s"], split["other_s"])
 
     def _nonfinite(self, step: int, res: StepStats) -> None:
         """A step whose loss or gradients were not finite: its update was already skipped on the device;
         count it under --train.nonfinite skip, or save the (good) state and stop."""
-        from gpttrain import checkpoint as ckpt
 
         t = self.cfg.train
         if t.nonfinite == "skip" and self.skipped_steps < t.max_skipped_steps:
@@ -571,7 +661,7 @@ class Trainer:
         why = "policy stop" if t.nonfinite == "stop" else f"more than {t.max_skipped_steps} skipped"
         log.error("step %d: non-finite loss %s or grad norm %s (%s); its update was not applied; saving and "
                   "stopping at step %d", step, res.loss, res.grad_norm, why, self.step)
-        ckpt.save(self, reason="nonfinite")
+        self._save(reason="nonfinite")
         self._plot(force=True)
         more = "set --train.nonfinite skip" if t.nonfinite == "stop" else "raise --train.max_skipped_steps"
         raise GpttrainError(f"training stopped at step {self.step}: non-finite loss or gradients at step {step} "
@@ -607,13 +697,17 @@ class Trainer:
             log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s", self.step, self.total_steps,
                      rec["epoch"], res.loss, rec["lr"], res.grad_norm, rate_txt)
 
-    def _eval_and_report(self, monitor: Monitor) -> None:
+    def _eval_and_report(self, monitor: Monitor) -> dict[str, float]:
+        """Evaluate, record, sample (every sample_every evaluations), redraw the plot; returns the seconds of
+        the losses and the sample (the plot's go to the clock's `plots`: _plot holds them near 1%)."""
+        t0 = time.perf_counter()
         ev = self.evaluate()
+        eval_seconds = time.perf_counter() - t0
         self.evals_done += 1
         avg_tok_s = self.average_tok_s()
         mem = self._memory()
         rec = {"kind": "eval", "step": self.step, "epoch": round(self.epoch_progress(), 6), "tokens": self.tokens,
-               **ev, "avg_tok_per_s": avg_tok_s, **mem, "time": time.time()}
+               **ev, "avg_tok_per_s": avg_tok_s, "eval_seconds": eval_seconds, **mem, "time": time.time()}
         monitor.record(rec)
         avg_txt = f", avg tok/s {avg_tok_s:,.0f}" if avg_tok_s else ""
         log.info("Ep %.2f (Step %06d): Train loss %.3f, Val loss %.3f (ppl %.1f)%s", rec["epoch"], self.step,
@@ -621,6 +715,7 @@ class Trainer:
         if mem["mem_alloc_gib"] is not None:
             log.info("Allocated memory: %.2f GiB, reserved: %.2f GiB, peak: %.2f GiB (max over ranks)",
                      mem["mem_alloc_gib"], mem["mem_reserved_gib"], mem["mem_peak_gib"])
+        t1 = time.perf_counter()
         lg = self.cfg.log
         if lg.sample_every and self.evals_done % lg.sample_every == 0:
             text = self.sample()
@@ -629,7 +724,10 @@ class Trainer:
                 with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
                     f.write(f"--- step {self.step} (epoch {rec['epoch']:.2f}, val loss {ev['val_loss']:.3f})\n"
                             f"{text}\n")
+        t2 = time.perf_counter()
         self._plot(force=self.step == self.total_steps)
+        self.clock.plots += time.perf_counter() - t2
+        return {"losses": eval_seconds, "sample": t2 - t1}
 
     def _plot(self, force: bool = False) -> None:
         """Redraw loss.pdf/.png once the last drawing's duration / PLOT_COST_SHARE has passed since it ended.
