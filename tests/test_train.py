@@ -568,3 +568,58 @@ def test_a_stopped_run_draws_its_plot_at_the_stop(data_dir, tmp_path, monkeypatc
     assert trainer.step == 6 and drawn == [4, 6]
     summary = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
     assert summary["kind"] == "summary" and summary["step"] == 6 and summary["checkpoint_s"] > 0
+
+
+# ---- evaluation through the compiled forward ----------------------------------------------------------------
+
+
+def test_evaluation_compiles_where_training_compiles_the_whole_model(data_dir, tmp_path):
+    for flags, compiles in ((("--train.compile", "on"), True),
+                            (("--train.compile", "on", "--train.compile_eval", "false"), False),
+                            (("--train.compile", "on", "--train.compile_scope", "blocks"), False),
+                            (("--train.compile", "off"), False)):
+        trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", *flags), single_info())
+        assert trainer._eval_compiles is compiles, flags
+
+
+def test_compiled_evaluation_equals_eager_with_a_short_last_batch(data_dir, tmp_path):
+    from torch._dynamo.utils import counters
+
+    # 30 batches ask for more windows than the val split has: all of them, the last batch short (a second graph).
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.eval_batches", "30",
+                                        "--train.micro_batch_size", "7"), single_info())
+    assert trainer.val_loader.eval_count(30) % 7 != 0
+    eager = trainer.evaluate()
+    trainer._eval_compiles = True  # the evaluation of a compiled run, with eager training (cheaper to test)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = trainer.evaluate()
+    assert isinstance(trainer._eval_model, torch._dynamo.eval_frame.OptimizedModule) and trainer._eval_compiles
+    assert counters["stats"]["unique_graphs"] == 2  # full batches and the short last one
+    assert trainer.evaluate() == compiled and counters["stats"]["unique_graphs"] == 2  # no recompiles
+    for key in ("train_loss", "val_loss"):
+        assert compiled[key] == pytest.approx(eager[key], rel=1e-5), key
+    assert trainer.model.training  # evaluation puts the model back in training mode
+
+
+def test_a_failing_evaluation_compile_falls_back_to_eager_once(data_dir, tmp_path, monkeypatch, caplog):
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run"), single_info())
+    eager = trainer.evaluate()
+    calls = []
+
+    def broken_compile(model, **kwargs):
+        def forward(x, y):
+            calls.append(1)
+            raise RuntimeError("inductor: a lowering failed\nmore detail")
+        return forward
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    trainer._eval_compiles = True
+    with caplog.at_level("WARNING", logger="gpttrain"):
+        first = trainer.evaluate()
+        second = trainer.evaluate()
+    assert first == second == eager
+    assert len(calls) == 1  # tried once, then eager
+    warnings = [r.getMessage() for r in caplog.records if "compiling evaluation's forward failed" in r.getMessage()]
+    assert warnings == ["compiling evaluation's forward failed (RuntimeError: inductor: a lowering failed); "
+                        "evaluating eagerly from now on (--train.compile_eval false skips the attempt)"]

@@ -90,6 +90,9 @@ class TrainConfig:
     compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = "default"
     # What torch.compile wraps: the whole model, or each transformer block on its own (FSDP2's usual way).
     compile_scope: Literal["model", "blocks"] = "model"
+    # Evaluation's forward compiled too, where training compiles the whole model (not blocks, not FSDP): one more
+    # graph, built at the first evaluation (and one per odd last-batch size); a failure falls back to eager.
+    compile_eval: bool = True
     # scaled_dot_product_attention's kernel: auto = PyTorch's choice; the others pin one (cudnn, flash and
     # efficient need CUDA; math runs anywhere).
     attention: Literal["auto", "flash", "cudnn", "efficient", "math"] = "auto"

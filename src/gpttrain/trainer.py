@@ -285,6 +285,11 @@ class Trainer:
             self.peak_tflops = lookup_peak_tflops(torch.cuda.get_device_name(self.device))
 
         self.wrapped = self._wrap()
+        # What evaluation calls: the plain model (no DDP hooks), compiled at the first evaluation where
+        # training compiles the whole model; eager per block or under FSDP, as parallel.compile_model says.
+        self._eval_model: torch.nn.Module | None = None
+        self._eval_compiles = (self.compiled and cfg.train.compile_eval and cfg.train.compile_scope == "model"
+                               and self.strategy != "fsdp")
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -424,8 +429,7 @@ class Trainer:
         totals = torch.zeros(2, device=self.device, dtype=torch.float64)
         batches = 0
         for x, y in loader.eval_batches(self.cfg.train.eval_batches):
-            with self.autocast(), self.attention():
-                loss = self.model(x, y)  # the plain module: no DDP hooks, no recompiles on odd batch sizes
+            loss = self._eval_loss(x, y)
             totals[0] += loss.double() * x.shape[0]
             totals[1] += x.shape[0]
             batches += 1
@@ -438,6 +442,26 @@ class Trainer:
         distmod.all_reduce(totals, self.info, "sum")
         model.train(was_training)
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
+
+    def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One eval batch's mean loss, through the compiled forward where there is one. A compile or run error
+        there (not an OOM) is said once and evaluation goes on eagerly: training must not die at an evaluation
+        for a graph it never needed."""
+        if self._eval_compiles and self._eval_model is None:
+            # Static shapes: the last batch may be short; a graph of its own beats a dynamic one for all.
+            self._eval_model = torch.compile(self.model, dynamic=False)
+        with self.autocast(), self.attention():
+            if self._eval_compiles:
+                try:
+                    return self._eval_model(x, y)
+                except torch.cuda.OutOfMemoryError:
+                    raise
+                except Exception as e:  # any compiler failure: eager below is the same model
+                    log.warning("compiling evaluation's forward failed (%s: %s); evaluating eagerly from now on "
+                                "(--train.compile_eval false skips the attempt)", type(e).__name__,
+                                str(e).splitlines()[0] if str(e) else "")
+                    self._eval_compiles, self._eval_model = False, None
+            return self.model(x, y)
 
     def evaluate(self) -> dict[str, float]:
         train_loss = self.evaluate_loader(self.train_loader)
