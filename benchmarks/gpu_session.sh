@@ -5,7 +5,7 @@
 #   bash benchmarks/fetch_gpu_wheels.sh                 # here, once: torchao for --train.fp8, into .whl/
 #   PART=speed bash benchmarks/gpu_session.sh           # there (device tool, carry [".whl"]): at most 570 s
 #   PART=tests bash benchmarks/gpu_session.sh           # there: the CUDA tests, at most TESTS_TIMEOUT (230) s
-#   DEVICE=cpu RUNS="tiny:4x1 demo:8x1+train.attention=math" STEPS=2 BUDGET=60 LOOP=demo:8 \
+#   DEVICE=cpu TARGETS=tiny:4x1 RUNS="demo:8x1+train.attention=math" STEPS=2 BUDGET=60 LOOP=demo:8 \
 #       bash benchmarks/gpu_session.sh                  # a rehearsal of the speed part on CPU
 # PART defaults to speed: PART=all (the tests, then the speed part) would outrun one 600 s call on a GPU.
 # speed: the timed runs in priority order (benchmarks/train.py starts none after BUDGET seconds and stops any
@@ -40,8 +40,12 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 # that, and the whole loop's run (below) measures the bookkeeping against the faster bench. Runs took 26-43 s at
 # 124M and 33-81 s at 1.42B. fp8 did not finish within 150 s at 1.42B (80 s at 124M), so it is left to a call
 # of its own:
-#   RUNS="gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.fp8=true" RUN_TIMEOUT=250 BUDGET=260 PART=speed ...
-RUNS="${RUNS:-gpt-1.4b:8x4 gpt2-124m:32x1 gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0
+#   TARGETS= RUNS="gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.fp8=true" RUN_TIMEOUT=250 BUDGET=260 PART=speed ...
+# TARGETS= or RUNS= empties either list. The targets' rows also time evaluation at the preset's settings, eager
+# and compiled (bench --eval: the compiled evaluation is new and unmeasured on a GPU; its compile costs each row
+# some seconds more).
+TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
+RUNS="${RUNS-gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0
 gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs gpt2-124m:12x1 gpt-1.4b:8x4+train.recompute_weight_casts=true}"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
       torch.cuda.get_device_name(0) if torch.cuda.is_available() else '')" 2>&1 | tee "$OUT/env.txt"
@@ -61,9 +65,16 @@ fi
 
 T0=$SECONDS  # the speed part's clock
 WORK="$(mktemp -d)"
-# shellcheck disable=SC2086  # RUNS is a list
-python3 benchmarks/train.py --device "$DEVICE" --runs $RUNS --steps "$STEPS" --warmup 3 --budget-s "$BUDGET" \
-    --run-timeout-s "$RUN_TIMEOUT" --run-dir "$WORK/runs" --extra --profile | tee "$OUT/train_bench.jsonl"
+: > "$OUT/train_bench.jsonl"
+# shellcheck disable=SC2086  # TARGETS and RUNS are lists (either may be empty)
+[ -n "${TARGETS// /}" ] && python3 benchmarks/train.py --device "$DEVICE" --runs $TARGETS --steps "$STEPS" --warmup 3 \
+    --budget-s "$BUDGET" --run-timeout-s "$RUN_TIMEOUT" --run-dir "$WORK/runs" --extra --profile --eval \
+    | tee -a "$OUT/train_bench.jsonl"
+LEFT=$((BUDGET - (SECONDS - T0)))
+# shellcheck disable=SC2086
+[ -n "${RUNS// /}" ] && python3 benchmarks/train.py --device "$DEVICE" --runs $RUNS --steps "$STEPS" --warmup 3 \
+    --budget-s "$((LEFT > 0 ? LEFT : 0))" --run-timeout-s "$RUN_TIMEOUT" --run-dir "$WORK/runs" --extra --profile \
+    | tee -a "$OUT/train_bench.jsonl"
 
 # The data pipeline on real shards (byte tokens of the embedded corpus: no tokenizer file needed; the shards
 # are uint16 like GPT-2's), then the whole training loop on them against the same shape's synthetic bench row.

@@ -316,6 +316,20 @@ def test_bench_cpu_reports_overhead(tmp_path):
     assert row["mfu"] is None and row["tok_per_s"] > 0
 
 
+def test_bench_eval_times_evaluation_eager_and_compiled(tmp_path):
+    for compile_flag, compiled in (("off", False), ("on", True)):
+        r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--eval",
+                     "--train.compile", compile_flag, "--train.eval_batches", "3", "--train.eval_every", "7",
+                     "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        row = json.loads(r.stdout.strip().splitlines()[-1])
+        ev = row["eval"]
+        assert ev["batches"] == 3 and ev["eval_every"] == 7 and ev["eager_ms_per_batch"] > 0
+        assert (ev["compiled_ms_per_batch"] is not None) == compiled and (ev["compile_s"] is not None) == compiled
+        per_eval = 2 * 3 * (ev["compiled_ms_per_batch"] if compiled else ev["eager_ms_per_batch"]) / 1000
+        assert ev["share_at_cadence"] == pytest.approx(per_eval / (per_eval + 7 * row["step_s"]))
+
+
 def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--profile",
                  "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
@@ -579,7 +593,7 @@ def test_evaluation_compiles_where_training_compiles_the_whole_model(data_dir, t
                             (("--train.compile", "on", "--train.compile_scope", "blocks"), False),
                             (("--train.compile", "off"), False)):
         trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", *flags), single_info())
-        assert trainer._eval_compiles is compiles, flags
+        assert trainer.eval_compiles is compiles, flags
 
 
 def test_compiled_evaluation_equals_eager_with_a_short_last_batch(data_dir, tmp_path):
@@ -590,11 +604,11 @@ def test_compiled_evaluation_equals_eager_with_a_short_last_batch(data_dir, tmp_
                                         "--train.micro_batch_size", "7"), single_info())
     assert trainer.val_loader.eval_count(30) % 7 != 0
     eager = trainer.evaluate()
-    trainer._eval_compiles = True  # the evaluation of a compiled run, with eager training (cheaper to test)
+    trainer.eval_compiles = True  # the evaluation of a compiled run, with eager training (cheaper to test)
     torch._dynamo.reset()
     counters.clear()
     compiled = trainer.evaluate()
-    assert isinstance(trainer._eval_model, torch._dynamo.eval_frame.OptimizedModule) and trainer._eval_compiles
+    assert isinstance(trainer._eval_model, torch._dynamo.eval_frame.OptimizedModule) and trainer.eval_compiles
     assert counters["stats"]["unique_graphs"] == 2  # full batches and the short last one
     assert trainer.evaluate() == compiled and counters["stats"]["unique_graphs"] == 2  # no recompiles
     for key in ("train_loss", "val_loss"):
@@ -614,7 +628,7 @@ def test_a_failing_evaluation_compile_falls_back_to_eager_once(data_dir, tmp_pat
         return forward
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    trainer._eval_compiles = True
+    trainer.eval_compiles = True
     with caplog.at_level("WARNING", logger="gpttrain"):
         first = trainer.evaluate()
         second = trainer.evaluate()

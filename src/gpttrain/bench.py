@@ -11,6 +11,7 @@ import copy
 import logging
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,6 +173,36 @@ def profile_steps(step_fn, device: torch.device, steps: int = 2) -> dict:
     return summarize_profile(spans, steps, wall_us)
 
 
+def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
+    """What evaluation costs at the run's settings, on the trainer's loader (its batches stand in for both
+    splits): milliseconds per --train.eval_batches batch eager and, where the run compiles evaluation, compiled
+    (its first evaluation compiles, untimed: `compile_s`); `share_at_cadence`, evaluation's share of the time
+    at --train.eval_every given the timed step (losses of both splits; a sample's time is not included)."""
+    device = trainer.device
+    t = trainer.cfg.train
+    compiles = trainer.eval_compiles
+
+    def evaluate():
+        trainer.evaluate_loader(trainer.train_loader)
+
+    out: dict[str, Any] = {"batches": t.eval_batches, "eval_every": t.eval_every}
+    trainer.eval_compiles = False
+    per_batch = out["eager_ms_per_batch"] = 1000 * _time_steps(evaluate, device, 1, repeats) / t.eval_batches
+    out["compiled_ms_per_batch"] = out["compile_s"] = None
+    if compiles:
+        trainer.eval_compiles = True
+        t0 = time.perf_counter()
+        evaluate()
+        _sync(device)
+        out["compile_s"] = time.perf_counter() - t0
+        timed = 1000 * _time_steps(evaluate, device, 0, repeats) / t.eval_batches
+        if trainer.eval_compiles:  # else it fell back to eager (the trainer logged why)
+            per_batch = out["compiled_ms_per_batch"] = timed
+    per_eval = 2 * t.eval_batches * per_batch / 1000  # the train split's batches and the val split's
+    out["share_at_cadence"] = per_eval / (per_eval + t.eval_every * step_s)
+    return out
+
+
 def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int,
                          recast: bool = False) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
@@ -214,9 +245,10 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
 
 
 def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False,
-              profile: bool = False) -> int:
+              profile: bool = False, evaluation: bool = False) -> int:
     """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result). With
-    `profile`, two more steps run under torch.profiler and the row gets their breakdown (`profile`)."""
+    `profile`, two more steps run under torch.profiler and the row gets their breakdown (`profile`); with
+    `evaluation`, evaluations are timed too (`eval`, see time_evaluation)."""
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
 
     if warmup < 0 or steps < 1:
@@ -244,7 +276,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             else:
                 loader, _ = build_loaders(c, info, data_dir)
             try:
-                res = _bench_one(c, info, loader, warmup, steps, profile)
+                res = _bench_one(c, info, loader, warmup, steps, profile, evaluation)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 log.warning("micro-batch %d does not fit", mb)
@@ -263,7 +295,8 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     return 0
 
 
-def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool = False) -> dict:
+def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool = False,
+               evaluation: bool = False) -> dict:
     from gpttrain.trainer import Trainer
 
     device = info.device
@@ -297,6 +330,8 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         except Exception as e:  # the timed row stands without its breakdown
             res["profile"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("bench --profile failed: %s: %s", type(e).__name__, e)
+    if evaluation:
+        res["eval"] = time_evaluation(trainer, step_s)
     trainer.close()
     del trainer
     if device.type == "cuda":

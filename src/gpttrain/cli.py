@@ -100,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="then profile two more steps and add where their time went (milliseconds per step by kind "
                         "of kernel: matmul, attention, compiled elementwise, optimizer...; the top kernels; the "
                         "device's idle share) to the row as `profile`")
+    p.add_argument("--eval", action="store_true", dest="evaluation",
+                   help="then time evaluations at the run's --train.eval_batches, eager and (where training "
+                        "compiles the whole model) compiled, and add `eval` to the row: milliseconds per batch "
+                        "and evaluation's share of the time at --train.eval_every")
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 
@@ -168,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             from gpttrain.bench import run_bench
 
             return run_bench(config_from_args(args, rest), _print_json, warmup=args.warmup, steps=args.steps,
-                             sweep=args.sweep, profile=args.profile)
+                             sweep=args.sweep, profile=args.profile, evaluation=args.evaluation)
         if args.command in ("generate", "export"):
             from gpttrain.api import run_export, run_generate
 

@@ -288,7 +288,7 @@ class Trainer:
         # What evaluation calls: the plain model (no DDP hooks), compiled at the first evaluation where
         # training compiles the whole model; eager per block or under FSDP, as parallel.compile_model says.
         self._eval_model: torch.nn.Module | None = None
-        self._eval_compiles = (self.compiled and cfg.train.compile_eval and cfg.train.compile_scope == "model"
+        self.eval_compiles = (self.compiled and cfg.train.compile_eval and cfg.train.compile_scope == "model"
                                and self.strategy != "fsdp")
 
     # ---- setup ---------------------------------------------------------------------------
@@ -447,11 +447,11 @@ class Trainer:
         """One eval batch's mean loss, through the compiled forward where there is one. A compile or run error
         there (not an OOM) is said once and evaluation goes on eagerly: training must not die at an evaluation
         for a graph it never needed."""
-        if self._eval_compiles and self._eval_model is None:
+        if self.eval_compiles and self._eval_model is None:
             # Static shapes: the last batch may be short; a graph of its own beats a dynamic one for all.
             self._eval_model = torch.compile(self.model, dynamic=False)
         with self.autocast(), self.attention():
-            if self._eval_compiles:
+            if self.eval_compiles:
                 try:
                     return self._eval_model(x, y)
                 except torch.cuda.OutOfMemoryError:
@@ -460,7 +460,7 @@ class Trainer:
                     log.warning("compiling evaluation's forward failed (%s: %s); evaluating eagerly from now on "
                                 "(--train.compile_eval false skips the attempt)", type(e).__name__,
                                 str(e).splitlines()[0] if str(e) else "")
-                    self._eval_compiles, self._eval_model = False, None
+                    self.eval_compiles, self._eval_model = False, None
             return self.model(x, y)
 
     def evaluate(self) -> dict[str, float]:
