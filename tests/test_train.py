@@ -320,13 +320,18 @@ def test_bench_eval_times_evaluation_eager_and_compiled(tmp_path):
     for compile_flag, compiled in (("off", False), ("on", True)):
         r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--eval",
                      "--train.compile", compile_flag, "--train.eval_batches", "3", "--train.eval_every", "7",
-                     "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
+                     "--log.sample_every", "0" if compiled else "2", "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         row = json.loads(r.stdout.strip().splitlines()[-1])
         ev = row["eval"]
         assert ev["batches"] == 3 and ev["eval_every"] == 7 and ev["eager_ms_per_batch"] > 0
         assert (ev["compiled_ms_per_batch"] is not None) == compiled and (ev["compile_s"] is not None) == compiled
         per_eval = 2 * 3 * (ev["compiled_ms_per_batch"] if compiled else ev["eager_ms_per_batch"]) / 1000
+        if compiled:
+            assert ev["sample_ms"] is None  # --log.sample_every 0
+        else:
+            assert ev["sample_ms"] > 0
+            per_eval += ev["sample_ms"] / 1000 / 2
         assert ev["share_at_cadence"] == pytest.approx(per_eval / (per_eval + 7 * row["step_s"]))
 
 

@@ -176,8 +176,10 @@ def profile_steps(step_fn, device: torch.device, steps: int = 2) -> dict:
 def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     """What evaluation costs at the run's settings, on the trainer's loader (its batches stand in for both
     splits): milliseconds per --train.eval_batches batch eager and, where the run compiles evaluation, compiled
-    (its first evaluation compiles, untimed: `compile_s`); `share_at_cadence`, evaluation's share of the time
-    at --train.eval_every given the timed step (losses of both splits; a sample's time is not included)."""
+    (its first evaluation compiles, untimed: `compile_s`); `sample_ms`, one sample of --log.sample_tokens
+    tokens as the trainer draws it (from a 5-token prompt, never stopped early); `share_at_cadence`,
+    evaluation's share of the time at --train.eval_every given the timed step: the losses of both splits, and
+    a sample every --log.sample_every evaluations."""
     device = trainer.device
     t = trainer.cfg.train
     compiles = trainer.eval_compiles
@@ -199,6 +201,18 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
         if trainer.eval_compiles:  # else it fell back to eager (the trainer logged why)
             per_batch = out["compiled_ms_per_batch"] = timed
     per_eval = 2 * t.eval_batches * per_batch / 1000  # the train split's batches and the val split's
+    lg = trainer.cfg.log
+    out["sample_ms"] = None
+    if lg.sample_every:
+        from gpttrain.sampling import generate_ids
+
+        def sample():
+            with trainer.autocast():
+                generate_ids(trainer.model, [1, 2, 3, 4, 5], lg.sample_tokens, temperature=lg.sample_temperature,
+                             top_k=lg.sample_top_k, seed=0)
+
+        out["sample_ms"] = 1000 * _time_steps(sample, device, 1, 1)
+        per_eval += out["sample_ms"] / 1000 / lg.sample_every
     out["share_at_cadence"] = per_eval / (per_eval + t.eval_every * step_s)
     return out
 
