@@ -59,6 +59,8 @@ def test_round_trip_through_dict():
         ("tiny", None, ["--train.precision", "fp8"], r"--train.precision: 'fp8' is not allowed; use one of 'auto'"),
         ("tiny", None, ["--optim.lr", "-1"], r"--optim.lr: -1.0 must be positive"),
         ("tiny", None, ["--data.val_fraction", "1.5"], r"--data.val_fraction: 1.5 must be between 0 and 1"),
+        ("tiny", None, ["--log.sample_every_epochs", "-2"],
+         r"--log.sample_every_epochs: -2.0 must be >= 0 \(0 = off\)"),
         ("tiny", None, ["--model.n_layers"], r"--model.n_layers: missing value"),
         ("tiny", None, ["stray"], r"unrecognized argument 'stray'"),
         (None, "[model]\nn_layer = 3\n", [], r"unknown key 'model.n_layer'; model has: vocab_size"),
@@ -119,4 +121,6 @@ def test_gpt14b_config_is_the_original_run():
     assert (o.lr, o.weight_decay, o.scale_lr_with_world) == (5e-4, 0.1, True)
     assert t.eval_every == 5
     assert cfg.log.sample_prompt == "Every effort moves you" and cfg.log.sample_tokens == 50
+    assert (cfg.log.sample_every, cfg.log.sample_every_epochs) == (0, 5.0)  # a sample every 5 epochs, as the original
+    assert cfg.log == resolve("gpt-1.4b").log
     assert cfg.data.tokenizer == "gpt2" and cfg.data.val_fraction == 0.1

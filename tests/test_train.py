@@ -532,6 +532,31 @@ def test_cheap_evaluation_is_not_remarked(data_dir, tmp_path, monkeypatch, caplo
     assert not [r for r in caplog.records if "evaluation takes" in r.getMessage()]
 
 
+def test_samples_every_so_many_epochs_between_evaluations(data_dir, tmp_path, caplog):
+    """--log.sample_every_epochs: a sample at the step that passes each multiple, with or without an evaluation
+    there, on top of (here: instead of) the ones at evaluations; the summary counts the time of those between."""
+    run = tmp_path / "run"
+    trainer = build_trainer(tiny_config(data_dir, run, "--train.eval_every", "1000", "--log.sample_every", "0",
+                                        "--log.sample_every_epochs", "0.5", "--train.epochs", "2"), single_info())
+    loader = trainer.train_loader
+    per_epoch, windows, batch = loader.batches_per_epoch, loader.num_windows, loader.global_batch_size
+    assert trainer.total_steps == 2 * per_epoch
+
+    def progress(step):  # epochs done after `step` steps (an epoch's last windows, short of a batch, are dropped)
+        return step // per_epoch + (step % per_epoch) * batch / windows
+
+    # The first step at or past 0.5, 1, 1.5 and 2 epochs; the last is also the final evaluation's.
+    want = [next(s for s in range(1, 2 * per_epoch + 1) if progress(s) >= k / 2) for k in (1, 2, 3, 4)]
+    assert want[0] != per_epoch / 2  # half an epoch falls inside a step
+    with caplog.at_level("INFO", logger="gpttrain"):
+        assert trainer.fit() == 0
+    steps = [int(line.split()[2]) for line in (run / "samples.txt").read_text().splitlines() if line.startswith("---")]
+    assert steps == want
+    summary = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][-1]
+    assert summary["sample_s"] > 0 and summary["evals"] == 1
+    assert any("samples between them" in r.getMessage() for r in caplog.records)
+
+
 def test_loop_clock_shares():
     from gpttrain.trainer import LoopClock
 

@@ -126,7 +126,9 @@ class LogConfig:
 
     sample_prompt: str = "Every effort moves you"
     sample_tokens: int = 50
-    sample_every: int = 1  # in evals; 0 disables samples
+    sample_every: int = 1  # in evals; 0 = none at evaluations
+    # Also a sample each time the run passes a multiple of this many epochs (the original's 5); 0 = off.
+    sample_every_epochs: float = 0.0
     sample_temperature: float = 0.0  # 0 = greedy, as the original; samples use a fixed seed either way
     sample_top_k: int | None = None
     tensorboard: bool = False
@@ -217,7 +219,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "train": dict(micro_batch_size=8, grad_accum_steps=4, epochs=50, eval_every=5, eval_batches=5, log_every=5),
         "optim": dict(lr=5e-4, weight_decay=0.1, beta2=0.999, schedule="constant", grad_clip=0.0,
                       scale_lr_with_world=True),
-        "log": dict(sample_every=1),
+        "log": dict(sample_every=0, sample_every_epochs=5.0),
     },
 }
 
@@ -478,7 +480,9 @@ def validate_config(cfg: Config) -> None:
     if lg.sample_top_k is not None and lg.sample_top_k < 1:
         raise ConfigError(f"--log.sample_top_k: {lg.sample_top_k} must be at least 1 (or none)")
     if lg.sample_every < 0:
-        raise ConfigError(f"--log.sample_every: {lg.sample_every} must be >= 0 (0 disables samples)")
+        raise ConfigError(f"--log.sample_every: {lg.sample_every} must be >= 0 (0: no samples at evaluations)")
+    if lg.sample_every_epochs < 0:
+        raise ConfigError(f"--log.sample_every_epochs: {lg.sample_every_epochs} must be >= 0 (0 = off)")
     if lg.peak_tflops is not None and lg.peak_tflops <= 0:
         raise ConfigError(f"--log.peak_tflops: {lg.peak_tflops} must be positive")
 

@@ -67,6 +67,7 @@ class LoopClock:
     steps_at_start: int  # and its timed_steps
     first_step: float = 0.0  # this process's first step: compile, warm-up
     evals: list[dict[str, float]] = field(default_factory=list)  # each evaluation's seconds: losses, sample
+    samples: float = 0.0  # samples drawn between evaluations (--log.sample_every_epochs)
     plots: float = 0.0  # loss-plot drawings at evaluations
     checkpoints: float = 0.0
     hinted: bool = False
@@ -95,10 +96,10 @@ class LoopClock:
         wall = time.perf_counter() - self.start
         train = train_time - self.train_at_start
         evaluation = sum(sum(e.values()) for e in self.evals)
-        other = max(wall - self.first_step - train - evaluation - self.plots - self.checkpoints, 0.0)
+        other = max(wall - self.first_step - train - evaluation - self.samples - self.plots - self.checkpoints, 0.0)
         after_first = wall - self.first_step
         return {"wall_s": wall, "first_step_s": self.first_step, "train_s": train, "eval_s": evaluation,
-                "plot_s": self.plots, "checkpoint_s": self.checkpoints, "other_s": other,
+                "sample_s": self.samples, "plot_s": self.plots, "checkpoint_s": self.checkpoints, "other_s": other,
                 "timed_steps": timed_steps - self.steps_at_start, "evals": len(self.evals),
                 # the loop's time besides its steps, over all of it but the first step
                 "bookkeeping_share": (after_first - train) / after_first if after_first > 0 else None,
@@ -584,6 +585,7 @@ class Trainer:
         first_step_of_process = True
         bar_loss = {}
         while self.step < self.total_steps:
+            before = self.epoch_progress()
             pending.append(self.train_step(stop.requested))
             self.step += 1
             self.tokens += self.tokens_per_step
@@ -591,7 +593,8 @@ class Trainer:
             log_now = self.step % t.log_every == 0 or last
             eval_now = self.step % t.eval_every == 0 or last
             ckpt_now = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and not last
-            if not (log_now or eval_now or ckpt_now or first_step_of_process):
+            sample_now = self._epoch_sample_due(before)
+            if not (log_now or eval_now or ckpt_now or sample_now or first_step_of_process):
                 monitor.advance(1, {**bar_loss, **self._bar_rates})
                 continue
             # The host waits for the device only here, at steps every rank knows in advance, so the
@@ -618,8 +621,12 @@ class Trainer:
                 self._log_train(monitor, res, self.timed_steps - logged[1], self.train_time - logged[0])
                 logged = (self.train_time, self.timed_steps)
             if eval_now:
-                clock.evals.append(self._eval_and_report(monitor))
+                clock.evals.append(self._eval_and_report(monitor, sample=sample_now))
                 self._hint_eval_share()
+            elif sample_now:
+                t_sample = time.perf_counter()
+                self._report_sample()
+                clock.samples += time.perf_counter() - t_sample
             if stop_now:
                 why = f"{stop.signal_name} received" if stop.signal_name else "stop signal received by another rank"
                 log.info("%s: saving a checkpoint at step %d and exiting", why, self.step)
@@ -667,9 +674,10 @@ class Trainer:
             return
         share = split["eval_share"]
         log.info("time in this process: %.1f s: first step (compile, warm-up) %.1f s, steps %.1f s, %d "
-                 "evaluations %.1f s%s, plots %.1f s, checkpoints %.1f s, other %.1f s", split["wall_s"],
+                 "evaluations %.1f s%s,%s plots %.1f s, checkpoints %.1f s, other %.1f s", split["wall_s"],
                  split["first_step_s"], split["train_s"], split["evals"], split["eval_s"],
                  f" ({100 * share:.1f}% of the time at this cadence)" if share is not None else "",
+                 f" samples between them {split['sample_s']:.1f} s," if split["sample_s"] else "",
                  split["plot_s"], split["checkpoint_s"], split["other_s"])
 
     def _nonfinite(self, step: int, res: StepStats) -> None:
@@ -721,9 +729,10 @@ class Trainer:
             log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s", self.step, self.total_steps,
                      rec["epoch"], res.loss, rec["lr"], res.grad_norm, rate_txt)
 
-    def _eval_and_report(self, monitor: Monitor) -> dict[str, float]:
-        """Evaluate, record, sample (every sample_every evaluations), redraw the plot; returns the seconds of
-        the losses and the sample (the plot's go to the clock's `plots`: _plot holds them near 1%)."""
+    def _eval_and_report(self, monitor: Monitor, sample: bool = False) -> dict[str, float]:
+        """Evaluate, record, sample (every sample_every evaluations, or if `sample`), redraw the plot; returns
+        the seconds of the losses and the sample (the plot's go to the clock's `plots`: _plot holds them near
+        1%)."""
         t0 = time.perf_counter()
         ev = self.evaluate()
         eval_seconds = time.perf_counter() - t0
@@ -740,18 +749,30 @@ class Trainer:
             log.info("Allocated memory: %.2f GiB, reserved: %.2f GiB, peak: %.2f GiB (max over ranks)",
                      mem["mem_alloc_gib"], mem["mem_reserved_gib"], mem["mem_peak_gib"])
         t1 = time.perf_counter()
-        lg = self.cfg.log
-        if lg.sample_every and self.evals_done % lg.sample_every == 0:
-            text = self.sample()
-            if text is not None:
-                log.info("sample: %s", text.replace("\n", " "))
-                with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
-                    f.write(f"--- step {self.step} (epoch {rec['epoch']:.2f}, val loss {ev['val_loss']:.3f})\n"
-                            f"{text}\n")
+        every = self.cfg.log.sample_every
+        if sample or (every and self.evals_done % every == 0):
+            self._report_sample(f", val loss {ev['val_loss']:.3f}")
         t2 = time.perf_counter()
         self._plot(force=self.step == self.total_steps)
         self.clock.plots += time.perf_counter() - t2
         return {"losses": eval_seconds, "sample": t2 - t1}
+
+    def _report_sample(self, about: str = "") -> None:
+        """Draw a sample; rank 0 logs it and appends it to samples.txt under a header with `about`."""
+        text = self.sample()
+        if text is not None:
+            log.info("sample: %s", text.replace("\n", " "))
+            with open(self.run_dir / "samples.txt", "a", encoding="utf-8") as f:
+                f.write(f"--- step {self.step} (epoch {self.epoch_progress():.2f}{about})\n{text}\n")
+
+    def _epoch_sample_due(self, before: float) -> bool:
+        """--log.sample_every_epochs: whether the step that moved the run from `before` epochs to now passed a
+        multiple of it (the same on every rank: progress counts global batches)."""
+        every = self.cfg.log.sample_every_epochs
+        if not every:
+            return False
+        eps = 1e-9  # progress is epoch + index / windows: a boundary lands on the float of a whole number
+        return math.floor(self.epoch_progress() / every + eps) > math.floor(before / every + eps)
 
     def _plot(self, force: bool = False) -> None:
         """Redraw loss.pdf/.png once the last drawing's duration / PLOT_COST_SHARE has passed since it ended.
