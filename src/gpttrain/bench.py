@@ -177,7 +177,8 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     """What evaluation costs at the run's settings, on the trainer's loader (its batches stand in for both
     splits): milliseconds per --train.eval_batches batch eager and, where the run compiles evaluation, compiled
     (its first evaluation compiles, untimed: `compile_s`); `sample_ms`, one sample of --log.sample_tokens
-    tokens as the trainer draws it (from a 5-token prompt, never stopped early); `share_at_cadence`,
+    tokens as the trainer draws it (from a 5-token prompt, never stopped early), where the run samples at
+    all; `share_at_cadence`,
     evaluation's share of the time at --train.eval_every given the timed step: the losses of both splits, and
     a sample every --log.sample_every evaluations."""
     device = trainer.device
@@ -203,7 +204,7 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     per_eval = 2 * t.eval_batches * per_batch / 1000  # the train split's batches and the val split's
     lg = trainer.cfg.log
     out["sample_ms"] = None
-    if lg.sample_every:
+    if lg.sample_every or lg.sample_every_epochs:
         from gpttrain.sampling import generate_ids
 
         def sample():
@@ -212,7 +213,8 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
                              top_k=lg.sample_top_k, seed=0)
 
         out["sample_ms"] = 1000 * _time_steps(sample, device, 1, 1)
-        per_eval += out["sample_ms"] / 1000 / lg.sample_every
+        if lg.sample_every:  # samples by epochs are too rare to count
+            per_eval += out["sample_ms"] / 1000 / lg.sample_every
     out["share_at_cadence"] = per_eval / (per_eval + t.eval_every * step_s)
     return out
 
