@@ -8,9 +8,9 @@ output of benchmarks/train.py with a plain (no variant) row of the same preset a
 accumulation 1 (synthetic tokens, the step alone). `loop_overhead` = bench tokens/s over loop tokens/s - 1;
 the GPU-speed issue's target is <= 0.02. benchmarks/gpu_session.sh runs both and then this.
 
-From the run's `summary` record: `with_eval_overhead`, the same with the loop's tokens/s taken over its steps,
-evaluations, plots and logging (its first step and checkpoints left out), and `eval_share`, evaluation's
-share of the time at the run's cadence (see the trainer's LoopClock).
+From the run's `summary` record: `eval_share`, evaluation's share of the time at the run's cadence (a mean
+evaluation after the first, which compiles, over itself plus eval_every mean steps; see the trainer's
+LoopClock), and `with_eval_overhead`, the overhead with the loop's tokens/s taken net of it.
 """
 
 from __future__ import annotations
@@ -43,14 +43,11 @@ def main(argv: list[str]) -> int:
     out = {"loop": f"{preset}:{mb}", "loop_tok_per_s": loop, "bench_tok_per_s": bench,
            "loop_overhead": bench / loop - 1 if bench else None}
     summary = metrics.get("summary", [])
-    trains = [r for r in metrics.get("train", []) if r.get("step")]
-    if summary and trains:
-        s = summary[-1]
-        tokens_per_step = trains[-1]["tokens"] / trains[-1]["step"]
-        seconds = s["train_s"] + s["eval_s"] + s["plot_s"] + s["other_s"]
-        with_eval = tokens_per_step * s["timed_steps"] / seconds if seconds > 0 else None
-        out.update(with_eval_tok_per_s=with_eval, eval_share=s["eval_share"], evals=s["evals"],
-                   with_eval_overhead=bench / with_eval - 1 if bench and with_eval else None)
+    share = summary[-1].get("eval_share") if summary else None
+    if share is not None:
+        with_eval = loop * (1 - share)
+        out.update(eval_share=share, evals=summary[-1]["evals"], with_eval_tok_per_s=with_eval,
+                   with_eval_overhead=bench / with_eval - 1 if bench else None)
     print(json.dumps(out), flush=True)
     return 0
 

@@ -1,5 +1,6 @@
 """Shared fixtures. Reference data comes from ../shared/data through `shared_data` only."""
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,21 @@ def shared_data():
         return path
 
     return get
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_log_handlers():
+    """An in-process `cli.main` points the root logger at its test's sys.stdout (logging.basicConfig), which
+    pytest closes afterwards: every later log line would then fail and print a traceback (slow and noisy,
+    enough to skew the timing of the loop's tests). Drop such handlers, and restore gpttrain's level."""
+    root = logging.getLogger()
+    before = set(root.handlers)
+    level = logging.getLogger("gpttrain").level
+    yield
+    for handler in root.handlers[:]:
+        if type(handler) is logging.StreamHandler and handler not in before:
+            root.removeHandler(handler)
+    logging.getLogger("gpttrain").setLevel(level)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -181,6 +181,8 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     all; `share_at_cadence`,
     evaluation's share of the time at --train.eval_every given the timed step: the losses of both splits, and
     a sample every --log.sample_every evaluations."""
+    from gpttrain.trainer import eval_time_share
+
     device = trainer.device
     t = trainer.cfg.train
     compiles = trainer.eval_compiles
@@ -215,7 +217,7 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
         out["sample_ms"] = 1000 * _time_steps(sample, device, 1, 1)
         if lg.sample_every:  # samples by epochs are too rare to count
             per_eval += out["sample_ms"] / 1000 / lg.sample_every
-    out["share_at_cadence"] = per_eval / (per_eval + t.eval_every * step_s)
+    out["share_at_cadence"] = eval_time_share(per_eval, step_s, t.eval_every)
     return out
 
 
@@ -284,6 +286,10 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             sizes = [2**i for i in range(9)]  # 1 to 256
         results = []
         for mb in sizes:
+            if sweep:
+                # Each size's model compiles afresh: entries left by the last ones would count against
+                # torch.compile's recompile limit (8 per function), past which it runs eagerly, unsaid.
+                torch._dynamo.reset()
             c = copy.deepcopy(cfg)
             c.train.micro_batch_size = mb
             # A loader per size: its batches must have the micro-batch being timed.
@@ -347,7 +353,11 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
             res["profile"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("bench --profile failed: %s: %s", type(e).__name__, e)
     if evaluation:
-        res["eval"] = time_evaluation(trainer, step_s)
+        try:
+            res["eval"] = time_evaluation(trainer, step_s)
+        except Exception as e:  # the timed row stands without it, as with --profile
+            res["eval"] = {"error": f"{type(e).__name__}: {e}"}
+            log.warning("bench --eval failed: %s: %s", type(e).__name__, e)
     trainer.close()
     del trainer
     if device.type == "cuda":

@@ -57,6 +57,11 @@ PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.p
 EVAL_SHARE_HINT = 0.10  # evaluation's share of the time, at the run's cadence, over which the loop says so
 
 
+def eval_time_share(per_eval_s: float, step_s: float, eval_every: int) -> float:
+    """Evaluation's share of the time when one of `per_eval_s` seconds follows every `eval_every` steps."""
+    return per_eval_s / (per_eval_s + eval_every * step_s)
+
+
 @dataclass
 class LoopClock:
     """Where one process's training loop spends its wall time (perf_counter seconds): the summary at its end
@@ -67,8 +72,8 @@ class LoopClock:
     steps_at_start: int  # and its timed_steps
     first_step: float = 0.0  # this process's first step: compile, warm-up
     evals: list[dict[str, float]] = field(default_factory=list)  # each evaluation's seconds: losses, sample
-    samples: float = 0.0  # samples drawn between evaluations (--log.sample_every_epochs)
-    plots: float = 0.0  # loss-plot drawings at evaluations
+    samples: float = 0.0  # samples by epochs (--log.sample_every_epochs), not counted in the evaluations
+    plots: float = 0.0  # loss-plot drawings
     checkpoints: float = 0.0
     hinted: bool = False
 
@@ -86,13 +91,11 @@ class LoopClock:
         """Evaluation's share of the time at this cadence: a mean evaluation over itself plus eval_every mean
         steps."""
         mean = self.cadence(train_time, timed_steps)
-        if mean is None:
-            return None
-        per_eval = sum(mean[0].values())
-        return per_eval / (per_eval + eval_every * mean[1])
+        return None if mean is None else eval_time_share(sum(mean[0].values()), mean[1], eval_every)
 
     def split(self, train_time: float, timed_steps: int, eval_every: int) -> dict[str, Any]:
-        """Seconds by kind since the loop began; `other` is logging and the reads at log steps."""
+        """Seconds by kind since the loop began; `other` is mostly logging (the reads at log steps, which wait
+        for the queued steps, count as steps)."""
         wall = time.perf_counter() - self.start
         train = train_time - self.train_at_start
         evaluation = sum(sum(e.values()) for e in self.evals)
@@ -230,6 +233,8 @@ class Trainer:
         self.timed_steps = 0  # the steps train_time covers
         self._plot_done: tuple[float, float] | None = None  # (end, seconds) of the last loss-plot drawing
         self._plot_step: int | None = None  # the step it showed
+        self._sample_step: int | None = None  # the step of the last sample
+        self.clock: LoopClock | None = None  # set by the loop
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
@@ -332,7 +337,7 @@ class Trainer:
         """Drop what holds the process group (DDP's reducer, FSDP's state, the optimizer's references) before
         the group is destroyed: a DDP module that outlives destroy_process_group can abort the process at
         exit ("terminate called without an active exception"), seen in about one 2-rank run in eight."""
-        self.wrapped = self.ddp = None
+        self.wrapped = self.ddp = self._eval_model = None
         self.model = self.optimizer = None
         gc.collect()
 
@@ -445,9 +450,10 @@ class Trainer:
         return (totals[0] / totals[1]).item() if totals[1] > 0 else float("nan")
 
     def _eval_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """One eval batch's mean loss, through the compiled forward where there is one. A compile or run error
-        there (not an OOM) is said once and evaluation goes on eagerly: training must not die at an evaluation
-        for a graph it never needed."""
+        """One eval batch's mean loss, through the compiled forward where there is one. An error there (not a
+        CUDA OOM; one inside inductor's compile arrives wrapped and counts as a failure) is said once and
+        evaluation goes on eagerly, which raises it again if it is not the compiler's: training must not die at
+        an evaluation for a graph it never needed."""
         if self.eval_compiles and self._eval_model is None:
             # Static shapes: the last batch may be short; a graph of its own beats a dynamic one for all.
             self._eval_model = torch.compile(self.model, dynamic=False)
@@ -457,8 +463,8 @@ class Trainer:
                     return self._eval_model(x, y)
                 except torch.cuda.OutOfMemoryError:
                     raise
-                except Exception as e:  # any compiler failure: eager below is the same model
-                    log.warning("compiling evaluation's forward failed (%s: %s); evaluating eagerly from now on "
+                except Exception as e:  # compile or run: eager below is the same model (it raises what is real)
+                    log.warning("the compiled evaluation failed (%s: %s); evaluating eagerly from now on "
                                 "(--train.compile_eval false skips the attempt)", type(e).__name__,
                                 str(e).splitlines()[0] if str(e) else "")
                     self.eval_compiles, self._eval_model = False, None
@@ -621,9 +627,9 @@ class Trainer:
                 self._log_train(monitor, res, self.timed_steps - logged[1], self.train_time - logged[0])
                 logged = (self.train_time, self.timed_steps)
             if eval_now:
-                clock.evals.append(self._eval_and_report(monitor, sample=sample_now))
+                clock.evals.append(self._eval_and_report(monitor))
                 self._hint_eval_share()
-            elif sample_now:
+            if sample_now and self._sample_step != self.step:  # not twice at a step whose evaluation sampled
                 t_sample = time.perf_counter()
                 self._report_sample()
                 clock.samples += time.perf_counter() - t_sample
@@ -729,10 +735,9 @@ class Trainer:
             log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s", self.step, self.total_steps,
                      rec["epoch"], res.loss, rec["lr"], res.grad_norm, rate_txt)
 
-    def _eval_and_report(self, monitor: Monitor, sample: bool = False) -> dict[str, float]:
-        """Evaluate, record, sample (every sample_every evaluations, or if `sample`), redraw the plot; returns
-        the seconds of the losses and the sample (the plot's go to the clock's `plots`: _plot holds them near
-        1%)."""
+    def _eval_and_report(self, monitor: Monitor) -> dict[str, float]:
+        """Evaluate, record, sample (every sample_every evaluations), redraw the plot; returns the seconds of
+        the losses and the sample (the plot's go to the clock's `plots`: _plot holds them near 1%)."""
         t0 = time.perf_counter()
         ev = self.evaluate()
         eval_seconds = time.perf_counter() - t0
@@ -750,15 +755,15 @@ class Trainer:
                      mem["mem_alloc_gib"], mem["mem_reserved_gib"], mem["mem_peak_gib"])
         t1 = time.perf_counter()
         every = self.cfg.log.sample_every
-        if sample or (every and self.evals_done % every == 0):
+        if every and self.evals_done % every == 0:
             self._report_sample(f", val loss {ev['val_loss']:.3f}")
-        t2 = time.perf_counter()
+        sample_seconds = time.perf_counter() - t1
         self._plot(force=self.step == self.total_steps)
-        self.clock.plots += time.perf_counter() - t2
-        return {"losses": eval_seconds, "sample": t2 - t1}
+        return {"losses": eval_seconds, "sample": sample_seconds}
 
     def _report_sample(self, about: str = "") -> None:
         """Draw a sample; rank 0 logs it and appends it to samples.txt under a header with `about`."""
+        self._sample_step = self.step
         text = self.sample()
         if text is not None:
             log.info("sample: %s", text.replace("\n", " "))
@@ -794,6 +799,8 @@ class Trainer:
         except Exception as e:  # a plot must never kill a week-long run
             log.warning("could not draw loss plot: %s", e)
         end = time.perf_counter()
+        if self.clock is not None:
+            self.clock.plots += end - now
         # A process's first drawing imports matplotlib and warms its caches (on a fresh machine it builds
         # the font cache, seconds): it says nothing of later drawings, so the second one sets the wait.
         self._plot_done = (end, end - now) if self._plot_step is not None else None
