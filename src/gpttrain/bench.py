@@ -178,9 +178,8 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     splits): milliseconds per --train.eval_batches batch eager and, where the run compiles evaluation, compiled
     (its first evaluation compiles, untimed: `compile_s`); `sample_ms`, one sample of --log.sample_tokens
     tokens as the trainer draws it (from a 5-token prompt, never stopped early), where the run samples at
-    all; `share_at_cadence`,
-    evaluation's share of the time at --train.eval_every given the timed step: the losses of both splits, and
-    a sample every --log.sample_every evaluations."""
+    all; `share_at_cadence`, evaluation's share of the time at --train.eval_every given the timed step: the
+    losses of both splits, and a sample every --log.sample_every evaluations."""
     from gpttrain.trainer import eval_time_share
 
     device = trainer.device

@@ -102,8 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "device's idle share) to the row as `profile`")
     p.add_argument("--eval", action="store_true", dest="evaluation",
                    help="then time evaluations at the run's --train.eval_batches, eager and (where training "
-                        "compiles the whole model) compiled, and add `eval` to the row: milliseconds per batch "
-                        "and evaluation's share of the time at --train.eval_every")
+                        "compiles the whole model) compiled, and one sample, and add `eval` to the row: "
+                        "milliseconds per batch and per sample, and evaluation's share of the time at "
+                        "--train.eval_every")
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 

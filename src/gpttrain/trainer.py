@@ -689,7 +689,6 @@ class Trainer:
     def _nonfinite(self, step: int, res: StepStats) -> None:
         """A step whose loss or gradients were not finite: its update was already skipped on the device;
         count it under --train.nonfinite skip, or save the (good) state and stop."""
-
         t = self.cfg.train
         if t.nonfinite == "skip" and self.skipped_steps < t.max_skipped_steps:
             self.skipped_steps += 1
