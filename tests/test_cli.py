@@ -32,6 +32,8 @@ def test_info_of_the_original_model(capsys):
     assert "1,416,597,504" in out
     assert "8.470 GFLOP" in out
     assert "FSDP x4" in out and "verdict:" in out
+    assert ("evaluation:            14.3% of the model FLOPs (counted: 5 forward passes of a micro-batch on each split "
+            "every 5 steps of 4 micro-steps); raise --train.eval_every to train faster") in out
 
 
 def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
@@ -84,6 +86,9 @@ def test_info_json(capsys):
     assert main(["info", "--preset", "gpt2-124m", "--json", "--gpus", "2"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["parameters"] == 124_475_904
+    assert d["eval_flop_share"] == pytest.approx(20 / (20 + 500 * 3))
+    assert main(["info", "--preset", "gpt2-124m"]) == 0
+    assert "every 500 steps of 1 micro-step)\n" in capsys.readouterr().out  # under EVAL_SHARE_HINT: no advice
     assert {r["strategy"] for r in d["memory_gib"]} == {"ddp", "fsdp"}
 
 

@@ -20,7 +20,7 @@ from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
 from gpttrain.memory import GIB
-from gpttrain.metrics import flops_per_token, mfu, model_tflops
+from gpttrain.metrics import eval_time_share, flops_per_token, mfu, model_tflops
 from gpttrain.monitor import setup_logging
 from gpttrain.optim import build_optimizer
 from gpttrain.parallel import (
@@ -180,8 +180,6 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     tokens as the trainer draws it (from a 5-token prompt, never stopped early), where the run samples at
     all; `share_at_cadence`, evaluation's share of the time at --train.eval_every given the timed step: the
     losses of both splits, and a sample every --log.sample_every evaluations."""
-    from gpttrain.trainer import eval_time_share
-
     device = trainer.device
     t = trainer.cfg.train
     compiles = trainer.eval_compiles

@@ -16,7 +16,7 @@ from gpttrain.memory import (
     run_layout,
     suggest_micro_batch,
 )
-from gpttrain.metrics import flops_per_token, matmul_params
+from gpttrain.metrics import EVAL_SHARE_HINT, eval_flop_share, flops_per_token, matmul_params
 from gpttrain.model import count_params
 from gpttrain.parallel import check_recompute_weight_casts
 
@@ -77,9 +77,11 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     if not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
                                                         cfg.train.activation_checkpointing, cfg.train.fp8):
         recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
+    t = cfg.train
+    eval_share = eval_flop_share(t)
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
-               "flops_per_token": fpt, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
+               "flops_per_token": fpt, "eval_flop_share": eval_share, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
                "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]},
                "ddp_bf16_mixed_recompute_weight_casts_gib": recast}
         emit(out)
@@ -90,6 +92,10 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     log.info("parameters:            %s", f"{params:,}")
     log.info("model FLOPs per token: %.3f GFLOP  (6 x %s matmul weights incl. the head + 12 x %d layers x %d "
              "width x %d context)", fpt / 1e9, f"{matmul_params(m):,}", m.n_layers, m.emb_dim, m.context_length)
+    log.info("evaluation:            %.1f%% of the model FLOPs (counted: %d forward passes of a micro-batch on each "
+             "split every %d steps of %d micro-step%s)%s", 100 * eval_share, t.eval_batches, t.eval_every,
+             t.grad_accum_steps, "" if t.grad_accum_steps == 1 else "s",
+             "; raise --train.eval_every to train faster" if eval_share > EVAL_SHARE_HINT else "")
     log.info("")
     log.info("training memory per GPU, estimated (GiB), micro-batch %d x context %d; "
              "'ckpt' = activation checkpointing:", mb, m.context_length)

@@ -5,7 +5,7 @@ Pure functions, unit-tested; the training loop's reporting builds on them.
 
 from __future__ import annotations
 
-from gpttrain.config import ModelConfig
+from gpttrain.config import ModelConfig, TrainConfig
 
 # Dense bf16 tensor-core peaks in TFLOP/s per GPU, from the vendors' datasheets (no sparsity).
 # Matched against torch.cuda.get_device_name() by substring, most specific first.
@@ -65,6 +65,24 @@ def mfu(tokens_per_s_per_gpu: float, cfg: ModelConfig, peak_tflops: float | None
     if peak_tflops is None or peak_tflops <= 0:
         return None
     return model_tflops(tokens_per_s_per_gpu, cfg, seq_len) / peak_tflops
+
+
+EVAL_SHARE_HINT = 0.10  # evaluation's share of the time over which the loop (measured) and info (counted) say so
+
+
+def eval_time_share(per_eval: float, per_step: float, eval_every: int) -> float:
+    """Evaluation's share of the time when one evaluation of `per_eval` follows every `eval_every` steps of
+    `per_step` each (seconds, or any unit both share)."""
+    return per_eval / (per_eval + eval_every * per_step)
+
+
+def eval_flop_share(train: TrainConfig) -> float:
+    """Evaluation's share of a run's model FLOPs at its cadence, counted: --train.eval_batches forward passes of
+    a micro-batch on each split every --train.eval_every steps, each step --train.grad_accum_steps micro-steps
+    of forward and backward (3 forwards' worth; 4 with activation checkpointing, which runs forward again).
+    An upper bound where a split has fewer windows than the evaluation asks for."""
+    micro_step = 4 if train.activation_checkpointing else 3
+    return eval_time_share(2 * train.eval_batches, train.grad_accum_steps * micro_step, train.eval_every)
 
 
 def lookup_peak_tflops(device_name: str | None) -> float | None:

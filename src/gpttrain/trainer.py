@@ -33,7 +33,7 @@ from gpttrain.memory import (
     run_layout,
     suggest_micro_batch,
 )
-from gpttrain.metrics import lookup_peak_tflops, mfu, model_tflops
+from gpttrain.metrics import EVAL_SHARE_HINT, eval_time_share, lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
 from gpttrain.optim import build_optimizer, lr_at
@@ -54,12 +54,6 @@ from gpttrain.parallel import (
 
 log = logging.getLogger("gpttrain")
 PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.png during training
-EVAL_SHARE_HINT = 0.10  # evaluation's share of the time, at the run's cadence, over which the loop says so
-
-
-def eval_time_share(per_eval_s: float, step_s: float, eval_every: int) -> float:
-    """Evaluation's share of the time when one of `per_eval_s` seconds follows every `eval_every` steps."""
-    return per_eval_s / (per_eval_s + eval_every * step_s)
 
 
 @dataclass
