@@ -23,17 +23,19 @@ def shared_data():
 
 @pytest.fixture(autouse=True)
 def _no_leaked_log_handlers():
-    """An in-process `cli.main` points the root logger at its test's sys.stdout (logging.basicConfig), which
+    """An in-process `cli.main` puts a handler on the root logger writing to its test's sys.stdout, which
     pytest closes afterwards: every later log line would then fail and print a traceback (slow and noisy,
-    enough to skew the timing of the loop's tests). Drop such handlers, and restore gpttrain's level."""
+    enough to skew the timing of the loop's tests). Drop such handlers; restore the root's and gpttrain's
+    levels. Pytest's own handlers (subclasses, added and removed around each phase) are left alone."""
     root = logging.getLogger()
     before = set(root.handlers)
-    level = logging.getLogger("gpttrain").level
+    levels = root.level, logging.getLogger("gpttrain").level
     yield
     for handler in root.handlers[:]:
         if type(handler) is logging.StreamHandler and handler not in before:
             root.removeHandler(handler)
-    logging.getLogger("gpttrain").setLevel(level)
+    root.setLevel(levels[0])
+    logging.getLogger("gpttrain").setLevel(levels[1])
 
 
 def pytest_collection_modifyitems(config, items):

@@ -563,6 +563,17 @@ def test_samples_every_so_many_epochs_between_evaluations(data_dir, tmp_path, ca
     assert any("samples between them" in r.getMessage() for r in caplog.records)
 
 
+def test_samples_more_often_than_steps_are_warned_of(data_dir, tmp_path, caplog):
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "2",
+                                        "--log.sample_every_epochs", "1e-6"), single_info())
+    with caplog.at_level("WARNING", logger="gpttrain"):
+        assert trainer.fit() == 0
+    assert [r.getMessage() for r in caplog.records if "sample_every_epochs" in r.getMessage()] == [
+        f"--log.sample_every_epochs 1e-06 is less than one step (an epoch is "
+        f"{trainer.train_loader.batches_per_epoch:.1f} steps): a sample at every step, each making the host wait "
+        "for the device; raise it"]
+
+
 def test_loop_clock_shares():
     from gpttrain.trainer import LoopClock
 

@@ -102,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "device's idle share) to the row as `profile`")
     p.add_argument("--eval", action="store_true", dest="evaluation",
                    help="then time evaluations at the run's --train.eval_batches, eager and (where training "
-                        "compiles the whole model) compiled, and one sample, and add `eval` to the row: "
+                        "compiles the whole model) compiled, and one sample where the run samples, and add "
+                        "`eval` to the row: "
                         "milliseconds per batch and per sample, and evaluation's share of the time at "
                         "--train.eval_every")
 
@@ -141,11 +142,28 @@ def _print_json(obj: dict) -> None:
     print(json.dumps(obj), flush=True)
 
 
+_console_handler: logging.Handler | None = None  # the one this module put on the root logger
+
+
+def _console_logging(level: int) -> None:
+    """Log lines to stdout as bare messages: one handler of ours on the root logger, replacing the one an
+    earlier call in this process put there. Handlers of others stay as they are (logging.basicConfig's force
+    would close them all, a test runner's too)."""
+    global _console_handler
+    root = logging.getLogger()
+    if _console_handler is not None:
+        root.removeHandler(_console_handler)
+    _console_handler = logging.StreamHandler(sys.stdout)
+    _console_handler.setFormatter(logging.Formatter("%(message)s"))
+    root.addHandler(_console_handler)
+    root.setLevel(level)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", stream=sys.stdout, force=True)
+    _console_logging(level)
     log.setLevel(level)  # the library may have lowered it in this process (rank != 0, quiet runs)
     if args.command is None:
         parser.print_help()

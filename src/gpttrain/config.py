@@ -80,8 +80,8 @@ class TrainConfig:
     max_tokens: int | None = None
     micro_batch_size: int = 8
     grad_accum_steps: int = 1
-    # Evaluation every 500 steps on 10 micro-batches of each split: 1.3% of a run's model FLOPs at accumulation 1
-    # (`gpttrain info` counts it for any config; every 50, the earlier default, was 11.8%).
+    # Evaluation every 500 steps on 10 micro-batches of each split (`gpttrain info` counts its share of the
+    # model FLOPs for a config: this default stays under 2% at any accumulation).
     eval_every: int = 500
     eval_batches: int = 10
     log_every: int = 10

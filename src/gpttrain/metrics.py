@@ -72,17 +72,18 @@ EVAL_SHARE_HINT = 0.10  # evaluation's share of the time over which the loop (me
 
 def eval_time_share(per_eval: float, per_step: float, eval_every: int) -> float:
     """Evaluation's share of the time when one evaluation of `per_eval` follows every `eval_every` steps of
-    `per_step` each (seconds, or any unit both share)."""
-    return per_eval / (per_eval + eval_every * per_step)
+    `per_step` each (seconds, or any unit both share); 0 where neither takes any."""
+    total = per_eval + eval_every * per_step
+    return per_eval / total if total > 0 else 0.0
 
 
 def eval_flop_share(train: TrainConfig) -> float:
     """Evaluation's share of a run's model FLOPs at its cadence, counted: --train.eval_batches forward passes of
     a micro-batch on each split every --train.eval_every steps, each step --train.grad_accum_steps micro-steps
-    of forward and backward (3 forwards' worth; 4 with activation checkpointing, which runs forward again).
-    An upper bound where a split has fewer windows than the evaluation asks for."""
-    micro_step = 4 if train.activation_checkpointing else 3
-    return eval_time_share(2 * train.eval_batches, train.grad_accum_steps * micro_step, train.eval_every)
+    of forward and backward (3 forwards' worth). Model FLOPs leave out activation checkpointing's recomputed
+    blocks, so there the share of the compute is lower; and where a split has fewer windows than the
+    evaluation asks for, lower too."""
+    return eval_time_share(2 * train.eval_batches, train.grad_accum_steps * 3, train.eval_every)
 
 
 def lookup_peak_tflops(device_name: str | None) -> float | None:

@@ -574,6 +574,11 @@ class Trainer:
                  f", warmup {cfg.optim.warmup_steps}" if cfg.optim.warmup_steps else "",
                  cfg.optim.weight_decay, cfg.optim.grad_clip or "off")
         log.info("run dir: %s", self.run_dir)
+        steps_per_epoch = self.train_loader.batches_per_epoch / t.grad_accum_steps
+        if 0 < cfg.log.sample_every_epochs * steps_per_epoch < 1:
+            log.warning("--log.sample_every_epochs %g is less than one step (an epoch is %.1f steps): a sample at "
+                        "every step, each making the host wait for the device; raise it", cfg.log.sample_every_epochs,
+                        steps_per_epoch)
 
     def _loop(self, monitor: Monitor, stop: StopFlag) -> int:
         t = self.cfg.train
