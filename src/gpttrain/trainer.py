@@ -288,7 +288,7 @@ class Trainer:
         # What evaluation calls: the plain model (no DDP hooks), compiled at the first evaluation where
         # training compiles the whole model; eager per block or under FSDP, as parallel.compile_model says.
         self._eval_model: torch.nn.Module | None = None
-        self.eval_compiles = (self.compiled and cfg.train.compile_eval and cfg.train.compile_scope == "model"
+        self.eval_compiles = (compiles_head(self.compiled, cfg.train.compile_scope) and cfg.train.compile_eval
                                and self.strategy != "fsdp")
 
     # ---- setup ---------------------------------------------------------------------------
@@ -658,11 +658,14 @@ class Trainer:
         """Say once per process, from its second evaluation on, when evaluation takes over EVAL_SHARE_HINT of
         the time: a cadence copied from a small run (the original script's every 5 steps) costs a large one."""
         t = self.cfg.train
-        share = self.clock.eval_share(self.train_time, self.timed_steps, t.eval_every)
-        if self.clock.hinted or share is None or share <= EVAL_SHARE_HINT or not self.info.is_main:
+        mean = self.clock.cadence(self.train_time, self.timed_steps)
+        if self.clock.hinted or mean is None or not self.info.is_main:
+            return
+        parts, per_step = mean
+        share = eval_time_share(sum(parts.values()), per_step, t.eval_every)
+        if share <= EVAL_SHARE_HINT:
             return
         self.clock.hinted = True
-        parts, per_step = self.clock.cadence(self.train_time, self.timed_steps)
         levers = "raise --train.eval_every or lower --train.eval_batches"
         if parts["sample"] > parts["losses"]:
             levers = "raise --log.sample_every (evaluations per sample) or --train.eval_every"
