@@ -62,6 +62,20 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, precision):
     assert all(s.finite for s in stats)
 
 
+def test_a_step_is_read_without_waiting_for_the_work_queued_after_it():
+    """A step's numbers go to pinned memory behind an event: reading them waits for that step alone, so the
+    loop can read a log step once the next one is queued without draining the queue (the GPU keeps busy)."""
+    from gpttrain.trainer import StepStats, read_steps
+
+    packed = torch.arange(4, dtype=torch.float32, device="cuda")
+    first, second = StepStats(packed, 1, False), StepStats(packed * 2, 1, False)
+    torch.cuda._sleep(2_000_000_000)  # about a second of GPU clock cycles, queued after both steps
+    read_steps([first, second])
+    assert not torch.cuda.current_stream().query()  # the sleep still runs: the read did not wait for it
+    torch.cuda.synchronize()
+    assert first.values == [0.0, 1.0, 2.0, 3.0] and second.values == [0.0, 2.0, 4.0, 6.0]
+
+
 SPEED_OPTIONS = {
     "flash": ("--train.attention", "flash"),
     "cudnn": ("--train.attention", "cudnn"),

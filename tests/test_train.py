@@ -14,6 +14,7 @@ from tests.helpers import (
     free_port,
     gloo_rank,
     make_data,
+    read_metrics,
     run_cli,
     single_info,
     steps_of,
@@ -403,7 +404,8 @@ SYNCING = ("item", "tolist", "__bool__", "__float__", "__int__")
 
 def test_training_steps_read_nothing_back_between_log_steps(data_dir, tmp_path, monkeypatch):
     """A training step must never wait for the device (no `.item()`, `.tolist()`, `if tensor:`...): the loop
-    reads the steps' numbers at log steps only. On a GPU each such read would stall the queue of kernels."""
+    reads the steps' numbers at log steps only, and a log step's once the next step is queued behind it (on a GPU
+    a read at the log step itself would leave the device idle until the host had queued more)."""
     trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "8", "--train.log_every",
                                         "4", "--train.eval_every", "8", "--log.sample_every", "0"), single_info())
     assert trainer.optimizer.defaults["fused"]  # the default on CPU too: it skips bad steps on the device
@@ -430,7 +432,25 @@ def test_training_steps_read_nothing_back_between_log_steps(data_dir, tmp_path, 
     assert trainer.fit() == 0
     monkeypatch.undo()
     assert not [r for r in reads if r[2]], reads  # nothing inside any step
-    assert {s for s, _, _ in reads} == {1, 4, 8}  # the first step (untimed), then the log steps
+    # The first step (untimed, read at once), step 4's numbers with step 5 queued, the last step (read at once).
+    assert {s for s, _, _ in reads} == {1, 5, 8}
+    assert [r["step"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"] == [4, 8]
+
+
+def test_records_read_a_step_late_equal_those_read_at_once(data_dir, tmp_path):
+    """The train records of log steps read once the next step is queued carry that step's counters and numbers:
+    the same records as a run that reads every step at once (an evaluation at each step forces the read)."""
+    runs = {}
+    for name, every in (("late", "100"), ("at_once", "1")):
+        cfg = tiny_config(data_dir, tmp_path / name, "--train.max_steps", "9", "--train.log_every", "2",
+                          "--train.eval_every", every, "--train.eval_batches", "1", "--log.sample_every", "0",
+                          "--optim.warmup_steps", "3")
+        assert build_trainer(cfg, single_info()).fit() == 0
+        runs[name] = [{k: r[k] for k in ("step", "epoch", "tokens", "lr", "loss", "grad_norm")}
+                      for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
+    assert [r["step"] for r in runs["late"]] == [2, 4, 6, 8, 9]
+    assert runs["late"] == runs["at_once"]
+    assert len({r["lr"] for r in runs["late"]}) > 3  # the schedule moves between the records compared
 
 
 def test_a_bad_step_is_skipped_without_a_fused_optimizer(data_dir, tmp_path):
@@ -625,10 +645,11 @@ def test_a_stopped_run_draws_its_plot_at_the_stop(data_dir, tmp_path, monkeypatc
     trainer, drawn = _plotting_trainer(data_dir, tmp_path / "run", monkeypatch, steps=20, eval_every=4, share=1e-4,
                                        seconds=0.01, before_step=sigterm_before_step_5)
     assert trainer.fit() == 0
-    # The step already asked for learns of the signal at the next one, which stops: no evaluation at 6.
-    assert trainer.step == 6 and drawn == [4, 6]
+    # The step already asked for learns of the signal at the next one (6), whose vote is read once step 7 is
+    # queued; step 7 stops: no evaluation at 8.
+    assert trainer.step == 7 and drawn == [4, 7]
     summary = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()][-1]
-    assert summary["kind"] == "summary" and summary["step"] == 6 and summary["checkpoint_s"] > 0
+    assert summary["kind"] == "summary" and summary["step"] == 7 and summary["checkpoint_s"] > 0
 
 
 # ---- evaluation through the compiled forward ----------------------------------------------------------------

@@ -168,18 +168,33 @@ class StopFlag:
 
 class StepStats:
     """One optimizer step's numbers, left on the device. Reading one waits for the device (a host sync), so
-    the loop reads them in batches at log steps through `read_steps`, never inside a step."""
+    the loop reads them in batches at log steps through `read_steps`, never inside a step.
+
+    On CUDA the numbers are copied to pinned host memory as soon as the step's kernels have computed them,
+    and an event marks that copy: a read waits for this step's work only, not for what was queued after it
+    (a plain `.tolist()` would wait for the whole stream). So the loop can read a step once the next one is
+    queued, and the device never runs dry while the host logs."""
 
     def __init__(self, packed: torch.Tensor, world_size: int, scaler_enabled: bool):
         self.packed = packed  # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks]
         self._world = world_size
         self._scaler = scaler_enabled
         self._values: list[float] | None = None
+        self._ready: torch.cuda.Event | None = None
+        if packed.is_cuda:
+            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            self._host.copy_(packed, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
 
     @property
     def values(self) -> list[float]:
         if self._values is None:
-            self._values = self.packed.tolist()
+            if self._ready is not None:
+                self._ready.synchronize()
+                self._values = self._host.tolist()
+            else:
+                self._values = self.packed.tolist()
         return self._values
 
     @property
@@ -200,10 +215,26 @@ class StepStats:
         return math.isfinite(self.loss) and (self.values[2] == 0 or self._scaler)
 
 
+@dataclass
+class StepMark:
+    """A step's counters as the loop left them, for a record written once its numbers are read."""
+
+    step: int
+    epoch: float
+    tokens: int
+    lr: float
+    steps: int  # how many queued steps, up to and including this one, the read takes
+
+
 def read_steps(stats: list[StepStats]) -> None:
-    """Bring the numbers of several steps to the host with one sync."""
+    """Bring the numbers of several steps to the host with one wait, for the last of them (the device runs
+    its stream in order, so the earlier ones are there by then)."""
     todo = [s for s in stats if s._values is None]
-    if todo:
+    if todo and todo[-1]._ready is not None:
+        todo[-1]._ready.synchronize()
+        for s in todo:
+            s._values = s._host.tolist()
+    elif todo:
         for s, row in zip(todo, torch.stack([s.packed for s in todo]).tolist()):
             s._values = row
 
@@ -589,6 +620,30 @@ class Trainer:
         logged = (self.train_time, self.timed_steps)  # the counters at the last train record
         first_step_of_process = True
         bar_loss = {}
+        deferred: StepMark | None = None  # a log step whose numbers are read once the next step is queued
+
+        def take(steps: list[StepStats], at: StepMark, record: bool) -> bool:
+            """Read `steps` (one wait), time them, act on the non-finite ones and, if `record`, write the train
+            record of `at`, the last of them; returns whether any of them voted to stop."""
+            nonlocal t_mark, logged, first_step_of_process, bar_loss
+            read_steps(steps)
+            now = time.perf_counter()
+            if not first_step_of_process:  # each process's first step compiles and warms up: not timed
+                self.train_time += now - t_mark
+                self.timed_steps += len(steps)
+            else:
+                clock.first_step = now - t_mark
+            first_step_of_process = False
+            t_mark = now
+            for i, res in enumerate(steps):
+                if not res.finite:
+                    self._nonfinite(at.step - len(steps) + 1 + i, res)
+            bar_loss = {"loss": f"{steps[-1].loss:.3f}"}
+            if record:
+                self._log_train(monitor, steps[-1], at, self.timed_steps - logged[1], self.train_time - logged[0])
+                logged = (self.train_time, self.timed_steps)
+            return any(r.stop for r in steps)
+
         while self.step < self.total_steps:
             before = self.epoch_progress()
             pending.append(self.train_step(stop.requested))
@@ -599,32 +654,24 @@ class Trainer:
             eval_now = self.step % t.eval_every == 0 or last
             ckpt_now = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and not last
             sample_now = self._epoch_sample_due(before)
-            if not (log_now or eval_now or ckpt_now or sample_now or first_step_of_process):
+            stop_now = False
+            if deferred is not None:
+                # The last log step's numbers, read now that this step is queued behind them: the device works
+                # on it while the host waits for them and logs (reading at the log step itself would leave the
+                # device idle until the host had queued the next step).
+                stop_now = take(pending[:deferred.steps], deferred, record=True)
+                del pending[:deferred.steps]
+                deferred = None
+            if not (eval_now or ckpt_now or sample_now or stop_now or first_step_of_process):
+                if log_now:
+                    deferred = self._mark(len(pending))
                 monitor.advance(1, {**bar_loss, **self._bar_rates})
                 continue
-            # The host waits for the device only here, at steps every rank knows in advance, so the
-            # decisions below (skip, stop) are taken at the same step everywhere.
-            read_steps(pending)
-            now = time.perf_counter()
-            if not first_step_of_process:  # each process's first step compiles and warms up: not timed
-                self.train_time += now - t_mark
-                self.timed_steps += len(pending)
-            else:
-                clock.first_step = now - t_mark
-            first_step_of_process = False
-            t_mark = now
-            first = self.step - len(pending) + 1
-            for i, res in enumerate(pending):
-                if not res.finite:
-                    self._nonfinite(first + i, res)
-            res = pending[-1]
-            stop_now = any(r.stop for r in pending)
+            # The host waits for the device here, at steps every rank knows in advance (a stop is acted on at
+            # the read after its vote), so the decisions below (skip, stop) are taken at the same step everywhere.
+            stop_now = take(pending, self._mark(len(pending)), record=log_now) or stop_now
             pending.clear()
-            bar_loss = {"loss": f"{res.loss:.3f}"}
             monitor.advance(1, {**bar_loss, **self._bar_rates})
-            if log_now:
-                self._log_train(monitor, res, self.timed_steps - logged[1], self.train_time - logged[0])
-                logged = (self.train_time, self.timed_steps)
             if eval_now:
                 clock.evals.append(self._eval_and_report(monitor))
                 self._hint_eval_share()
@@ -646,6 +693,10 @@ class Trainer:
         self._report_time(monitor)
         self._finish()
         return 0
+
+    def _mark(self, steps: int) -> StepMark:
+        """The counters after this step, for the train record of a step whose numbers are read later."""
+        return StepMark(self.step, self.epoch_progress(), self.tokens, self.optimizer.param_groups[0]["lr"], steps)
 
     def _save(self, reason: str) -> None:
         from gpttrain import checkpoint as ckpt
@@ -707,8 +758,9 @@ class Trainer:
                             f"({why}); lower --optim.lr, raise --optim.warmup_steps or {more}; the state saved "
                             f"in {self.run_dir / 'checkpoints'} has no update from a non-finite step")
 
-    def _log_train(self, monitor: Monitor, res: StepStats, steps: int, seconds: float) -> None:
-        """A train record: the step's loss and norm; throughput over the timed steps since the last record."""
+    def _log_train(self, monitor: Monitor, res: StepStats, at: StepMark, steps: int, seconds: float) -> None:
+        """A train record: the step's loss and norm at the counters `at`; throughput over the timed steps
+        since the last record."""
         info = self.info
         tok_s = per_gpu = tflops = None  # none before the first timed step (each process's first is not timed)
         if steps > 0 and seconds > 0:
@@ -716,8 +768,8 @@ class Trainer:
             per_gpu = tok_s / info.world_size
             tflops = model_tflops(per_gpu, self.cfg.model)
         rec = {
-            "kind": "train", "step": self.step, "epoch": round(self.epoch_progress(), 6), "tokens": self.tokens,
-            "loss": res.loss, "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": res.grad_norm,
+            "kind": "train", "step": at.step, "epoch": round(at.epoch, 6), "tokens": at.tokens,
+            "loss": res.loss, "lr": at.lr, "grad_norm": res.grad_norm,
             "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu, "tflops": tflops,
             "mfu": mfu(per_gpu, self.cfg.model, self.peak_tflops) if per_gpu is not None else None,
             "mem_peak_gib": self._memory()["mem_peak_gib"], "gpu_util": gpu_utilization(self.device),
@@ -733,7 +785,7 @@ class Trainer:
             if rec["mfu"] is not None:
                 rate_txt += f", MFU {rec['mfu'] * 100:.1f}%"
         if not monitor.uses_bar:
-            log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s", self.step, self.total_steps,
+            log.info("step %d/%d (ep %.2f): loss %.4f | lr %.3g | grad norm %.3f | %s", at.step, self.total_steps,
                      rec["epoch"], res.loss, rec["lr"], res.grad_norm, rate_txt)
 
     def _eval_and_report(self, monitor: Monitor) -> dict[str, float]:
