@@ -475,6 +475,22 @@ def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert (r.stdout, r.stderr) == ("", "")
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "step 2/2" in log_text and "time in this process" in log_text  # -q quiets the console, not the log
+
+
+@pytest.mark.parametrize("progress", ["lines", "bar"])
+def test_quiet_train_still_prints_warnings_once(data_dir, tmp_path, progress):
+    """Under -q a warning reaches the console once (through the bar's writer while it lives), info lines none."""
+    r = run_cli(["train", "-q", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(tmp_path / "run"),
+                 "--device", "cpu", "--train.max_steps", "3", "--log.progress", progress, "--log.sample_every", "0",
+                 "--log.sample_every_epochs", "1e-6"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert out.count("is less than one step") == 1, out
+    assert "resolved config" not in out and "time in this process" not in out
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert "is less than one step" in log_text and "time in this process" in log_text
 
 
 def _plotting_trainer(data_dir, run_dir, monkeypatch, *, steps: int, eval_every: int, share: float,

@@ -52,12 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train GPT-style language models from scratch: one CPU, one GPU, many GPUs (torchrun).",
     )
     parser.add_argument("--version", action="version", version=f"gpttrain {__version__}")
-    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    quiet_help = "only warnings and errors on the console (a run's train.log keeps every line)"
+    parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # -q also after the command (`gpttrain train -q ...`); SUPPRESS keeps the top-level value otherwise.
     quiet = argparse.ArgumentParser(add_help=False)
-    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
-                       help="only warnings and errors")
+    quiet.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help=quiet_help)
 
     def add_command(name: str, **kwargs) -> argparse.ArgumentParser:
         return sub.add_parser(name, parents=[quiet], **kwargs)

@@ -5,9 +5,11 @@ Other ranks get a Monitor that writes nothing, so the training loop calls it unc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,47 @@ def setup_logging(is_main: bool, quiet: bool = False) -> None:
     """Rank 0 logs INFO; other ranks only warnings (so N ranks don't print N times). Where the output
     goes is the application's choice (the CLI sends it to stdout); a library caller keeps its own."""
     log.setLevel(logging.INFO if is_main and not quiet else logging.WARNING)
+
+
+class _Onward(logging.Handler):
+    """Under `run_logging(quiet=True)`: the gpttrain logger does not propagate, and this hands its warnings
+    and errors on to the root logger's handlers (the console); info lines reach only the logger's own
+    handlers, a run's train.log."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        logging.getLogger().handle(record)
+
+
+_onward: _Onward | None = None  # set while a quiet run is logging
+
+
+def console_shows_info() -> bool:
+    """Whether the gpttrain logger's info lines reach the console (not under -q): progress bars follow it."""
+    return _onward is None and log.isEnabledFor(logging.INFO)
+
+
+@contextlib.contextmanager
+def run_logging(is_main: bool, quiet: bool) -> Iterator[None]:
+    """A training run's logging (`setup_logging`'s levels). Quiet (`gpttrain train -q`): only warnings and
+    errors reach the console, while train.log keeps every line. The logger is restored on exit."""
+    global _onward
+    saved = log.level, log.propagate
+    setup_logging(is_main)
+    if quiet:
+        _onward = _Onward()
+        log.addHandler(_onward)
+        log.propagate = False
+    try:
+        yield
+    finally:
+        if _onward is not None:
+            log.removeHandler(_onward)
+            _onward = None
+        log.setLevel(saved[0])
+        log.propagate = saved[1]
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
@@ -84,13 +127,17 @@ class Monitor:
 
             self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                              file=sys.stdout)
-            # While the bar lives, console lines go through tqdm.write instead of the usual handlers.
-            th = _TqdmHandler()
+            # While the bar lives, console lines go through tqdm.write instead of the usual handlers (a quiet
+            # run's warnings too: they are not also handed on to the root logger's).
+            th = _TqdmHandler(logging.WARNING if _onward is not None else logging.NOTSET)
             th.setFormatter(logging.Formatter("%(message)s"))
             log.addHandler(th)
             self._tqdm_handler = th
             self._propagate = log.propagate
             log.propagate = False
+            self._onward = _onward
+            if _onward is not None:
+                log.removeHandler(_onward)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -139,6 +186,8 @@ class Monitor:
             self._bar.close()
             log.removeHandler(self._tqdm_handler)
             log.propagate = self._propagate
+            if self._onward is not None and self._onward is _onward:  # the quiet run goes on after the bar
+                log.addHandler(self._onward)
         if self._file_handler is not None:
             log.removeHandler(self._file_handler)
             self._file_handler.close()

@@ -12,7 +12,7 @@ from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, DataError, GpttrainError
-from gpttrain.monitor import setup_logging
+from gpttrain.monitor import console_shows_info, run_logging
 from gpttrain.trainer import Trainer, round_up
 
 log = logging.getLogger("gpttrain")
@@ -65,7 +65,7 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
                     bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
                     val_fraction=cfg.data.val_fraction,
                     text_field=cfg.data.text_field, workers=cfg.data.workers,
-                    progress=log.isEnabledFor(logging.INFO))  # -q: no progress bars either
+                    progress=console_shows_info())  # -q: no progress bars either
         except GpttrainError as e:
             error = str(e)
     # The other ranks wait for rank 0's data and share its verdict rather than hang at a barrier.
@@ -87,8 +87,8 @@ def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
 
 
 def run_training(cfg: Config, quiet: bool = False) -> int:
-    with distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info:
-        setup_logging(info.is_main, quiet)
+    with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
+          run_logging(info.is_main, quiet)):
         from gpttrain.data.prepare import open_tokenizer
 
         data_dir = ensure_data(cfg, info)
