@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from gpttrain.loss import linear_cross_entropy
-from tests.helpers import build_trainer, make_data, run_cli, steps_of, take_steps, tiny_config
+from tests.helpers import build_trainer, make_data, read_metrics, run_cli, steps_of, take_steps, tiny_config
 
 pytestmark = pytest.mark.gpu
 
@@ -74,6 +74,22 @@ def test_a_step_is_read_without_waiting_for_the_work_queued_after_it():
     assert not torch.cuda.current_stream().query()  # the sleep still runs: the read did not wait for it
     torch.cuda.synchronize()
     assert first.values == [0.0, 1.0, 2.0, 3.0] and second.values == [0.0, 2.0, 4.0, 6.0]
+
+
+def test_a_run_on_cuda_logs_late_records_with_the_memory_peak(tmp_path):
+    """fit() on the GPU with log steps read once the next step is queued: every record is there, at its step,
+    with the memory peak that travelled in the step's own all-reduce."""
+    from gpttrain.distributed import DistInfo
+
+    cfg = tiny_config(make_data(tmp_path), tmp_path / "run", "--run.device", "cuda", "--train.precision",
+                      "bf16-mixed", "--train.max_steps", "7", "--train.log_every", "2", "--train.eval_every", "100",
+                      "--log.sample_every", "0")
+    trainer = build_trainer(cfg, DistInfo(0, 0, 1, torch.device("cuda", 0), None))
+    assert trainer.fit() == 0
+    train = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [2, 4, 6, 7]
+    peak = torch.cuda.max_memory_allocated(0) / 2**30
+    assert all(0 < r["mem_peak_gib"] <= peak for r in train), train
 
 
 SPEED_OPTIONS = {

@@ -88,8 +88,8 @@ class LoopClock:
         return None if mean is None else eval_time_share(sum(mean[0].values()), mean[1], eval_every)
 
     def split(self, train_time: float, timed_steps: int, eval_every: int) -> dict[str, Any]:
-        """Seconds by kind since the loop began; `other` is mostly logging (the reads at log steps, which wait
-        for the queued steps, count as steps)."""
+        """Seconds by kind since the loop began; `other` is mostly logging (the reads of the steps' numbers,
+        which wait for the device, count as steps)."""
         wall = time.perf_counter() - self.start
         train = train_time - self.train_at_start
         evaluation = sum(sum(e.values()) for e in self.evals)
@@ -168,7 +168,8 @@ class StopFlag:
 
 class StepStats:
     """One optimizer step's numbers, left on the device. Reading one waits for the device (a host sync), so
-    the loop reads them in batches at log steps through `read_steps`, never inside a step.
+    the loop reads them in batches through `read_steps`, never inside a step: a log step's once the next step
+    is queued, those of evaluation, checkpoint, sample, first and last steps at once.
 
     On CUDA the numbers are copied to pinned host memory as soon as the step's kernels have computed them,
     and an event marks that copy: a read waits for this step's work only, not for what was queued after it
@@ -176,7 +177,9 @@ class StepStats:
     queued, and the device never runs dry while the host logs."""
 
     def __init__(self, packed: torch.Tensor, world_size: int, scaler_enabled: bool):
-        self.packed = packed  # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks]
+        # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks, then one slot per
+        # rank: its peak GiB of CUDA memory as the step was queued (0 off CUDA)]
+        self.packed = packed
         self._world = world_size
         self._scaler = scaler_enabled
         self._values: list[float] | None = None
@@ -185,7 +188,7 @@ class StepStats:
             self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
             self._host.copy_(packed, non_blocking=True)
             self._ready = torch.cuda.Event()
-            self._ready.record()
+            self._ready.record(torch.cuda.current_stream(packed.device))  # the stream the copy was queued on
 
     @property
     def values(self) -> list[float]:
@@ -208,6 +211,11 @@ class StepStats:
     @property
     def stop(self) -> bool:
         return self.values[1] > 0
+
+    @property
+    def mem_peak_gib(self) -> float | None:
+        """The worst rank's peak CUDA memory up to this step (None off CUDA): the one that runs out first."""
+        return max(self.values[4:]) if self.packed.is_cuda else None
 
     @property
     def finite(self) -> bool:
@@ -419,8 +427,13 @@ class Trainer:
         grad_norm = grad_norm.detach().float().reshape(())
         # One all-reduce carries the loss, the stop flag and this rank's verdict on its gradients, so every
         # rank takes the same decisions from the same summed numbers (a NaN on one rank is a NaN on all).
-        packed = torch.stack([loss_sum / accum, self._stop_flag.fill_(float(stop_requested)),
-                              (~torch.isfinite(grad_norm)).float(), grad_norm])
+        # The memory peak travels in the same all-reduce, one slot per rank (filled on the device, so no copy
+        # from the host): the train record needs no collective of its own, which would wait for the device.
+        peaks = torch.zeros(self.info.world_size, device=self.device)
+        if self.device.type == "cuda":
+            peaks[self.info.rank].fill_(torch.cuda.max_memory_allocated(self.device) / GIB)
+        packed = torch.cat([torch.stack([loss_sum / accum, self._stop_flag.fill_(float(stop_requested)),
+                                         (~torch.isfinite(grad_norm)).float(), grad_norm]), peaks])
         distmod.all_reduce(packed, self.info, "sum")
         lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps,
                    warmup_steps=self.cfg.optim.warmup_steps, schedule=self.cfg.optim.schedule,
@@ -622,9 +635,9 @@ class Trainer:
         bar_loss = {}
         deferred: StepMark | None = None  # a log step whose numbers are read once the next step is queued
 
-        def take(steps: list[StepStats], at: StepMark, record: bool) -> bool:
-            """Read `steps` (one wait), time them, act on the non-finite ones and, if `record`, write the train
-            record of `at`, the last of them; returns whether any of them voted to stop."""
+        def take(steps: list[StepStats], at: StepMark, record: bool) -> tuple[list[tuple[int, StepStats]], bool]:
+            """Read `steps` (one wait), time them and, if `record`, write the train record of `at`, the last of
+            them; returns the non-finite ones (step number, numbers) and whether any of them voted to stop."""
             nonlocal t_mark, logged, first_step_of_process, bar_loss
             read_steps(steps)
             now = time.perf_counter()
@@ -635,14 +648,12 @@ class Trainer:
                 clock.first_step = now - t_mark
             first_step_of_process = False
             t_mark = now
-            for i, res in enumerate(steps):
-                if not res.finite:
-                    self._nonfinite(at.step - len(steps) + 1 + i, res)
             bar_loss = {"loss": f"{steps[-1].loss:.3f}"}
             if record:
                 self._log_train(monitor, steps[-1], at, self.timed_steps - logged[1], self.train_time - logged[0])
                 logged = (self.train_time, self.timed_steps)
-            return any(r.stop for r in steps)
+            bad = [(at.step - len(steps) + 1 + i, r) for i, r in enumerate(steps) if not r.finite]
+            return bad, any(r.stop for r in steps)
 
         while self.step < self.total_steps:
             before = self.epoch_progress()
@@ -654,23 +665,27 @@ class Trainer:
             eval_now = self.step % t.eval_every == 0 or last
             ckpt_now = bool(t.checkpoint_every) and self.step % t.checkpoint_every == 0 and not last
             sample_now = self._epoch_sample_due(before)
-            stop_now = False
+            bad, stop_now = [], False
             if deferred is not None:
                 # The last log step's numbers, read now that this step is queued behind them: the device works
                 # on it while the host waits for them and logs (reading at the log step itself would leave the
                 # device idle until the host had queued the next step).
-                stop_now = take(pending[:deferred.steps], deferred, record=True)
+                bad, stop_now = take(pending[:deferred.steps], deferred, record=True)
                 del pending[:deferred.steps]
                 deferred = None
-            if not (eval_now or ckpt_now or sample_now or stop_now or first_step_of_process):
+            if not (eval_now or ckpt_now or sample_now or stop_now or bad or first_step_of_process):
                 if log_now:
                     deferred = self._mark(len(pending))
                 monitor.advance(1, {**bar_loss, **self._bar_rates})
                 continue
-            # The host waits for the device here, at steps every rank knows in advance (a stop is acted on at
-            # the read after its vote), so the decisions below (skip, stop) are taken at the same step everywhere.
-            stop_now = take(pending, self._mark(len(pending)), record=log_now) or stop_now
+            # The host waits for the device here, at steps every rank knows in advance (a stop or a non-finite
+            # step is acted on with this step read too), so the decisions below (skip, stop) are taken at the
+            # same step everywhere, and a state saved here has had every one of its steps checked.
+            more_bad, more_stop = take(pending, self._mark(len(pending)), record=log_now)
             pending.clear()
+            for step, res in bad + more_bad:
+                self._nonfinite(step, res)
+            stop_now = stop_now or more_stop
             monitor.advance(1, {**bar_loss, **self._bar_rates})
             if eval_now:
                 clock.evals.append(self._eval_and_report(monitor))
@@ -772,7 +787,7 @@ class Trainer:
             "loss": res.loss, "lr": at.lr, "grad_norm": res.grad_norm,
             "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu, "tflops": tflops,
             "mfu": mfu(per_gpu, self.cfg.model, self.peak_tflops) if per_gpu is not None else None,
-            "mem_peak_gib": self._memory()["mem_peak_gib"], "gpu_util": gpu_utilization(self.device),
+            "mem_peak_gib": res.mem_peak_gib, "gpu_util": gpu_utilization(self.device),
             "time": time.time(),
         }
         monitor.record(rec)
