@@ -43,7 +43,8 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 #   TARGETS= RUNS="gpt-1.4b:8x4+train.fp8=true gpt2-124m:32x1+train.fp8=true" RUN_TIMEOUT=250 BUDGET=260 PART=speed ...
 # TARGETS= or RUNS= empties either list. The targets' rows also time evaluation at the preset's settings, eager
 # and compiled (bench --eval: the compiled evaluation is new and unmeasured on a GPU; its compile costs each row
-# some seconds more).
+# some seconds more), and steps whose numbers are read at every step, at once and one step late (bench --reads:
+# what the trainer's late read of a log step saves, unmeasured on a GPU; 2 x STEPS more steps a row).
 TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
 RUNS="${RUNS-gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0
 gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs gpt2-124m:12x1 gpt-1.4b:8x4+train.recompute_weight_casts=true}"
@@ -68,7 +69,7 @@ WORK="$(mktemp -d)"
 : > "$OUT/train_bench.jsonl"
 # shellcheck disable=SC2086  # TARGETS and RUNS are lists (either may be empty)
 [ -n "${TARGETS// /}" ] && python3 benchmarks/train.py --device "$DEVICE" --runs $TARGETS --steps "$STEPS" --warmup 3 \
-    --budget-s "$BUDGET" --run-timeout-s "$RUN_TIMEOUT" --run-dir "$WORK/runs" --extra --profile --eval \
+    --budget-s "$BUDGET" --run-timeout-s "$RUN_TIMEOUT" --run-dir "$WORK/runs" --extra --profile --eval --reads \
     | tee -a "$OUT/train_bench.jsonl"
 LEFT=$((BUDGET - (SECONDS - T0)))
 # shellcheck disable=SC2086

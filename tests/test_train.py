@@ -336,6 +336,31 @@ def test_bench_eval_times_evaluation_eager_and_compiled(tmp_path):
         assert ev["share_at_cadence"] == pytest.approx(per_eval / (per_eval + 7 * row["step_s"]))
 
 
+def test_bench_reads_times_steps_read_at_once_and_late(tmp_path, monkeypatch):
+    """bench --reads: steps with every step's numbers read at once and one step late, each read exactly once
+    (the late pattern leaves only the last step unread), with their costs against the plain step."""
+    from gpttrain import bench
+    from gpttrain import trainer as trainer_mod
+
+    read = []
+    real = trainer_mod.read_steps
+
+    def counting(stats):
+        read.extend(stats)
+        real(stats)
+
+    monkeypatch.setattr(trainer_mod, "read_steps", counting)
+    rows = []
+    cfg = tiny_config(make_data(tmp_path), tmp_path / "b")
+    assert bench.run_bench(cfg, rows.append, warmup=1, steps=3, reads=True) == 0
+    reads = rows[-1]["reads"]
+    # at once: 1 warm-up + 3 timed steps, all read; late: 4 steps, the last unread
+    assert len(read) == len({id(s) for s in read}) == 4 + 3
+    for name in ("at_once", "late"):
+        assert reads[f"{name}_step_s"] > 0
+        assert reads[f"{name}_cost"] == pytest.approx(reads[f"{name}_step_s"] / rows[-1]["step_s"] - 1)
+
+
 def test_bench_profile_says_where_the_step_time_goes(tmp_path):
     r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "2", "--profile",
                  "--run-dir", str(tmp_path / "b")], cwd=tmp_path)

@@ -173,6 +173,33 @@ def profile_steps(step_fn, device: torch.device, steps: int = 2) -> dict:
     return summarize_profile(spans, steps, wall_us)
 
 
+def time_reads(trainer, device: torch.device, step_s: float, steps: int) -> dict:
+    """Seconds per step when every step's numbers are read (a log at every step, the worst case): at once, as
+    a loop that calls `.item()` each step does, and once the next step is queued, as the trainer reads a log
+    step. On a GPU a read at once leaves the device idle until the host has queued the next step; the costs
+    are against `step_s`, the steps timed without reads. On CPU, where every step runs as it is called, both
+    are about `step_s`."""
+    from gpttrain.trainer import read_steps
+
+    def at_once():
+        read_steps([trainer.train_step()])
+
+    queued = []  # the step before, unread
+
+    def late():
+        queued.append(trainer.train_step())
+        if len(queued) == 2:
+            read_steps([queued.pop(0)])
+
+    out = {}
+    for name, fn in (("at_once", at_once), ("late", late)):
+        t = _time_steps(fn, device, 1, steps)
+        queued.clear()
+        out[f"{name}_step_s"] = t
+        out[f"{name}_cost"] = t / step_s - 1
+    return out
+
+
 def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
     """What evaluation costs at the run's settings, on the trainer's loader (its batches stand in for both
     splits): milliseconds per --train.eval_batches batch eager and, where the run compiles evaluation, compiled
@@ -260,10 +287,11 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
 
 
 def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: bool = False,
-              profile: bool = False, evaluation: bool = False) -> int:
+              profile: bool = False, evaluation: bool = False, reads: bool = False) -> int:
     """Time the trainer; `emit(dict)` receives each JSON row on rank 0 (the last one is the result). With
     `profile`, two more steps run under torch.profiler and the row gets their breakdown (`profile`); with
-    `evaluation`, evaluations are timed too (`eval`, see time_evaluation)."""
+    `evaluation`, evaluations are timed too (`eval`, see time_evaluation); with `reads`, steps whose numbers
+    are read at once and one step late (`reads`, see time_reads)."""
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
 
     if warmup < 0 or steps < 1:
@@ -295,7 +323,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             else:
                 loader, _ = build_loaders(c, info, data_dir)
             try:
-                res = _bench_one(c, info, loader, warmup, steps, profile, evaluation)
+                res = _bench_one(c, info, loader, warmup, steps, profile, evaluation, reads)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 log.warning("micro-batch %d does not fit", mb)
@@ -315,7 +343,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
 
 
 def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool = False,
-               evaluation: bool = False) -> dict:
+               evaluation: bool = False, reads: bool = False) -> dict:
     from gpttrain.trainer import Trainer
 
     device = info.device
@@ -349,6 +377,8 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         except Exception as e:  # the timed row stands without its breakdown
             res["profile"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("bench --profile failed: %s: %s", type(e).__name__, e)
+    if reads:
+        res["reads"] = time_reads(trainer, device, step_s, steps)
     if evaluation:
         try:
             res["eval"] = time_evaluation(trainer, step_s)

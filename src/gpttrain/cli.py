@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "`eval` to the row: "
                         "milliseconds per batch and per sample, and evaluation's share of the time at "
                         "--train.eval_every")
+    p.add_argument("--reads", action="store_true",
+                   help="then time steps whose numbers are read at every step, at once (as a loop calling "
+                        ".item() each step) and once the next step is queued (as the trainer reads a log step), "
+                        "and add `reads` to the row: seconds per step and the cost of each against the plain step")
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 
@@ -191,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
             from gpttrain.bench import run_bench
 
             return run_bench(config_from_args(args, rest), _print_json, warmup=args.warmup, steps=args.steps,
-                             sweep=args.sweep, profile=args.profile, evaluation=args.evaluation)
+                             sweep=args.sweep, profile=args.profile, evaluation=args.evaluation,
+                             reads=args.reads)
         if args.command in ("generate", "export"):
             from gpttrain.api import run_export, run_generate
 
