@@ -44,7 +44,7 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 # TARGETS= or RUNS= empties either list. The targets' rows also time evaluation at the preset's settings, eager
 # and compiled (bench --eval: the compiled evaluation is new and unmeasured on a GPU; its compile costs each row
 # some seconds more), and steps whose numbers are read at every step, at once and one step late (bench --reads:
-# what the trainer's late read of a log step saves, unmeasured on a GPU; 2 x STEPS more steps a row).
+# what the trainer's late read of a log step saves, unmeasured on a GPU; see bench.time_reads for its steps).
 TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
 RUNS="${RUNS-gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0
 gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs gpt2-124m:12x1 gpt-1.4b:8x4+train.recompute_weight_casts=true}"

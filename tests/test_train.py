@@ -308,12 +308,13 @@ def test_train_benchmark_rows_a_failed_run_and_the_summary(tmp_path):
 
 
 def test_bench_cpu_reports_overhead(tmp_path):
-    r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "3",
+    r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--warmup", "1", "--steps", "3", "--reads",
                  "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     row = json.loads(r.stdout.strip().splitlines()[-1])
     for key in ("tok_per_s", "tflops", "mfu", "mem_peak_gib", "overhead", "plain_step_s"):
         assert key in row
+    assert row["reads"]["steps"] == 3 and row["reads"]["late_step_s"] > 0  # --steps 3 // 2, at least 3
     assert row["mfu"] is None and row["tok_per_s"] > 0
 
 
@@ -336,29 +337,44 @@ def test_bench_eval_times_evaluation_eager_and_compiled(tmp_path):
         assert ev["share_at_cadence"] == pytest.approx(per_eval / (per_eval + 7 * row["step_s"]))
 
 
-def test_bench_reads_times_steps_read_at_once_and_late(tmp_path, monkeypatch):
-    """bench --reads: steps with every step's numbers read at once and one step late, each read exactly once
-    (the late pattern leaves only the last step unread), with their costs against the plain step."""
+def test_bench_reads_reads_each_step_at_once_or_after_the_next_is_queued(monkeypatch):
+    """bench --reads' three patterns on a fake trainer that logs each step queued and each read: unread steps
+    are never read, `at_once` reads each step before the next is queued, `late` reads step k only once step
+    k+1 is queued, and no step is read twice."""
     from gpttrain import bench
     from gpttrain import trainer as trainer_mod
 
-    read = []
+    events = []
     real = trainer_mod.read_steps
 
-    def counting(stats):
-        read.extend(stats)
+    def logged_read(stats):
+        events.extend(("read", s.n) for s in stats)
         real(stats)
 
-    monkeypatch.setattr(trainer_mod, "read_steps", counting)
-    rows = []
-    cfg = tiny_config(make_data(tmp_path), tmp_path / "b")
-    assert bench.run_bench(cfg, rows.append, warmup=1, steps=3, reads=True) == 0
-    reads = rows[-1]["reads"]
-    # at once: 1 warm-up + 3 timed steps, all read; late: 4 steps, the last unread
-    assert len(read) == len({id(s) for s in read}) == 4 + 3
+    class FakeTrainer:
+        n = 0
+
+        def train_step(self):
+            FakeTrainer.n += 1
+            stats = trainer_mod.StepStats(torch.zeros(4), 1, False)
+            stats.n = FakeTrainer.n
+            events.append(("queue", stats.n))
+            return stats
+
+    monkeypatch.setattr(trainer_mod, "read_steps", logged_read)
+    out = bench.time_reads(FakeTrainer(), torch.device("cpu"), steps=3, rounds=2)
+    assert out["steps"] == 3 and out["rounds"] == 2
     for name in ("at_once", "late"):
-        assert reads[f"{name}_step_s"] > 0
-        assert reads[f"{name}_cost"] == pytest.approx(reads[f"{name}_step_s"] / rows[-1]["step_s"] - 1)
+        assert out[f"{name}_cost"] == pytest.approx(out[f"{name}_step_s"] / out["unread_step_s"] - 1)
+    reads = [n for kind, n in events if kind == "read"]
+    assert len(reads) == len(set(reads))
+    queued_at = {n: i for i, (kind, n) in enumerate(events) if kind == "queue"}
+    read_at = {n: i for i, (kind, n) in enumerate(events) if kind == "read"}
+    # Each timing is 1 warm-up + 3 steps: per round unread 1-4, at_once 5-8, late 9-12 (the last unread).
+    for r in (0, 12):
+        assert not any(r + k in read_at for k in range(1, 5))
+        assert all(queued_at[r + k] < read_at[r + k] < queued_at[r + k + 1] for k in range(5, 9))
+        assert all(queued_at[r + k + 1] < read_at[r + k] for k in range(9, 12)) and r + 12 not in read_at
 
 
 def test_bench_profile_says_where_the_step_time_goes(tmp_path):
@@ -502,6 +518,38 @@ def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
     assert (tmp_path / "run" / "metrics.jsonl").is_file()
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert "step 2/2" in log_text and "time in this process" in log_text  # -q quiets the console, not the log
+
+
+def test_quiet_run_logging_hands_on_warnings_only_and_restores_the_logger():
+    """run_logging(quiet=True): the root's handlers (the console) get warnings once and no info lines, the
+    gpttrain logger's own handlers (train.log) get both; on exit the logger propagates as before."""
+    import logging
+
+    from gpttrain import monitor
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.DEBUG)
+            self.seen = []
+
+        def emit(self, record):
+            self.seen.append(record.getMessage())
+
+    console, own = Collect(), Collect()
+    root, lg = logging.getLogger(), logging.getLogger("gpttrain")
+    root.addHandler(console)
+    try:
+        with monitor.run_logging(True, quiet=True):
+            lg.addHandler(own)
+            lg.info("an info line")
+            lg.warning("a warning")
+            lg.removeHandler(own)
+        lg.warning("after the run")
+    finally:
+        root.removeHandler(console)
+    assert console.seen == ["a warning", "after the run"]
+    assert own.seen == ["an info line", "a warning"]
+    assert lg.propagate and monitor._onward is None and not any(isinstance(h, monitor._Onward) for h in lg.handlers)
 
 
 @pytest.mark.parametrize("progress", ["lines", "bar"])

@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train GPT-style language models from scratch: one CPU, one GPU, many GPUs (torchrun).",
     )
     parser.add_argument("--version", action="version", version=f"gpttrain {__version__}")
-    quiet_help = "only warnings and errors on the console (a run's train.log keeps every line)"
+    quiet_help = "only warnings and errors on the console, no progress bars (train.log keeps a run's info lines)"
     parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # -q also after the command (`gpttrain train -q ...`); SUPPRESS keeps the top-level value otherwise.
@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reads", action="store_true",
                    help="then time steps whose numbers are read at every step, at once (as a loop calling "
                         ".item() each step) and once the next step is queued (as the trainer reads a log step), "
-                        "and add `reads` to the row: seconds per step and the cost of each against the plain step")
+                        "and the same steps unread, in turn, twice; add `reads` to the row: the best seconds per "
+                        "step of each and each read's cost against the unread steps")
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 

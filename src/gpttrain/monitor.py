@@ -38,13 +38,20 @@ def setup_logging(is_main: bool, quiet: bool = False) -> None:
 class _Onward(logging.Handler):
     """Under `run_logging(quiet=True)`: the gpttrain logger does not propagate, and this hands its warnings
     and errors on to the root logger's handlers (the console); info lines reach only the logger's own
-    handlers, a run's train.log."""
+    handlers, a run's train.log. As propagation would: each root handler at its own level, and logging's
+    last resort (stderr) only where no handler at all would take the record."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        logging.getLogger().handle(record)
+        handlers = logging.getLogger().handlers
+        for h in handlers:
+            if record.levelno >= h.level:
+                h.handle(record)
+        last = logging.lastResort
+        if not handlers and log.handlers == [self] and last is not None and record.levelno >= last.level:
+            last.handle(record)
 
 
 _onward: _Onward | None = None  # set while a quiet run is logging
@@ -121,7 +128,8 @@ class Monitor:
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)
         self._file_handler = fh
-        use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty())
+        # -q (a quiet run): no bar unless asked for by name, as no data-preparation bars either.
+        use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty() and _onward is None)
         if use_bar:
             from tqdm import tqdm
 
@@ -185,7 +193,8 @@ class Monitor:
         if self._bar is not None:
             self._bar.close()
             log.removeHandler(self._tqdm_handler)
-            log.propagate = self._propagate
+            if self._onward is None or self._onward is _onward:  # not where the quiet run's logging has ended
+                log.propagate = self._propagate
             if self._onward is not None and self._onward is _onward:  # the quiet run goes on after the bar
                 log.addHandler(self._onward)
         if self._file_handler is not None:

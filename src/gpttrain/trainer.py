@@ -215,7 +215,7 @@ class StepStats:
     @property
     def mem_peak_gib(self) -> float | None:
         """The worst rank's peak CUDA memory up to this step (None off CUDA): the one that runs out first."""
-        return max(self.values[4:]) if self.packed.is_cuda else None
+        return max(self.values[4:], default=None) if self.packed.is_cuda else None
 
     @property
     def finite(self) -> bool:
