@@ -65,7 +65,8 @@ def console_shows_info() -> bool:
 @contextlib.contextmanager
 def run_logging(is_main: bool, quiet: bool) -> Iterator[None]:
     """A training run's logging (`setup_logging`'s levels). Quiet (`gpttrain train -q`): only warnings and
-    errors reach the console, while train.log keeps every line. The logger is restored on exit."""
+    errors reach the console, while the run's train.log keeps its info lines too. The logger is restored on
+    exit."""
     global _onward
     saved = log.level, log.propagate
     setup_logging(is_main)
