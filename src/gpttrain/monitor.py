@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import logging.handlers
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -55,6 +56,19 @@ class _Onward(logging.Handler):
 
 
 _onward: _Onward | None = None  # set while a quiet run is logging
+# A run's lines from before its train.log opens (data preparation, the resolved config), kept for that file.
+_early: logging.handlers.MemoryHandler | None = None
+
+
+def _write_early_lines(fh: logging.Handler) -> None:
+    """Hand the lines logged before train.log opened to it, once, and stop keeping them."""
+    global _early
+    if _early is not None:
+        log.removeHandler(_early)
+        _early.setTarget(fh)
+        _early.flush()
+        _early.close()
+        _early = None
 
 
 def console_shows_info() -> bool:
@@ -65,18 +79,27 @@ def console_shows_info() -> bool:
 @contextlib.contextmanager
 def run_logging(is_main: bool, quiet: bool) -> Iterator[None]:
     """A training run's logging (`setup_logging`'s levels). Quiet (`gpttrain train -q`): only warnings and
-    errors reach the console, while the run's train.log keeps its info lines too. The logger is restored on
-    exit."""
-    global _onward
+    errors reach the console, while the run's train.log keeps its info lines too. On rank 0 the lines logged
+    before train.log opens (data preparation, the resolved config) are kept and written to it first. The
+    logger is restored on exit."""
+    global _onward, _early
     saved = log.level, log.propagate
     setup_logging(is_main)
     if quiet:
         _onward = _Onward()
         log.addHandler(_onward)
         log.propagate = False
+    if is_main:  # flushed into train.log by the Monitor; dropped if the run ends before it has one
+        _early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1,
+                                                flushOnClose=False)
+        log.addHandler(_early)
     try:
         yield
     finally:
+        if _early is not None:
+            log.removeHandler(_early)
+            _early.close()
+            _early = None
         if _onward is not None:
             log.removeHandler(_onward)
             _onward = None
@@ -129,6 +152,7 @@ class Monitor:
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)
         self._file_handler = fh
+        _write_early_lines(fh)
         # -q (a quiet run): no bar unless asked for by name, as no data-preparation bars either.
         use_bar = progress == "bar" or (progress == "auto" and sys.stdout.isatty() and _onward is None)
         if use_bar:
