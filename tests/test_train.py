@@ -555,6 +555,32 @@ def test_quiet_run_logging_hands_on_warnings_only_and_restores_the_logger():
     assert lg.propagate and monitor._onward is None and not any(isinstance(h, monitor._Onward) for h in lg.handlers)
 
 
+def test_run_logging_keeps_the_last_resort_and_leaves_no_handler_behind(capsys):
+    """A library caller with no logging set up still sees a run's warnings on stderr (Python's last resort),
+    quiet or not, once each, and no info lines; overlapping runs' logging leaves none of its handlers behind."""
+    import logging
+
+    from gpttrain import monitor
+
+    root, lg = logging.getLogger(), logging.getLogger("gpttrain")
+    saved = root.handlers[:]
+    root.handlers.clear()  # pytest's own capture handlers would count as takers
+    try:
+        for quiet in (False, True):
+            with monitor.run_logging(True, quiet=quiet):
+                lg.warning("a warning, quiet=%s", quiet)
+                lg.info("an info line")
+    finally:
+        root.handlers[:] = saved
+    err = capsys.readouterr().err
+    assert err.count("a warning, quiet=False") == err.count("a warning, quiet=True") == 1, err
+    assert "an info line" not in err
+    with monitor.run_logging(True, quiet=True), monitor.run_logging(True, quiet=False):
+        pass
+    assert not [h for h in lg.handlers if isinstance(h, (monitor._Onward, monitor._Early))]
+    assert monitor._onward is None and monitor._early is None and lg.propagate
+
+
 @pytest.mark.parametrize("progress", ["lines", "bar"])
 def test_quiet_train_still_prints_warnings_once(data_dir, tmp_path, progress):
     """Under -q a warning reaches the console once (through the bar's writer while it lives), info lines none."""

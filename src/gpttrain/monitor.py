@@ -5,10 +5,10 @@ Other ranks get a Monitor that writes nothing, so the training loop calls it unc
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
-import logging.handlers
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,39 +36,60 @@ def setup_logging(is_main: bool, quiet: bool = False) -> None:
     log.setLevel(logging.INFO if is_main and not quiet else logging.WARNING)
 
 
+def _last_resort(record: logging.LogRecord) -> None:
+    """What Python does with a record no handler takes (stderr, warnings and up), for our run-time handlers:
+    they would otherwise count as takers and silence it. Only where the root logger has no handler and the
+    gpttrain logger none but ours."""
+    last = logging.lastResort
+    if (last is not None and record.levelno >= last.level and not logging.getLogger().handlers
+            and all(isinstance(h, (_Onward, _Early)) for h in log.handlers)):
+        last.handle(record)
+
+
 class _Onward(logging.Handler):
     """Under `run_logging(quiet=True)`: the gpttrain logger does not propagate, and this hands its warnings
     and errors on to the root logger's handlers (the console); info lines reach only the logger's own
     handlers, a run's train.log. As propagation would: each root handler at its own level, and logging's
-    last resort (stderr) only where no handler at all would take the record."""
+    last resort where no handler at all would take the record."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
 
     def emit(self, record: logging.LogRecord) -> None:
-        handlers = logging.getLogger().handlers
-        for h in handlers:
+        for h in logging.getLogger().handlers:
             if record.levelno >= h.level:
                 h.handle(record)
-        last = logging.lastResort
-        if not handlers and log.handlers == [self] and last is not None and record.levelno >= last.level:
-            last.handle(record)
+        _last_resort(record)
+
+
+class _Early(logging.Handler):
+    """A run's lines from before its train.log opens (data preparation, the resolved config; at most `keep`),
+    for that file. Outside a quiet run it also gives a warning that nothing else shows to the last resort, as
+    Python would without this handler (in a quiet run `_Onward` does)."""
+
+    def __init__(self, keep: int = 10_000) -> None:
+        super().__init__()
+        self.records: collections.deque[logging.LogRecord] = collections.deque(maxlen=keep)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        if _onward is None:
+            _last_resort(record)
 
 
 _onward: _Onward | None = None  # set while a quiet run is logging
-# A run's lines from before its train.log opens (data preparation, the resolved config), kept for that file.
-_early: logging.handlers.MemoryHandler | None = None
+_early: _Early | None = None  # set on rank 0 from a run's start until its train.log opens
 
 
 def _write_early_lines(fh: logging.Handler) -> None:
     """Hand the lines logged before train.log opened to it, once, and stop keeping them."""
     global _early
-    if _early is not None:
-        log.removeHandler(_early)
-        _early.setTarget(fh)
-        _early.flush()
-        _early.close()
-        _early = None
+    early, _early = _early, None
+    if early is not None:
+        log.removeHandler(early)
+        for record in early.records:
+            fh.handle(record)
+        early.records.clear()
 
 
 def console_shows_info() -> bool:
@@ -80,28 +101,28 @@ def console_shows_info() -> bool:
 def run_logging(is_main: bool, quiet: bool) -> Iterator[None]:
     """A training run's logging (`setup_logging`'s levels). Quiet (`gpttrain train -q`): only warnings and
     errors reach the console, while the run's train.log keeps its info lines too. On rank 0 the lines logged
-    before train.log opens (data preparation, the resolved config) are kept and written to it first. The
-    logger is restored on exit."""
+    before train.log opens (data preparation, the resolved config) are kept and written to it first; a run
+    that ends before it opens drops them. The logger is restored on exit."""
     global _onward, _early
     saved = log.level, log.propagate
     setup_logging(is_main)
-    if quiet:
-        _onward = _Onward()
-        log.addHandler(_onward)
+    onward = _Onward() if quiet else None
+    early = _Early() if is_main else None
+    for h in (onward, early):
+        if h is not None:
+            log.addHandler(h)
+    if onward is not None:
         log.propagate = False
-    if is_main:  # flushed into train.log by the Monitor; dropped if the run ends before it has one
-        _early = logging.handlers.MemoryHandler(capacity=10_000, flushLevel=logging.CRITICAL + 1,
-                                                flushOnClose=False)
-        log.addHandler(_early)
+    _onward, _early = onward, early
     try:
         yield
     finally:
-        if _early is not None:
-            log.removeHandler(_early)
-            _early.close()
+        for h in (early, onward):  # these objects, whatever the globals hold by now
+            if h is not None:
+                log.removeHandler(h)
+        if _early is early:
             _early = None
-        if _onward is not None:
-            log.removeHandler(_onward)
+        if _onward is onward:
             _onward = None
         log.setLevel(saved[0])
         log.propagate = saved[1]
