@@ -241,8 +241,8 @@ class Monitor:
             log.removeHandler(self._tqdm_handler)
             if self._onward is None or self._onward is _onward:  # not where the quiet run's logging has ended
                 log.propagate = self._propagate
-            if self._onward is not None and self._onward is _onward:  # the quiet run goes on after the bar
-                log.addHandler(self._onward)
+                if self._onward is not None:  # the quiet run goes on after the bar
+                    log.addHandler(self._onward)
         if self._file_handler is not None:
             log.removeHandler(self._file_handler)
             self._file_handler.close()

@@ -177,8 +177,8 @@ class StepStats:
     queued, and the device never runs dry while the host logs."""
 
     def __init__(self, packed: torch.Tensor, world_size: int, scaler_enabled: bool):
-        # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks, then one slot per
-        # rank: its peak GiB of CUDA memory as the step was queued (0 off CUDA)]
+        # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks, then on CUDA one
+        # slot per rank: its peak GiB of memory as the step was queued]
         self.packed = packed
         self._world = world_size
         self._scaler = scaler_enabled
@@ -215,7 +215,7 @@ class StepStats:
     @property
     def mem_peak_gib(self) -> float | None:
         """The worst rank's peak CUDA memory up to this step (None off CUDA): the one that runs out first."""
-        return max(self.values[4:], default=None) if self.packed.is_cuda else None
+        return max(self.values[4:], default=None)
 
     @property
     def finite(self) -> bool:
@@ -427,13 +427,15 @@ class Trainer:
         grad_norm = grad_norm.detach().float().reshape(())
         # One all-reduce carries the loss, the stop flag and this rank's verdict on its gradients, so every
         # rank takes the same decisions from the same summed numbers (a NaN on one rank is a NaN on all).
-        # The memory peak travels in the same all-reduce, one slot per rank (filled on the device, so no copy
-        # from the host): the train record needs no collective of its own, which would wait for the device.
-        peaks = torch.zeros(self.info.world_size, device=self.device)
+        packed = torch.stack([loss_sum / accum, self._stop_flag.fill_(float(stop_requested)),
+                              (~torch.isfinite(grad_norm)).float(), grad_norm])
         if self.device.type == "cuda":
+            # The memory peak travels in the same all-reduce, one slot per rank (filled on the device, so no
+            # copy from the host): the train record needs no collective of its own, which would wait for the
+            # device.
+            peaks = torch.zeros(self.info.world_size, device=self.device)
             peaks[self.info.rank].fill_(torch.cuda.max_memory_allocated(self.device) / GIB)
-        packed = torch.cat([torch.stack([loss_sum / accum, self._stop_flag.fill_(float(stop_requested)),
-                                         (~torch.isfinite(grad_norm)).float(), grad_norm]), peaks])
+            packed = torch.cat([packed, peaks])
         distmod.all_reduce(packed, self.info, "sum")
         lr = lr_at(self.step, base_lr=self.base_lr, total_steps=self.total_steps,
                    warmup_steps=self.cfg.optim.warmup_steps, schedule=self.cfg.optim.schedule,
