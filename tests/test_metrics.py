@@ -162,6 +162,19 @@ def test_recomputed_weight_casts_estimate():
         assert estimate_training_memory(cfg, 8, recompute_casts=True, **kw) == estimate_training_memory(cfg, 8, **kw)
 
 
+def test_residual_stream_in_16_bits_estimate():
+    """--train.residual_dtype compute: the LayerNorm inputs (two per block) and the embeddings' output are saved in
+    2 bytes instead of 4; nothing changes where the precision has one dtype throughout."""
+    cfg = resolve("gpt-1.4b").model
+    fp32 = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True)
+    half = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True, residual_16bit=True)
+    assert fp32.activations - half.activations == 2 * 8 * 1024 * cfg.emb_dim * (2 * cfg.n_layers + 1)
+    assert half.total < 38 * GIB < fp32.total  # the GPU-speed issue's memory target, without recasting (estimated)
+    for precision in ("fp32", "bf16-pure"):
+        assert (estimate_training_memory(cfg, 8, precision, residual_16bit=True)
+                == estimate_training_memory(cfg, 8, precision))
+
+
 @pytest.mark.parametrize("setting, device, precision, compiled_head, expected", [
     ("auto", "cuda", "bf16-mixed", False, True),  # eager (or blocks-only compile): ~14 bytes per logit
     ("auto", "cuda", "bf16-mixed", True, False),  # compiled head: inductor's plain loss, faster and no larger

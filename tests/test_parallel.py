@@ -334,7 +334,7 @@ def test_trainer_recasts_the_weights_by_itself_where_the_run_would_not_fit(tmp_p
         on = trainer_on(kept / 0.95, "--train.compile", "on")
     assert on.recast  # over 90% of the GPU, and said so
     assert "recomputing the 16-bit weight casts in backward (--train.recompute_weight_casts auto)" in caplog.text
-    assert "would save about" not in on._oom_message()  # no advice to do what it does
+    assert "recompute_weight_casts true would save" not in on._oom_message()  # no advice to do what it does
     assert not trainer_on(kept / 0.85, "--train.compile", "on").recast  # under it
     assert not trainer_on(kept / 0.95, "--train.compile", "off").recast  # eager: autograd keeps the copies anyway
     assert not trainer_on(kept / 0.95, "--train.compile", "on", "--train.activation_checkpointing", "true").recast
@@ -347,3 +347,132 @@ def test_recomputed_weight_casts_are_refused_with_fsdp():
     with pytest.raises(ConfigError, match="FSDP already gathers the weights in 16 bits"):
         check_recompute_weight_casts("bf16-mixed", True, "fsdp")
     check_recompute_weight_casts("bf16-mixed", True, "ddp")  # accepted
+
+
+# ---- the residual stream's dtype (--train.residual_dtype) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("setting, precision, strategy, expected", [
+    ("auto", "bf16-mixed", "single", torch.float32),  # as autocast leaves it
+    ("auto", "bf16-mixed", "ddp", torch.float32),
+    ("auto", "bf16-mixed", "fsdp", torch.bfloat16),  # FSDP's all-gathered 16-bit embeddings start it so
+    ("compute", "bf16-mixed", "single", torch.bfloat16),
+    ("compute", "fp16-mixed", "ddp", torch.float16),
+    ("fp32", "bf16-mixed", "ddp", torch.float32),
+    ("auto", "fp32", "single", None),  # one dtype throughout
+    ("auto", "bf16-pure", "ddp", None),
+])
+def test_residual_dtype_for_each_setting(setting, precision, strategy, expected):
+    from gpttrain.memory import run_layout
+    from gpttrain.parallel import residual_dtype_for, residual_is_16bit
+
+    assert residual_dtype_for(setting, precision, strategy) is expected
+    assert residual_is_16bit(setting, precision, strategy) == (expected in (torch.bfloat16, torch.float16))
+    train = resolve("tiny").train
+    train.residual_dtype = setting
+    layout = run_layout(resolve("tiny").model, train, precision, True, 0, strategy=strategy)
+    assert layout["residual_16bit"] == (expected in (torch.bfloat16, torch.float16))
+
+
+@pytest.mark.parametrize("setting", ["compute", "fp32"])
+def test_residual_dtype_is_refused_where_the_precision_has_one_dtype(setting):
+    from gpttrain.parallel import residual_dtype_for
+
+    for precision in ("fp32", "bf16-pure"):
+        with pytest.raises(ConfigError, match=f"--train.residual_dtype {setting}: this run's precision is "
+                                              f"{precision}, which has one dtype throughout"):
+            residual_dtype_for(setting, precision, "single")
+
+
+def test_an_fp32_residual_stream_is_refused_under_fsdp():
+    from gpttrain.parallel import residual_dtype_for
+
+    with pytest.raises(ConfigError, match="--train.residual_dtype fp32: FSDP computes with its all-gathered 16-bit "
+                                          "weights .* use auto or compute"):
+        residual_dtype_for("fp32", "bf16-mixed", "fsdp")
+
+
+def _block_input_dtypes(model) -> list[torch.dtype]:
+    seen = []
+    for block in model.blocks:
+        block.register_forward_pre_hook(lambda module, args: seen.append(args[0].dtype))
+    return seen
+
+
+def test_residual_stream_in_16_bits_under_autocast():
+    """`GPT.residual_dtype` bf16: every block gets (and adds to) a bf16 stream; the loss and gradients stay close
+    to the fp32 stream's. float32 is what autocast leaves anyway: bit-equal to no setting at all."""
+    x, y = batch(tiny(), b=4, t=64)
+    results = {}
+    for dtype in (None, torch.float32, torch.bfloat16):
+        model = tiny()
+        model.residual_dtype = dtype
+        seen = _block_input_dtypes(model)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[dtype] = loss_and_grads(model, x, y)
+        assert seen == [dtype or torch.float32] * len(model.blocks), seen
+        assert all(g.dtype == torch.float32 for g in results[dtype][1].values())  # fp32 master gradients
+    (loss_n, grads_n), (loss_f, grads_f), (loss_h, grads_h) = results.values()
+    assert torch.equal(loss_n, loss_f) and all(torch.equal(grads_n[n], grads_f[n]) for n in grads_n)
+    torch.testing.assert_close(loss_h, loss_f, rtol=1e-2, atol=0)
+    for name in grads_f:  # bf16 rounding of the stream: close, not equal
+        cos = torch.nn.functional.cosine_similarity(grads_h[name].flatten(), grads_f[name].flatten(), dim=0)
+        assert cos > 0.99, (name, cos)
+
+
+def test_residual_stream_in_16_bits_saves_what_the_estimate_says(tmp_path):
+    """Compiled under bf16 autocast, a 16-bit stream leaves at least the bytes the memory estimate counts off
+    (the LayerNorm inputs and the embeddings' output, 2 bytes each less) for backward (profiler, CPU)."""
+    from gpttrain.memory import estimate_training_memory
+    from tests.helpers import cpu_memory
+
+    b, t = 4, 64
+    x, y = batch(tiny(), b=b, t=t)
+    held = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        torch._dynamo.reset()
+        model = tiny()
+        model.residual_dtype = dtype
+        out = {}
+        forward = functools.partial(_bf16_forward, torch.compile(model), x, y, out)
+        _forward_backward(forward, out)  # compile outside the measured run
+        model.zero_grad(set_to_none=True)
+        _, held[dtype] = cpu_memory(forward, tmp_path / f"{dtype}.json")
+        out["loss"].backward()
+    cfg = tiny().cfg
+    est = {h: estimate_training_memory(cfg, b, "bf16-mixed", seq_len=t, compiled=True, residual_16bit=h).activations
+           for h in (False, True)}
+    counted = est[False] - est[True]
+    assert counted == 2 * b * t * cfg.emb_dim * (2 * cfg.n_layers + 1)
+    saved = held[torch.float32] - held[torch.bfloat16]
+    assert counted <= saved <= 1.25 * counted, (saved, counted)
+
+
+def test_trainer_keeps_the_residual_stream_in_16_bits_when_asked(tmp_path):
+    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
+
+    cfg = tiny_config(make_data(tmp_path), tmp_path / "run", "--train.precision", "bf16-mixed",
+                      "--train.residual_dtype", "compute", "--optim.lr", "3e-3")
+    trainer = build_trainer(cfg, single_info())
+    assert trainer.model.residual_dtype is torch.bfloat16
+    seen = _block_input_dtypes(trainer.model)
+    losses = steps_of(trainer, 6)
+    assert set(seen) == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}  # master weights stay fp32
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--train.residual_dtype", "compute"),  # precision auto: fp32 on this CPU
+     "error: --train.residual_dtype compute: this run's precision is fp32, which has one dtype throughout; the "
+     "residual stream's dtype is a choice of --train.precision bf16-mixed or fp16-mixed (leave it auto)"),
+    (("--train.residual_dtype", "fp32", "--train.precision", "bf16-pure"),
+     "error: --train.residual_dtype fp32: precision bf16-pure has one dtype throughout; the residual stream's dtype "
+     "is a choice of --train.precision bf16-mixed or fp16-mixed (leave it auto)"),
+    (("--train.residual_dtype", "bf16"),  # the choices are the config's
+     "error: --train.residual_dtype: 'bf16' is not allowed; use one of 'auto', 'fp32', 'compute'"),
+])
+def test_residual_dtype_where_it_would_do_nothing_is_refused(tmp_path, flags, message):
+    from tests.helpers import refused_train
+
+    assert refused_train(tmp_path, *flags) == message

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import re
 
 import pytest
 import torch
@@ -274,6 +275,18 @@ def test_oom_message_points_to_recomputed_weight_casts_where_they_apply(data_dir
         hints[name] = "--train.recompute_weight_casts true would save about" in trainer._oom_message()
     # Compiled bf16-mixed without the flag only (activation checkpointing already recasts in backward).
     assert hints == {"kept": True, "recast": False, "eager": False, "checkpointed": False}
+
+
+def test_oom_message_points_to_the_16_bit_residual_stream_where_it_applies(data_dir, tmp_path, monkeypatch):
+    hints = {}
+    for name, flags in (("fp32 stream", ("--train.precision", "bf16-mixed")),
+                        ("16-bit stream", ("--train.precision", "bf16-mixed", "--train.residual_dtype", "compute")),
+                        ("fp32 run", ("--train.precision", "fp32"))):
+        trainer = build_trainer(tiny_config(data_dir, tmp_path / name.replace(" ", "-"), *flags), single_info())
+        monkeypatch.setattr(trainer, "device_memory", lambda: 1 << 20)  # nothing fits
+        hints[name] = re.search(r"--train.residual_dtype compute would save about \d+\.\d GiB", trainer._oom_message())
+    assert {name: bool(hint) for name, hint in hints.items()} == {"fp32 stream": True, "16-bit stream": False,
+                                                                   "fp32 run": False}
 
 
 def _train_benchmark(tmp_path, *args: str):

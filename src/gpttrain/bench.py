@@ -31,6 +31,7 @@ from gpttrain.parallel import (
     compile_model,
     compile_wanted,
     recompute_weight_casts,
+    residual_dtype_for,
 )
 
 log = logging.getLogger("gpttrain")
@@ -259,6 +260,7 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     compiled = compile_wanted(cfg.train.compile, device)
     model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, precision,
                                              compiles_head(compiled, cfg.train.compile_scope))
+    model.residual_dtype = residual_dtype_for(cfg.train.residual_dtype, precision, "single")
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if recast:
@@ -367,6 +369,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         "compile_scope": cfg.train.compile_scope if compiled else None, "attention": cfg.train.attention,
         "fp8": cfg.train.fp8, "recompute_weight_casts": trainer.recast,
         "fused_loss": trainer.model.chunked_loss,
+        "residual_dtype": str(trainer.residual_dtype).removeprefix("torch.") if trainer.residual_dtype else None,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),
         "step_s": step_s, "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu,

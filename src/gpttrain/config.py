@@ -107,6 +107,11 @@ class TrainConfig:
     # Chunked head + cross-entropy; auto = on CUDA, except where torch.compile compiles the whole model of a
     # 16-bit run (inductor's fused plain loss is faster there and no larger).
     fused_loss: Literal["auto", "on", "off"] = "auto"
+    # The residual stream's dtype under bf16/fp16-mixed: fp32, as autocast leaves it (nanoGPT's numerics), or
+    # compute, the 16-bit dtype (as the original script, torchtitan and Megatron keep it): half the bytes in every
+    # residual add and LayerNorm input, and in the LayerNorm inputs saved for backward. auto = fp32, except under
+    # FSDP, which computes with its all-gathered 16-bit weights: compute there (fp32 is refused).
+    residual_dtype: Literal["auto", "fp32", "compute"] = "auto"
     checkpoint_every: int = 0  # 0 = only at the end and on signals
     keep_checkpoints: int = 3
     nonfinite: Literal["skip", "stop"] = "stop"
@@ -468,6 +473,10 @@ def validate_config(cfg: Config) -> None:
         v = getattr(t, name)
         if v is not None and v < 1:
             raise ConfigError(f"{_flag('train', name)}: {v} must be at least 1 (or none)")
+    if t.residual_dtype != "auto" and t.precision in ("fp32", "bf16-pure"):
+        raise ConfigError(f"--train.residual_dtype {t.residual_dtype}: precision {t.precision} has one dtype "
+                          "throughout; the residual stream's dtype is a choice of --train.precision bf16-mixed or "
+                          "fp16-mixed (leave it auto)")
     for name in ("checkpoint_every", "max_skipped_steps"):
         v = getattr(t, name)
         if v < 0:

@@ -14,7 +14,7 @@ from gpttrain.config import ModelConfig
 from gpttrain.loss import chunk_rows_for, chunked_loss_wanted, compiles_head
 from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
-from gpttrain.parallel import AUTOCAST_DTYPES
+from gpttrain.parallel import AUTOCAST_DTYPES, residual_is_16bit
 
 GIB = 1024**3
 
@@ -46,7 +46,7 @@ class MemoryEstimate:
         return d
 
 
-def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> float:
+def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, residual_16bit: bool = False) -> float:
     """Bytes saved for backward per token per block, in units of emb_dim."""
     masks = 2 if cfg.drop_rate > 0 else 0  # attention-output and MLP dropout masks (1 byte each)
     # 16 saved tensors of width emb_dim per token: LN inputs (2), LN outputs fed to qkv/fc (2),
@@ -55,8 +55,10 @@ def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str) -> float
         return 16 * 4 + masks
     if precision == "bf16-pure":
         return 16 * 2 + masks
-    # autocast: LayerNorm runs in fp32, so its two inputs are saved in fp32, the rest in 16 bits.
-    return 14 * 2 + 2 * 4 + masks
+    # autocast: LayerNorm runs in fp32; its two inputs, the residual stream, are saved in the stream's dtype
+    # (fp32 as autocast leaves it; 16 bits with --train.residual_dtype compute, which torch.compile keeps and casts
+    # again in backward), the rest in 16 bits.
+    return 14 * 2 + 2 * (2 if residual_16bit else 4) + masks
 
 
 # The share of a GPU's memory a run's estimate may fill; the rest is for the CUDA context, cuBLAS's workspaces
@@ -86,6 +88,8 @@ def run_layout(model: ModelConfig, train, precision: str, compiled: bool, gpu_by
                   fused_loss=chunked_loss_wanted(train.fused_loss, "cuda", precision, head),
                   activation_checkpointing=train.activation_checkpointing, recompute_casts=False)
     layout.update(overrides)
+    layout.setdefault("residual_16bit", residual_is_16bit(train.residual_dtype, precision,
+                                                          layout.get("strategy", "ddp")))
     if "recompute_casts" not in overrides:
         setting = train.recompute_weight_casts
         if setting == "auto":
@@ -111,6 +115,7 @@ def estimate_training_memory(
     compiled: bool = False,
     compile_scope: str = "model",
     recompute_casts: bool = False,
+    residual_16bit: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
@@ -118,7 +123,8 @@ def estimate_training_memory(
     off, the plain head's full logits, as eager autograd keeps them or as torch.compile does where it compiles
     the head (`compiled` with `compile_scope` "model"). Mixed precision keeps a 16-bit copy of every linear
     weight from forward to backward, except, compiled, with `recompute_casts` (`--train.recompute_weight_casts`)
-    or activation checkpointing: then the copies are made again in backward and about one block's is held."""
+    or activation checkpointing: then the copies are made again in backward and about one block's is held.
+    `residual_16bit`: the residual stream in the compute dtype (`--train.residual_dtype`), not fp32."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -144,8 +150,8 @@ def estimate_training_memory(
     else:
         compute_copies = 0.0
 
-    per_layer = _activation_bytes_per_token_layer(cfg, precision)
-    resid = 2 if precision == "bf16-pure" else 4  # the residual stream's dtype
+    per_layer = _activation_bytes_per_token_layer(cfg, precision, residual_16bit and half)
+    resid = 2 if precision == "bf16-pure" or (residual_16bit and half) else 4  # the residual stream's dtype
     if activation_checkpointing:
         # Each block keeps only its input; one block's activations are live during its recompute.
         activations = tokens * d * (L * resid + per_layer)

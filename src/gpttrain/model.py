@@ -124,6 +124,8 @@ class GPT(nn.Module):
             self.out_head.weight = self.tok_emb.weight
         # Training loss through loss.linear_cross_entropy (no full logits); set from outside (trainer).
         self.chunked_loss = False
+        # The residual stream's dtype (--train.residual_dtype), set from outside; None: as the embeddings make it.
+        self.residual_dtype: torch.dtype | None = None
         if self.tok_emb.weight.device.type != "meta":
             self.init_weights()
 
@@ -157,6 +159,9 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of {start + T} positions exceeds context_length {self.cfg.context_length}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.tok_emb(idx) + self.pos_emb(pos))  # (B, T, emb_dim)
+        if self.residual_dtype is not None:
+            # Every block adds to x in its dtype: a 16-bit x keeps the 16-bit linears' outputs from promoting it.
+            x = x.to(self.residual_dtype)
         for block in self.blocks:
             x = block(x, cache)
         if cache is not None:

@@ -48,6 +48,7 @@ from gpttrain.parallel import (
     compile_model,
     compile_wanted,
     recompute_weight_casts,
+    residual_dtype_for,
     strategy_for,
     wrap_ddp,
 )
@@ -293,6 +294,7 @@ class Trainer:
         check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
                         head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
                         seq_len=cfg.model.context_length)
+        self.residual_dtype = residual_dtype_for(cfg.train.residual_dtype, self.precision, self.strategy)
         torch.manual_seed(cfg.train.seed)
         if self.strategy == "fsdp":
             self.model: GPT = build_fsdp_model(cfg.model, info, self.precision, cfg.train.activation_checkpointing,
@@ -301,6 +303,7 @@ class Trainer:
             self.model = build_local_model(cfg.model, self.device, self.precision, fp8=cfg.train.fp8)
         self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type, self.precision,
                                                       compiles_head(self.compiled, cfg.train.compile_scope))
+        self.model.residual_dtype = self.residual_dtype
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -572,6 +575,9 @@ class Trainer:
                                               t.activation_checkpointing, t.fp8):
             recast = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_casts=True))
             msg += f" --train.recompute_weight_casts true would save about {(est.total - recast.total) / GIB:.1f} GiB."
+        if self.precision in AUTOCAST_DTYPES and not layout["residual_16bit"]:
+            half = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, residual_16bit=True))
+            msg += f" --train.residual_dtype compute would save about {(est.total - half.total) / GIB:.1f} GiB."
         return msg
 
     def fit(self) -> int:
