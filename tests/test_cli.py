@@ -1,6 +1,7 @@
 """The command line as a user meets it: help, info, and one-line refusals with exit status 2."""
 
 import json
+import sys
 
 import pytest
 
@@ -117,3 +118,30 @@ def test_info_json_reaches_stdout_under_quiet(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     d = json.loads(r.stdout)
     assert "parameters" in d
+
+
+def test_a_bare_train_says_it_runs_the_demo_on_the_console_and_in_train_log(tmp_path, monkeypatch, capsys):
+    """`gpttrain train` with no arguments runs the demo and says so first; the line reaches train.log too (the
+    run's logging is set up by then). The demo itself is swapped for the tiny preset here."""
+    import gpttrain.run
+    from gpttrain import cli
+    from tests.helpers import make_data, tiny_config
+
+    real = gpttrain.run.run_training
+    seen = {}
+
+    def tiny_run(cfg, quiet=False, note=None):
+        seen.update(preset=cfg.preset, note=note)
+        run = tmp_path / ("run" if note else "run-2")
+        return real(tiny_config(make_data(tmp_path), run, "--train.max_steps", "1", "--log.sample_every", "0"),
+                    quiet=quiet, note=note)
+
+    monkeypatch.setattr(gpttrain.run, "run_training", tiny_run)
+    monkeypatch.setattr(sys, "argv", ["gpttrain", "train"])
+    assert cli.main() == 0
+    assert seen == {"preset": "demo", "note": cli.DEMO_NOTE}
+    log_text = (tmp_path / "run" / "train.log").read_text()
+    assert log_text.splitlines()[0].endswith(cli.DEMO_NOTE)
+    assert cli.DEMO_NOTE in capsys.readouterr().out  # the console: our log lines go to stdout
+    monkeypatch.setattr(sys, "argv", ["gpttrain", "train", "--preset", "tiny"])  # not bare: no such line
+    assert cli.main() == 0 and seen["note"] is None

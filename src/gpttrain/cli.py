@@ -16,6 +16,8 @@ log = logging.getLogger("gpttrain")
 # The commands that take dotted config flags (--model.n_layers 6 ...) in the arguments argparse leaves over;
 # every other command refuses leftovers.
 CONFIG_COMMANDS = ("train", "bench", "info")
+# A bare `gpttrain train`'s first line, on the console and in the run's train.log.
+DEMO_NOTE = "no arguments: running the demo (preset demo on the embedded corpus); see gpttrain train --help"
 
 CONFIG_EPILOG = """config precedence: dataclass defaults < --preset < --config FILE < dotted flags.
 Any setting can be given as a dotted flag, e.g. --model.n_layers 6 --optim.lr 3e-4 (or --optim.lr=3e-4):
@@ -173,8 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.command == "train" and argv is None and len(sys.argv) == 2:
-        log.info("no arguments: running the demo (preset demo on the embedded corpus); see gpttrain train --help")
     if rest and args.command not in CONFIG_COMMANDS:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
@@ -187,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.preset is None and args.config is None:
                 args.preset = "demo"  # the CPU demo is what a bare `gpttrain train` runs
-            return run_training(config_from_args(args, rest), quiet=args.quiet)
+            bare = argv is None and len(sys.argv) == 2
+            return run_training(config_from_args(args, rest), quiet=args.quiet,
+                                note=DEMO_NOTE if bare else None)
         if args.command == "plot":
             from gpttrain.plot import run_plot
 

@@ -86,10 +86,15 @@ def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
     return train, val
 
 
-def run_training(cfg: Config, quiet: bool = False) -> int:
+def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> int:
+    """Train `cfg`; `note`, a line about how the run came about (the CLI's for a bare `gpttrain train`), is
+    logged first, so the run's train.log has it too."""
     with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
           run_logging(info.is_main, quiet)):
         from gpttrain.data.prepare import open_tokenizer
+
+        if note:
+            log.info("%s", note)
 
         data_dir = ensure_data(cfg, info)
         tokenizer = open_tokenizer(data_dir)
