@@ -1,4 +1,5 @@
 import json
+import logging
 import math
 import os
 import re
@@ -413,8 +414,10 @@ def test_bench_keeps_the_timed_row_when_the_profiler_fails(tmp_path, monkeypatch
     monkeypatch.setattr(bench, "profile_steps", boom)
     cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
     rows = []
+    logging.getLogger("gpttrain").setLevel(logging.DEBUG)  # an API caller's level
     assert bench.run_bench(cfg, rows.append, warmup=1, steps=1, profile=True) == 0
     assert rows[-1]["tok_per_s"] > 0 and rows[-1]["profile"] == {"error": "RuntimeError: CUPTI is gone"}
+    assert logging.getLogger("gpttrain").level == logging.DEBUG  # bench quiets the library only while it runs
 
 
 def test_profile_summary_kinds_and_busy_time():

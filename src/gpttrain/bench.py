@@ -21,7 +21,7 @@ from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
 from gpttrain.memory import GIB
 from gpttrain.metrics import eval_time_share, flops_per_token, mfu, model_tflops
-from gpttrain.monitor import setup_logging
+from gpttrain.monitor import logging_levels
 from gpttrain.optim import build_optimizer
 from gpttrain.parallel import (
     AUTOCAST_DTYPES,
@@ -301,8 +301,8 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")
-    with distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info:
-        setup_logging(info.is_main, quiet=True)
+    with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
+          logging_levels(info.is_main, quiet=True)):
         cfg = copy.deepcopy(cfg)
         data_dir = None
         if cfg.data.path is not None:

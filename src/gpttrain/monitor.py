@@ -36,6 +36,17 @@ def setup_logging(is_main: bool, quiet: bool = False) -> None:
     log.setLevel(logging.INFO if is_main and not quiet else logging.WARNING)
 
 
+@contextlib.contextmanager
+def logging_levels(is_main: bool, quiet: bool = False) -> Iterator[None]:
+    """`setup_logging` for the block; the logger's level as it was after it (an API caller's, a test's)."""
+    saved = log.level
+    setup_logging(is_main, quiet)
+    try:
+        yield
+    finally:
+        log.setLevel(saved)
+
+
 def _last_resort(record: logging.LogRecord) -> None:
     """What Python does with a record no handler takes (stderr, warnings and up), for our run-time handlers:
     they would otherwise count as takers and silence it. Only where the root logger has no handler and the
@@ -104,28 +115,27 @@ def run_logging(is_main: bool, quiet: bool) -> Iterator[None]:
     before train.log opens (data preparation, the resolved config) are kept and written to it first; a run
     that ends before it opens drops them. The logger is restored on exit."""
     global _onward, _early
-    saved = log.level, log.propagate
-    setup_logging(is_main)
-    onward = _Onward() if quiet else None
-    early = _Early() if is_main else None
-    for h in (onward, early):
-        if h is not None:
-            log.addHandler(h)
-    if onward is not None:
-        log.propagate = False
-    _onward, _early = onward, early
-    try:
-        yield
-    finally:
-        for h in (early, onward):  # these objects, whatever the globals hold by now
+    with logging_levels(is_main):
+        propagate = log.propagate
+        onward = _Onward() if quiet else None
+        early = _Early() if is_main else None
+        for h in (onward, early):
             if h is not None:
-                log.removeHandler(h)
-        if _early is early:
-            _early = None
-        if _onward is onward:
-            _onward = None
-        log.setLevel(saved[0])
-        log.propagate = saved[1]
+                log.addHandler(h)
+        if onward is not None:
+            log.propagate = False
+        _onward, _early = onward, early
+        try:
+            yield
+        finally:
+            for h in (early, onward):  # these objects, whatever the globals hold by now
+                if h is not None:
+                    log.removeHandler(h)
+            if _early is early:
+                _early = None
+            if _onward is onward:
+                _onward = None
+            log.propagate = propagate
 
 
 def memory_stats(device: torch.device) -> dict[str, float | None]:
