@@ -12,6 +12,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from gpttrain.sampling import generate_ids
 from tests.helpers import (
     REPO,
     build_trainer,
@@ -41,9 +42,13 @@ def _rank(rank, world, port, data_dir, run_dir, strategy, out):
         assert trainer.strategy == strategy
         losses = steps_of(trainer, 5)
         ev = trainer.evaluate()
+        # Decoding with the KV cache, every rank along (FSDP gathers the weights in each forward).
+        logits = []
+        ids = generate_ids(trainer.model, [1, 2, 3, 4, 5], 6, temperature=0.0,
+                           logits_hook=lambda step, start, lg: logits.append(lg[0].tolist()))
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({"losses": losses, "eval": ev}, f)
+                json.dump({"losses": losses, "eval": ev, "ids": ids, "logits": logits}, f)
         trainer.close()  # the wrappers must not outlive the process group
 
 
@@ -61,6 +66,10 @@ def test_fsdp_equals_ddp_with_accumulation(data_dir, tmp_path):
         assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
     for key in ("train_loss", "val_loss"):
         assert ddp["eval"][key] == pytest.approx(fsdp["eval"][key], rel=1e-5)
+    assert len(fsdp["logits"]) == 6
+    for a, b in zip(ddp["logits"], fsdp["logits"]):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-4)
+    assert ddp["ids"] == fsdp["ids"]
 
 
 def test_fsdp_holds_half_the_state_per_rank():

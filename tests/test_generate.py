@@ -192,7 +192,7 @@ class ScriptedModel(nn.Module):
         self.script = script
         self.prompt_len = prompt_len
 
-    def forward(self, idx, cache=None):
+    def forward(self, idx, cache=None, last_only=False):
         start = 0
         if cache is not None:
             start = cache.pos
@@ -200,7 +200,7 @@ class ScriptedModel(nn.Module):
         produced = start + idx.shape[1] - self.prompt_len  # tokens generated so far (window never slides here)
         logits = torch.zeros(idx.shape[0], idx.shape[1], self.cfg.vocab_size)
         logits[:, -1, self.script[produced]] = 10.0
-        return logits
+        return logits[:, -1:] if last_only else logits
 
 
 def test_stream_pieces_join_to_the_text_and_keep_multibyte_characters_whole():

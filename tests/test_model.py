@@ -51,6 +51,9 @@ def test_output_shapes_and_loss():
     assert torch.allclose(loss, F.cross_entropy(logits.view(-1, cfg.vocab_size), idx.view(-1)))
     # Untrained: about log(vocab).
     assert abs(loss.item() - math.log(cfg.vocab_size)) < 0.5
+    last = model(idx, last_only=True)  # what decoding asks for: the last position's logits alone
+    assert last.shape == (3, 1, cfg.vocab_size)
+    torch.testing.assert_close(last, logits[:, -1:])
 
 
 def test_too_long_sequence_is_refused():

@@ -169,11 +169,14 @@ class GPT(nn.Module):
         return self.final_norm(x)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab) or, with `targets` (B, T), the mean cross-entropy loss."""
+                cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
+        """Logits (B, T, vocab) or, with `targets` (B, T), the mean cross-entropy loss. `last_only`: the logits
+        of the last position alone (B, 1, vocab), all that decoding needs (the head's work on the rest skipped)."""
         h = self.hidden(idx, cache)
         if targets is not None and self.chunked_loss:
             return linear_cross_entropy(h, self.out_head.weight, targets)
+        if last_only:
+            h = h[:, -1:]  # (B, 1, emb_dim)
         logits = self.out_head(h)
         if targets is None:
             return logits

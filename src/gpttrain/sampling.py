@@ -110,15 +110,9 @@ def sample_next(
 
 
 def _last_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-    """Logits (B, V) of the last position only: the vocabulary projection of the rest is never needed."""
-    from torch.distributed.fsdp import FSDPModule
-
-    hidden = getattr(model, "hidden", None)
-    head = getattr(model, "out_head", None)
-    # An FSDP module gathers its parameters in forward(): calling its parts directly would skip that.
-    if hidden is not None and head is not None and not isinstance(model, FSDPModule):
-        return head(hidden(idx, cache)[:, -1])
-    return model(idx, cache=cache)[:, -1]
+    """Logits (B, V) of the last position only: the vocabulary projection of the rest is never needed. Through
+    forward(), so that an FSDP module gathers its parameters as it does there."""
+    return model(idx, cache=cache, last_only=True)[:, -1]
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
