@@ -72,6 +72,29 @@ def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
         == {("bf16-mixed", "ddp", False)}
 
 
+def test_info_counts_the_residual_stream_in_its_dtype(capsys):
+    """The mixed-precision rows count the LayerNorm inputs in the residual stream's dtype: fp32 under DDP by
+    default, 16 bits under FSDP (its 16-bit weights) and with --train.residual_dtype compute."""
+    def bf16_rows(*flags):
+        assert main(["info", "--preset", "gpt-1.4b", "--json", *flags]) == 0
+        rows = json.loads(capsys.readouterr().out)["memory_gib"]
+        return {(r["strategy"], r["gpus"], r["activation_checkpointing"]): r for r in rows
+                if r["precision"] == "bf16-mixed"}
+
+    auto, half = bf16_rows(), bf16_rows("--train.residual_dtype", "compute")
+    assert {k: r["residual_16bit"] for k, r in auto.items()} == {k: k[0] == "fsdp" for k in auto}
+    assert all(r["residual_16bit"] for r in half.values())
+    ddp = ("ddp", 1, False)
+    assert auto[ddp]["activations"] - half[ddp]["activations"] == pytest.approx(1.53, abs=0.01)  # GiB
+    assert all(auto[k] == half[k] for k in auto if k[0] == "fsdp")
+    assert main(["info", "--preset", "gpt-1.4b"]) == 0
+    assert "activ.: the mixed-precision rows with the residual stream in fp32 under DDP, in 16 bits under FSDP" \
+        in capsys.readouterr().out
+    # What train would refuse, info refuses too.
+    assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.residual_dtype", "fp32"]) == 2
+    assert "--train.residual_dtype fp32: FSDP computes with its all-gathered 16-bit weights" in capsys.readouterr().err
+
+
 def test_info_estimates_the_loss_the_run_will_use(capsys):
     logits = {}
     for scope in ("model", "blocks"):

@@ -18,7 +18,7 @@ from gpttrain.memory import (
 )
 from gpttrain.metrics import EVAL_SHARE_HINT, eval_flop_share, flops_per_token, matmul_params
 from gpttrain.model import count_params
-from gpttrain.parallel import check_recompute_weight_casts
+from gpttrain.parallel import check_recompute_weight_casts, residual_dtype_for
 
 log = logging.getLogger("gpttrain")
 
@@ -47,7 +47,7 @@ def memory_table(cfg: Config, gpus: int, gpu_mem_gib: float) -> list[dict]:
                                                                       cfg.train.fp8)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, "recompute_casts": recast,
-                             **est.as_gib()})
+                             "residual_16bit": layout["residual_16bit"], **est.as_gib()})
     return rows
 
 
@@ -59,9 +59,12 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
     if gpu_mem_gib <= 0:
         raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a positive number of GiB")
-    if cfg.train.recompute_weight_casts is True:  # refused as a GPU run of this config would refuse it
-        check_recompute_weight_casts("bf16-mixed" if cfg.train.precision == "auto" else cfg.train.precision,
-                                     cfg.train.compile != "off", "fsdp" if cfg.dist.strategy == "fsdp" else "ddp")
+    # Refused as a GPU run of this config would refuse it.
+    gpu_precision = "bf16-mixed" if cfg.train.precision == "auto" else cfg.train.precision
+    gpu_strategy = "fsdp" if cfg.dist.strategy == "fsdp" else "ddp"
+    if cfg.train.recompute_weight_casts is True:
+        check_recompute_weight_casts(gpu_precision, cfg.train.compile != "off", gpu_strategy)
+    residual_dtype_for(cfg.train.residual_dtype, gpu_precision, gpu_strategy)
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
@@ -111,7 +114,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
                  f"{'yes' if r['total'] <= gpu_mem_gib else 'no'}")
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
-             "logits: %s; add ~1 GiB for the CUDA context.)%s",
+             "activ.: the mixed-precision rows with the residual stream in %s; logits: %s; add ~1 GiB for the CUDA "
+             "context.)%s", "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
+             else "fp32 under DDP, in 16 bits under FSDP (--train.residual_dtype)",
              "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
              else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"
                                                              if gpu_layout(cfg, "fp32", gpu_mem_gib)["fused_loss"]
