@@ -74,7 +74,7 @@ def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
 
 def test_info_counts_the_residual_stream_in_its_dtype(capsys):
     """The mixed-precision rows count the LayerNorm inputs in the residual stream's dtype: fp32 under DDP by
-    default, 16 bits under FSDP (its 16-bit weights) and with --train.residual_dtype compute."""
+    default, 16 bits under FSDP (it casts each block's input) and with --train.residual_dtype compute."""
     def bf16_rows(*flags):
         assert main(["info", "--preset", "gpt-1.4b", "--json", *flags]) == 0
         rows = json.loads(capsys.readouterr().out)["memory_gib"]
@@ -92,7 +92,7 @@ def test_info_counts_the_residual_stream_in_its_dtype(capsys):
         in capsys.readouterr().out
     # What train would refuse, info refuses too.
     assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.residual_dtype", "fp32"]) == 2
-    assert "--train.residual_dtype fp32: FSDP computes with its all-gathered 16-bit weights" in capsys.readouterr().err
+    assert "--train.residual_dtype fp32: FSDP casts every block's input to its 16-bit" in capsys.readouterr().err
 
 
 def test_info_estimates_the_loss_the_run_will_use(capsys):

@@ -163,13 +163,26 @@ def test_recomputed_weight_casts_estimate():
 
 
 def test_residual_stream_in_16_bits_estimate():
-    """--train.residual_dtype compute: the LayerNorm inputs (two per block) and the embeddings' output are saved in
-    2 bytes instead of 4; nothing changes where the precision has one dtype throughout."""
+    """--train.residual_dtype compute: compiled, the LayerNorm inputs (two per block and the final one's) are saved
+    in 2 bytes instead of 4; eager autograd keeps autocast's fp32 copies of them, so only the block inputs kept by
+    activation checkpointing shrink there; nothing changes where the precision has one dtype throughout. The
+    default (None) is what auto makes it: 16 bits under FSDP only."""
     cfg = resolve("gpt-1.4b").model
+    tokens_d, L = 8 * 1024 * cfg.emb_dim, cfg.n_layers
+
+    def activations(**kw):
+        return estimate_training_memory(cfg, 8, **dict(dict(precision="bf16-mixed", strategy="ddp"), **kw)).activations
+
     fp32 = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True)
     half = estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", compiled=True, residual_16bit=True)
-    assert fp32.activations - half.activations == 2 * 8 * 1024 * cfg.emb_dim * (2 * cfg.n_layers + 1)
+    assert fp32.activations - half.activations == 2 * tokens_d * (2 * L + 1)
     assert half.total < 38 * GIB < fp32.total  # the GPU-speed issue's memory target, without recasting (estimated)
+    assert activations(compiled=False, residual_16bit=True) == activations(compiled=False)
+    assert (activations(compiled=False, activation_checkpointing=True)
+            - activations(compiled=False, activation_checkpointing=True, residual_16bit=True)) == 2 * tokens_d * L
+    assert activations(compiled=True, strategy="fsdp", world_size=2) \
+        == activations(compiled=True, strategy="fsdp", world_size=2, residual_16bit=True)
+    assert activations(compiled=True) == activations(compiled=True, residual_16bit=False)
     for precision in ("fp32", "bf16-pure"):
         assert (estimate_training_memory(cfg, 8, precision, residual_16bit=True)
                 == estimate_training_memory(cfg, 8, precision))

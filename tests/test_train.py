@@ -280,14 +280,18 @@ def test_oom_message_points_to_recomputed_weight_casts_where_they_apply(data_dir
 
 def test_oom_message_points_to_the_16_bit_residual_stream_where_it_applies(data_dir, tmp_path, monkeypatch):
     hints = {}
-    for name, flags in (("fp32 stream", ("--train.precision", "bf16-mixed")),
-                        ("16-bit stream", ("--train.precision", "bf16-mixed", "--train.residual_dtype", "compute")),
+    for name, flags in (("fp32 stream", ("--train.precision", "bf16-mixed", "--train.compile", "on")),
+                        ("16-bit stream", ("--train.precision", "bf16-mixed", "--train.compile", "on",
+                                           "--train.residual_dtype", "compute")),
+                        ("eager", ("--train.precision", "bf16-mixed", "--train.compile", "off")),
                         ("fp32 run", ("--train.precision", "fp32"))):
         trainer = build_trainer(tiny_config(data_dir, tmp_path / name.replace(" ", "-"), *flags), single_info())
         monkeypatch.setattr(trainer, "device_memory", lambda: 1 << 20)  # nothing fits
         hints[name] = re.search(r"--train.residual_dtype compute would save about \d+\.\d GiB", trainer._oom_message())
+    # Compiled mixed precision with an fp32 stream only: eager autograd saves fp32 copies of the LayerNorm inputs
+    # of a 16-bit stream too (autocast runs LayerNorm in fp32 on CUDA).
     assert {name: bool(hint) for name, hint in hints.items()} == {"fp32 stream": True, "16-bit stream": False,
-                                                                   "fp32 run": False}
+                                                                   "eager": False, "fp32 run": False}
 
 
 def _train_benchmark(tmp_path, *args: str):
@@ -418,6 +422,26 @@ def test_bench_keeps_the_timed_row_when_the_profiler_fails(tmp_path, monkeypatch
     assert bench.run_bench(cfg, rows.append, warmup=1, steps=1, profile=True) == 0
     assert rows[-1]["tok_per_s"] > 0 and rows[-1]["profile"] == {"error": "RuntimeError: CUPTI is gone"}
     assert logging.getLogger("gpttrain").level == logging.DEBUG  # bench quiets the library only while it runs
+
+
+def test_bench_times_its_plain_loop_with_the_trainers_residual_stream(tmp_path, monkeypatch):
+    """bench's baseline loop runs the model as the trainer does: the residual stream's dtype is the trainer's."""
+    from gpttrain import bench
+    from gpttrain.config import parse_dotted, resolve
+
+    seen = []
+    real = bench.plain_loop_step_time
+
+    def plain(*args, **kwargs):
+        seen.append(args[6] if len(args) > 6 else kwargs.get("residual_dtype"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "plain_loop_step_time", plain)
+    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu", "--train.precision",
+                                              "bf16-mixed", "--train.residual_dtype", "compute"]))
+    rows = []
+    assert bench.run_bench(cfg, rows.append, warmup=1, steps=1) == 0
+    assert seen == [torch.bfloat16] and rows[-1]["residual_dtype"] == "bfloat16"
 
 
 def test_profile_summary_kinds_and_busy_time():

@@ -31,7 +31,6 @@ from gpttrain.parallel import (
     compile_model,
     compile_wanted,
     recompute_weight_casts,
-    residual_dtype_for,
 )
 
 log = logging.getLogger("gpttrain")
@@ -250,17 +249,17 @@ def time_evaluation(trainer, step_s: float, repeats: int = 2) -> dict:
 
 
 def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warmup: int, steps: int,
-                         recast: bool = False) -> float:
+                         recast: bool = False, residual_dtype: torch.dtype | None = None) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
     the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, recast weights,
-    compile, attention kernel; `recast`: the trainer's resolved --train.recompute_weight_casts), so `overhead` is
-    the cost of the loop alone."""
+    compile, attention kernel; `recast` and `residual_dtype`: the trainer's resolved --train.recompute_weight_casts
+    and residual stream's dtype), so `overhead` is the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
     model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, device.type, precision,
                                              compiles_head(compiled, cfg.train.compile_scope))
-    model.residual_dtype = residual_dtype_for(cfg.train.residual_dtype, precision, "single")
+    model.residual_dtype = residual_dtype
     if cfg.train.activation_checkpointing:
         apply_activation_checkpointing(model)
     if recast:
@@ -391,6 +390,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         except Exception as e:  # the timed row stands without it, as with --profile
             res["eval"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("bench --eval failed: %s: %s", type(e).__name__, e)
+    residual = trainer.residual_dtype
     trainer.close()
     del trainer
     if device.type == "cuda":
@@ -399,7 +399,8 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         res["matmul_peak_tflops"] = peak_measured
         res["peak_ratio"] = tflops / peak_measured
     else:
-        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps, res["recompute_weight_casts"])
+        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps, res["recompute_weight_casts"],
+                                     residual)
         res["plain_step_s"] = plain
         res["overhead"] = step_s / plain - 1
     return res

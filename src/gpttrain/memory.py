@@ -46,7 +46,7 @@ class MemoryEstimate:
         return d
 
 
-def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, residual_16bit: bool = False) -> float:
+def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, norm_inputs_16bit: bool = False) -> float:
     """Bytes saved for backward per token per block, in units of emb_dim."""
     masks = 2 if cfg.drop_rate > 0 else 0  # attention-output and MLP dropout masks (1 byte each)
     # 16 saved tensors of width emb_dim per token: LN inputs (2), LN outputs fed to qkv/fc (2),
@@ -55,10 +55,9 @@ def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, residual
         return 16 * 4 + masks
     if precision == "bf16-pure":
         return 16 * 2 + masks
-    # autocast: LayerNorm runs in fp32; its two inputs, the residual stream, are saved in the stream's dtype
-    # (fp32 as autocast leaves it; 16 bits with --train.residual_dtype compute, which torch.compile keeps and casts
-    # again in backward), the rest in 16 bits.
-    return 14 * 2 + 2 * (2 if residual_16bit else 4) + masks
+    # autocast: LayerNorm runs in fp32, so its two inputs (the residual stream) are saved in fp32, the rest in 16
+    # bits; `norm_inputs_16bit`: a 16-bit stream that torch.compile saves as it is (and casts again in backward).
+    return 14 * 2 + 2 * (2 if norm_inputs_16bit else 4) + masks
 
 
 # The share of a GPU's memory a run's estimate may fill; the rest is for the CUDA context, cuBLAS's workspaces
@@ -115,7 +114,7 @@ def estimate_training_memory(
     compiled: bool = False,
     compile_scope: str = "model",
     recompute_casts: bool = False,
-    residual_16bit: bool = False,
+    residual_16bit: bool | None = None,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
@@ -124,7 +123,9 @@ def estimate_training_memory(
     the head (`compiled` with `compile_scope` "model"). Mixed precision keeps a 16-bit copy of every linear
     weight from forward to backward, except, compiled, with `recompute_casts` (`--train.recompute_weight_casts`)
     or activation checkpointing: then the copies are made again in backward and about one block's is held.
-    `residual_16bit`: the residual stream in the compute dtype (`--train.residual_dtype`), not fp32."""
+    `residual_16bit`: the residual stream in the compute dtype (`--train.residual_dtype`), not fp32; None: as
+    `auto` makes it (16 bits under FSDP). Eager autograd saves autocast's fp32 copies of LayerNorm's inputs even
+    so: only a compiled run saves them in 16 bits."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -150,14 +151,20 @@ def estimate_training_memory(
     else:
         compute_copies = 0.0
 
-    per_layer = _activation_bytes_per_token_layer(cfg, precision, residual_16bit and half)
-    resid = 2 if precision == "bf16-pure" or (residual_16bit and half) else 4  # the residual stream's dtype
+    if residual_16bit is None:
+        residual_16bit = residual_is_16bit("auto", precision, strategy)
+    stream_16bit = precision == "bf16-pure" or (residual_16bit and half)
+    resid = 2 if stream_16bit else 4  # the residual stream's dtype
+    # LayerNorm inputs, saved as autocast's fp32 copies of a 16-bit stream except where torch.compile compiled them.
+    per_layer = _activation_bytes_per_token_layer(cfg, precision, stream_16bit and compiled)
+    final_norm_in = 2 if stream_16bit and (precision == "bf16-pure" or compiles_head(compiled, compile_scope)) else 4
     if activation_checkpointing:
         # Each block keeps only its input; one block's activations are live during its recompute.
         activations = tokens * d * (L * resid + per_layer)
     else:
         activations = tokens * d * L * per_layer
-    activations += tokens * d * (resid + (1 if cfg.drop_rate > 0 else 0) + 4)  # embeddings, dropout, final LN
+    # The final LayerNorm's input and fp32 output, the embeddings' dropout mask.
+    activations += tokens * d * (final_norm_in + (1 if cfg.drop_rate > 0 else 0) + 4)
 
     if fused_loss:
         logits = fused_loss_bytes(tokens, V, d, precision)

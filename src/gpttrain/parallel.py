@@ -31,15 +31,15 @@ AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "fp16-mixed": torch.float16}
 
 def residual_is_16bit(setting: str, precision: str, strategy: str) -> bool:
     """Whether a run's residual stream is in the 16-bit compute dtype (`--train.residual_dtype` `setting`): only
-    under bf16/fp16-mixed; always under FSDP, which computes with its all-gathered 16-bit weights; else with
-    `compute`."""
+    under bf16/fp16-mixed; always under FSDP, whose mixed-precision policy casts every block's input to the compute
+    dtype (FSDP2's cast_forward_inputs); else with `compute`."""
     return precision in AUTOCAST_DTYPES and (setting == "compute" or strategy == "fsdp")
 
 
 def residual_dtype_for(setting: str, precision: str, strategy: str) -> torch.dtype | None:
     """What `GPT.residual_dtype` is set to for a run: the residual stream's dtype under mixed precision, None in
     fp32 and bf16-pure (one dtype throughout), where an explicit setting is refused rather than ignored, as fp32 is
-    under FSDP (an fp32 stream into its 16-bit LayerNorms fails on CPU, where autocast leaves LayerNorm alone)."""
+    under FSDP, which would cast the stream back to 16 bits at every block."""
     compute = AUTOCAST_DTYPES.get(precision)
     if compute is None:
         if setting != "auto":
@@ -48,8 +48,8 @@ def residual_dtype_for(setting: str, precision: str, strategy: str) -> torch.dty
                               "bf16-mixed or fp16-mixed (leave it auto)")
         return None
     if setting == "fp32" and strategy == "fsdp":
-        raise ConfigError("--train.residual_dtype fp32: FSDP computes with its all-gathered 16-bit weights (its "
-                          "LayerNorms' too), so its residual stream is in the compute dtype; use auto or compute")
+        raise ConfigError("--train.residual_dtype fp32: FSDP casts every block's input to its 16-bit compute dtype, "
+                          "so its residual stream is in that dtype whatever this says; use auto or compute")
     return compute if residual_is_16bit(setting, precision, strategy) else torch.float32
 
 

@@ -577,7 +577,8 @@ class Trainer:
             msg += f" --train.recompute_weight_casts true would save about {(est.total - recast.total) / GIB:.1f} GiB."
         if self.precision in AUTOCAST_DTYPES and not layout["residual_16bit"]:
             half = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, residual_16bit=True))
-            msg += f" --train.residual_dtype compute would save about {(est.total - half.total) / GIB:.1f} GiB."
+            if half.total < est.total:  # eager autograd keeps fp32 copies of the LayerNorm inputs either way
+                msg += f" --train.residual_dtype compute would save about {(est.total - half.total) / GIB:.1f} GiB."
         return msg
 
     def fit(self) -> int:
