@@ -90,6 +90,17 @@ def test_info_counts_the_residual_stream_in_its_dtype(capsys):
     assert main(["info", "--preset", "gpt-1.4b"]) == 0
     assert "activ.: the mixed-precision rows with the residual stream in fp32 under DDP, in 16 bits under FSDP" \
         in capsys.readouterr().out
+    # Where it makes DDP fit, the verdict says so: 37.1 GiB with the weight casts recomputed, 35.6 with a 16-bit
+    # stream as well.
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "36"]) == 0
+    assert ("verdict: bf16-mixed with DDP needs 37.1 GiB per GPU at micro-batch 8, more than 36 GiB; with "
+            "--train.residual_dtype compute (the residual stream in 16 bits) it fits (35.6 GiB estimated, with the "
+            "weight casts recomputed in backward).") in capsys.readouterr().out
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "36", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ddp_bf16_mixed_residual_compute_gib"] == pytest.approx(35.6, abs=0.05)
+    for flags in (["--train.residual_dtype", "compute"], ["--train.compile", "off"]):  # already, or no saving
+        assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "36", "--json", *flags]) == 0
+        assert json.loads(capsys.readouterr().out)["ddp_bf16_mixed_residual_compute_gib"] is None
     # What train would refuse, info refuses too.
     assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.residual_dtype", "fp32"]) == 2
     assert "--train.residual_dtype fp32: FSDP casts every block's input to its 16-bit" in capsys.readouterr().err

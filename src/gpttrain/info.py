@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable
 
@@ -80,13 +81,22 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     if not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
                                                         cfg.train.activation_checkpointing, cfg.train.fp8):
         recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
+    # What --train.residual_dtype compute would make of it (the weight casts recomputed as the run would decide),
+    # where the stream is fp32 and a 16-bit one saves memory (compiled).
+    half = None
+    if not layout["residual_16bit"] and layout["compiled"]:
+        alt = copy.deepcopy(cfg)
+        alt.train.residual_dtype = "compute"
+        half_layout = gpu_layout(alt, default_prec, gpu_mem_gib, strategy="ddp")
+        half = (estimate_training_memory(m, mb, **half_layout).total / GIB, half_layout["recompute_casts"])
     t = cfg.train
     eval_share = eval_flop_share(t)
     if as_json:
         out = {"config": cfg.to_dict(), "parameters": params, "matmul_parameters": matmul_params(m),
                "flops_per_token": fpt, "eval_flop_share": eval_share, "gpu_mem_gib": gpu_mem_gib, "memory_gib": rows,
                "ddp_bf16_mixed_fit": None if fit is None else {"micro_batch_size": fit[0], "grad_accum_steps": fit[1]},
-               "ddp_bf16_mixed_recompute_weight_casts_gib": recast}
+               "ddp_bf16_mixed_recompute_weight_casts_gib": recast,
+               "ddp_bf16_mixed_residual_compute_gib": None if half is None else half[0]}
         emit(out)
         return 0
 
@@ -137,6 +147,12 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, more than %g GiB; with "
                  "--train.recompute_weight_casts true it fits (%.1f GiB estimated).", default_prec, ddp["total"],
                  mb, gpu_mem_gib, recast)
+        return 0
+    if half is not None and half[0] <= gpu_mem_gib:
+        log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, more than %g GiB; with "
+                 "--train.residual_dtype compute (the residual stream in 16 bits) it fits (%.1f GiB estimated%s).",
+                 default_prec, ddp["total"], mb, gpu_mem_gib, half[0],
+                 ", with the weight casts recomputed in backward" if half[1] else "")
         return 0
     options = [r for r in rows if r["precision"] == default_prec and r["total"] <= gpu_mem_gib]
     msg = f"verdict: {default_prec} with DDP needs {ddp['total']:.1f} GiB per GPU at micro-batch {mb}: " \

@@ -38,7 +38,8 @@ def setup_logging(is_main: bool, quiet: bool = False) -> None:
 
 @contextlib.contextmanager
 def logging_levels(is_main: bool, quiet: bool = False) -> Iterator[None]:
-    """`setup_logging` for the block; the logger's level as it was after it (an API caller's, a test's)."""
+    """`setup_logging` for the block; afterwards the logger's level is what it was before (an API caller's, a
+    test's)."""
     saved = log.level
     setup_logging(is_main, quiet)
     try:
