@@ -108,9 +108,10 @@ class TrainConfig:
     # 16-bit run (inductor's fused plain loss is faster there and no larger).
     fused_loss: Literal["auto", "on", "off"] = "auto"
     # The residual stream's dtype under bf16/fp16-mixed: fp32, as autocast leaves it (nanoGPT's numerics), or
-    # compute, the 16-bit dtype (as the original script, torchtitan and Megatron keep it): half the bytes in every
-    # residual add and LayerNorm input, and in the LayerNorm inputs saved for backward. auto = fp32, except under
-    # FSDP, which casts every block's input to the compute dtype: compute there (fp32 is refused).
+    # compute, the 16-bit dtype (as the original script and Megatron keep it, and torchtitan under FSDP): half the
+    # bytes in every residual add and LayerNorm input, and (compiled) in the LayerNorm inputs saved for backward.
+    # auto = fp32, except under FSDP, which casts every block's input to the compute dtype: compute there (fp32 is
+    # refused).
     residual_dtype: Literal["auto", "fp32", "compute"] = "auto"
     checkpoint_every: int = 0  # 0 = only at the end and on signals
     keep_checkpoints: int = 3
