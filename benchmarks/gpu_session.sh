@@ -53,7 +53,7 @@ TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
 # a GPU (on CPU, compiled, it left 2 bytes per LayerNorm input less for backward: 1.5 GiB by the estimate at 1.42B,
 # 8x4, which would bring the target row under 38 GiB without recasting the weights). Then FlashAttention-2 pinned
 # at 1.42B (with the preset's attention dropout, which costs 14 ms a step in cuDNN's kernels: never timed), the
-# rest as before, the twice-measured dropout-0 rows last but one.
+# rest as before, the twice-measured dropout-0 rows toward the end.
 RUNS="${RUNS-gpt-1.4b:8x4+train.residual_dtype=compute gpt2-124m:32x1+train.residual_dtype=compute
 gpt-1.4b:8x4+train.attention=flash gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs
 gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0 gpt2-124m:12x1

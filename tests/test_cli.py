@@ -98,6 +98,13 @@ def test_info_counts_the_residual_stream_in_its_dtype(capsys):
             "weight casts recomputed in backward).") in capsys.readouterr().out
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "36", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ddp_bf16_mixed_residual_compute_gib"] == pytest.approx(35.6, abs=0.05)
+    # Not where the config's precision has one dtype, nor where activation checkpointing is what makes it fit
+    # (the verdict's row is DDP without it).
+    for flags in (["--train.precision", "fp32"], ["--train.precision", "bf16-pure"]):
+        assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "36", *flags]) == 0
+        assert "--train.residual_dtype compute" not in capsys.readouterr().out
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "30", "--train.activation_checkpointing", "true"]) == 0
+    assert "It fits with DDP with activation checkpointing" in capsys.readouterr().out
     for flags in (["--train.residual_dtype", "compute"], ["--train.compile", "off"]):  # already, or no saving
         assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "36", "--json", *flags]) == 0
         assert json.loads(capsys.readouterr().out)["ddp_bf16_mixed_residual_compute_gib"] is None

@@ -91,6 +91,25 @@ def test_greedy_equals_a_plain_argmax_loop_without_cache():
     assert generate_ids(model, prompt, steps, temperature=0.0, use_cache=False)[0] == got
 
 
+def test_a_compiled_model_decodes_eagerly():
+    """torch.compile'd, the same tokens without a compile: a graph would guard on the cache's position and
+    recompile at every token."""
+    model = tiny_model(seed=1)
+    compiles = []
+
+    def backend(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(model, backend=backend)
+    prompt = [3, 14, 15, 92, 65]
+    want = generate_ids(model, prompt, 12, temperature=0.0)
+    assert generate_ids(compiled, prompt, 12, temperature=0.0) == want
+    assert generate_ids(compiled, prompt, 12, temperature=0.0, use_cache=False) == want
+    assert compiles == []
+    torch._dynamo.reset()
+
+
 # ---- sampling -------------------------------------------------------------------------------------
 
 

@@ -54,6 +54,8 @@ def test_output_shapes_and_loss():
     last = model(idx, last_only=True)  # what decoding asks for: the last position's logits alone
     assert last.shape == (3, 1, cfg.vocab_size)
     torch.testing.assert_close(last, logits[:, -1:])
+    with pytest.raises(ValueError, match="last_only is for decoding"):
+        model(idx, targets=idx, last_only=True)
 
 
 def test_too_long_sequence_is_refused():

@@ -81,13 +81,15 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     if not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
                                                         cfg.train.activation_checkpointing, cfg.train.fp8):
         recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
-    # What --train.residual_dtype compute would make of it (the weight casts recomputed as the run would decide),
-    # where the stream is fp32 and a 16-bit one saves memory (compiled).
+    # What --train.residual_dtype compute would make of the verdict's row (DDP, no activation checkpointing; the
+    # weight casts recomputed as the run would decide), where the stream is fp32, a 16-bit one saves memory
+    # (compiled) and the config's precision can have one (mixed).
     half = None
-    if not layout["residual_16bit"] and layout["compiled"]:
+    if (not layout["residual_16bit"] and layout["compiled"]
+            and cfg.train.precision not in ("fp32", "bf16-pure")):
         alt = copy.deepcopy(cfg)
         alt.train.residual_dtype = "compute"
-        half_layout = gpu_layout(alt, default_prec, gpu_mem_gib, strategy="ddp")
+        half_layout = gpu_layout(alt, default_prec, gpu_mem_gib, strategy="ddp", activation_checkpointing=False)
         half = (estimate_training_memory(m, mb, **half_layout).total / GIB, half_layout["recompute_casts"])
     t = cfg.train
     eval_share = eval_flop_share(t)

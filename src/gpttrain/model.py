@@ -172,6 +172,8 @@ class GPT(nn.Module):
                 cache: KVCache | None = None, *, last_only: bool = False) -> torch.Tensor:
         """Logits (B, T, vocab) or, with `targets` (B, T), the mean cross-entropy loss. `last_only`: the logits
         of the last position alone (B, 1, vocab), all that decoding needs (the head's work on the rest skipped)."""
+        if last_only and targets is not None:
+            raise ValueError("last_only is for decoding: the loss needs every position's logits")
         h = self.hidden(idx, cache)
         if targets is not None and self.chunked_loss:
             return linear_cross_entropy(h, self.out_head.weight, targets)

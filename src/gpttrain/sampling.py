@@ -111,8 +111,9 @@ def sample_next(
 
 def _last_logits(model: nn.Module, idx: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
     """Logits (B, V) of the last position only: the vocabulary projection of the rest is never needed. Through
-    forward(), so that an FSDP module gathers its parameters as it does there."""
-    return model(idx, cache=cache, last_only=True)[:, -1]
+    forward(), so that an FSDP module gathers its parameters as it does there; a torch.compile'd model decodes
+    eagerly (its graph would guard on the cache's position and recompile at every token)."""
+    return getattr(model, "_orig_mod", model)(idx, cache=cache, last_only=True)[:, -1]
 
 
 def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
@@ -173,7 +174,8 @@ def generate_ids(
     comes. `vocab_limit` keeps sampling below that id (a model's vocabulary padded past the
     tokenizer's). `seed` makes sampling reproducible; without it the global RNG is left untouched.
     The model runs in eval mode under inference_mode (no_grad with fp8 layers); its training mode is
-    restored afterwards.
+    restored afterwards. `model` is a GPT (possibly under FSDP or torch.compile, which decodes eagerly), or a
+    module with its `cfg` whose forward takes `cache=` and `last_only=` as GPT's does.
 
     For tests and tools: `logits_hook(step, window_start, logits)` sees the logits (B, V) each step
     uses, and `forced_tokens` (B, max_new_tokens) replaces sampling by the given tokens (teacher
