@@ -51,6 +51,10 @@ def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
     assert "fits 80 GiB per GPU (39.4 GiB estimated)." in out and "*" not in out
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--train.recompute_weight_casts", "false"]) == 0
     assert "with --train.recompute_weight_casts true it fits (37.1 GiB estimated)" in capsys.readouterr().out
+    # Not for a config whose precision would refuse the flag.
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "38", "--train.recompute_weight_casts", "false",
+                 "--train.precision", "fp32"]) == 0
+    assert "--train.recompute_weight_casts true" not in capsys.readouterr().out
     assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "80", "--train.recompute_weight_casts", "true"]) == 0
     assert "fits 80 GiB per GPU (37.1 GiB estimated, with the weight casts" in capsys.readouterr().out
     assert main(["info", "--preset", "gpt-1.4b", "--json", "--train.recompute_weight_casts", "true"]) == 0

@@ -77,16 +77,17 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     layout = gpu_layout(cfg, default_prec, gpu_mem_gib, strategy="ddp")
     fit = suggest_micro_batch(m, budget, per_rank, **layout)
     # What --train.recompute_weight_casts true would make of bf16-mixed DDP, where it is off and would apply.
+    # The verdict's advice is flags for this config: none that its precision would refuse (fp32, bf16-pure).
+    mixed = cfg.train.precision not in ("fp32", "bf16-pure")
     recast = None
-    if not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
-                                                        cfg.train.activation_checkpointing, cfg.train.fp8):
+    if mixed and not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
+                                                                  cfg.train.activation_checkpointing, cfg.train.fp8):
         recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
     # What --train.residual_dtype compute would make of the verdict's row (DDP, no activation checkpointing; the
     # weight casts recomputed as the run would decide), where the stream is fp32, a 16-bit one saves memory
-    # (compiled) and the config's precision can have one (mixed).
+    # (compiled) and the config's precision can have one.
     half = None
-    if (not layout["residual_16bit"] and layout["compiled"]
-            and cfg.train.precision not in ("fp32", "bf16-pure")):
+    if mixed and not layout["residual_16bit"] and layout["compiled"]:
         alt = copy.deepcopy(cfg)
         alt.train.residual_dtype = "compute"
         half_layout = gpu_layout(alt, default_prec, gpu_mem_gib, strategy="ddp", activation_checkpointing=False)
