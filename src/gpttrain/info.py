@@ -76,9 +76,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     default_prec = "bf16-mixed"
     layout = gpu_layout(cfg, default_prec, gpu_mem_gib, strategy="ddp")
     fit = suggest_micro_batch(m, budget, per_rank, **layout)
-    # What --train.recompute_weight_casts true would make of bf16-mixed DDP, where it is off and would apply.
     # The verdict's advice is flags for this config: none that its precision would refuse (fp32, bf16-pure).
     mixed = cfg.train.precision not in ("fp32", "bf16-pure")
+    # What --train.recompute_weight_casts true would make of bf16-mixed DDP, where it is off and would apply.
     recast = None
     if mixed and not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
                                                                   cfg.train.activation_checkpointing, cfg.train.fp8):
