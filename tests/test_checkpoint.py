@@ -138,9 +138,11 @@ def truncate(path: Path) -> None:
 DROPOUT = ("--model.drop_rate", "0.1")  # resume must restore every rank's RNG to be exact
 
 
-def test_resume_is_bit_exact_one_rank(data_dir, tmp_path):
+@pytest.mark.parametrize("precision", [(), ("--train.precision", "bf16-mixed", "--train.residual_dtype", "compute")],
+                         ids=["fp32", "bf16-mixed-16bit-stream"])
+def test_resume_is_bit_exact_one_rank(data_dir, tmp_path, precision):
     k = 3
-    flags = (*DROPOUT, "--train.max_steps", str(2 * k), "--train.log_every", "1")
+    flags = (*DROPOUT, *precision, "--train.max_steps", str(2 * k), "--train.log_every", "1")
     a = tmp_path / "a"
     fit(data_dir, a, *flags, "--train.checkpoint_every", str(k))
     b = tmp_path / "b"
