@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 from collections.abc import Callable
 
@@ -19,7 +18,7 @@ from gpttrain.memory import (
 )
 from gpttrain.metrics import EVAL_SHARE_HINT, eval_flop_share, flops_per_token, matmul_params
 from gpttrain.model import count_params
-from gpttrain.parallel import check_recompute_weight_casts, residual_dtype_for
+from gpttrain.parallel import AUTOCAST_DTYPES, check_recompute_weight_casts, residual_dtype_for
 
 log = logging.getLogger("gpttrain")
 
@@ -77,7 +76,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     layout = gpu_layout(cfg, default_prec, gpu_mem_gib, strategy="ddp")
     fit = suggest_micro_batch(m, budget, per_rank, **layout)
     # The verdict's advice is flags for this config: none that its precision would refuse (fp32, bf16-pure).
-    mixed = cfg.train.precision not in ("fp32", "bf16-pure")
+    mixed = gpu_precision in AUTOCAST_DTYPES
     # What --train.recompute_weight_casts true would make of bf16-mixed DDP, where it is off and would apply.
     recast = None
     if mixed and not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
@@ -88,9 +87,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     # (compiled) and the config's precision can have one.
     half = None
     if mixed and not layout["residual_16bit"] and layout["compiled"]:
-        alt = copy.deepcopy(cfg)
-        alt.train.residual_dtype = "compute"
-        half_layout = gpu_layout(alt, default_prec, gpu_mem_gib, strategy="ddp", activation_checkpointing=False)
+        half_layout = gpu_layout(cfg, default_prec, gpu_mem_gib, strategy="ddp", activation_checkpointing=False,
+                                 residual_16bit=True)
         half = (estimate_training_memory(m, mb, **half_layout).total / GIB, half_layout["recompute_casts"])
     t = cfg.train
     eval_share = eval_flop_share(t)
