@@ -115,6 +115,11 @@ def test_info_counts_the_residual_stream_in_its_dtype(capsys):
     # What train would refuse, info refuses too.
     assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.residual_dtype", "fp32"]) == 2
     assert "--train.residual_dtype fp32: FSDP casts every block's input to its 16-bit" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.compiled_autograd", "true"]) == 2
+    assert "--train.compiled_autograd true: FSDP2's backward hooks cannot be traced" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt-1.4b", "--train.compile", "off", "--train.compiled_autograd", "true"]) == 2
+    assert "--train.compiled_autograd true needs torch.compile" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt-1.4b", "--train.compiled_autograd", "true"]) == 0  # a GPU run compiles
 
 
 def test_info_estimates_the_loss_the_run_will_use(capsys):

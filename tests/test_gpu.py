@@ -100,6 +100,8 @@ SPEED_OPTIONS = {
     "fp8": ("--train.fp8", "true"),
     "fused_loss": ("--train.fused_loss", "on"),  # the chunked loss, compiled (the default only in eager mode)
     "recast": ("--train.recompute_weight_casts", "true"),
+    # Two micro-steps: the second one's accumulation is what compiled autograd folds into backward.
+    "compiled_autograd": ("--train.compiled_autograd", "true", "--train.grad_accum_steps", "2"),
 }
 
 

@@ -2,6 +2,7 @@
 
 import copy
 import functools
+import json
 import re
 
 import pytest
@@ -492,3 +493,117 @@ def test_residual_dtype_where_it_would_do_nothing_is_refused(tmp_path, flags, me
     from tests.helpers import refused_train
 
     assert refused_train(tmp_path, *flags) == message
+
+
+# ---- compiled autograd (--train.compiled_autograd) ------------------------------------------------------
+
+
+def _profiled_step(trainer) -> dict[str, int]:
+    """How often each operator ran in one training step, by torch.profiler's CPU events."""
+    from collections import Counter
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        trainer.train_step()
+    return Counter(e.name for e in prof.events())
+
+
+def _first_step_grads(trainer) -> dict[str, torch.Tensor]:
+    """The accumulated gradients the trainer's first optimizer step sees (copied as it is called)."""
+    grads: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def copy_then_step(*args, **kwargs):
+        if not grads:
+            grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = copy_then_step
+    return grads
+
+
+def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path):
+    """bf16-mixed, compiled, 3 micro-steps: the same accumulated gradients and losses as autograd's own
+    accumulation (to fp32 rounding), two backward graphs for the whole run (the first micro-step's, whose .grad is
+    unset, and the others'), and no eager accumulation: where autograd runs an AccumulateGrad for every parameter
+    at every micro-step, with an aten::add_ each from the second on, the compiled backward runs neither."""
+    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
+
+    data = make_data(tmp_path)
+    runs = {}
+    for on in (False, True):
+        cfg = tiny_config(data, tmp_path / f"run-{on}", "--train.precision", "bf16-mixed", "--train.compile", "on",
+                          "--train.grad_accum_steps", "3", "--train.compiled_autograd", str(on).lower())
+        trainer = build_trainer(cfg, single_info())
+        grads = _first_step_grads(trainer)
+        losses = steps_of(trainer, 3)
+        events = _profiled_step(trainer)
+        n_params = len(list(trainer.model.parameters()))
+        trainer.close()
+        runs[on] = grads, losses, events
+    (plain_grads, plain_losses, plain), (grads, losses, fused) = runs[False], runs[True]
+    assert grads.keys() == plain_grads.keys()
+    for name, g in grads.items():
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-7)
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
+    assert plain["torch::autograd::AccumulateGrad"] == 3 * n_params
+    assert not [name for name in fused if "AccumulateGrad" in name]
+    assert fused["aten::add_"] == plain["aten::add_"] - 2 * n_params
+    assert counters["compiled_autograd"]["captures"] == 2
+
+
+def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
+    from tests.helpers import build_trainer, gloo_rank, steps_of, tiny_config
+
+    with gloo_rank(rank, world, port) as info:
+        before = torch._dynamo.config.optimize_ddp
+        result = {}
+        for on in (True, False):
+            cfg = tiny_config(data_dir, run_dir / str(on), "--train.precision", "bf16-mixed", "--train.compile", "on",
+                              "--train.grad_accum_steps", "2", "--train.compiled_autograd", str(on).lower())
+            trainer = build_trainer(cfg, info)
+            assert trainer.strategy == "ddp" and trainer.ddp._use_python_reducer == on
+            assert (torch._dynamo.config.optimize_ddp == "python_reducer") == on
+            grads = _first_step_grads(trainer)
+            result[str(on)] = {"losses": steps_of(trainer, 3), "grads": {n: g.tolist() for n, g in grads.items()}}
+            trainer.close()
+            assert torch._dynamo.config.optimize_ddp == before  # put back by close()
+            torch._dynamo.reset()
+        if rank == 0:
+            with open(out, "w") as f:
+                json.dump(result, f)
+
+
+@pytest.mark.slow
+def test_compiled_autograd_under_ddp_reduces_the_same_gradients(tmp_path):
+    """Two gloo ranks, 2 micro-steps each: DDP's C++ reducer cannot run in a compiled backward, so the trainer
+    builds DDP with its Python reducer, whose all-reduces the compiled backward then holds. The averaged gradients
+    and the losses are those of plain DDP, and torch's setting is put back when the trainer closes."""
+    import torch.multiprocessing as mp
+
+    from tests.helpers import free_port, make_data
+
+    out = tmp_path / "out.json"
+    mp.spawn(_ddp_compiled_autograd_rank, args=(2, free_port(), make_data(tmp_path), tmp_path / "runs", str(out)),
+             nprocs=2, join=True)
+    result = json.loads(out.read_text())
+    on, off = result["True"], result["False"]
+    assert on["losses"] == pytest.approx(off["losses"], rel=1e-5)
+    for name, g in on["grads"].items():
+        torch.testing.assert_close(torch.tensor(g), torch.tensor(off["grads"][name]), rtol=1e-5, atol=1e-7)
+
+
+def test_compiled_autograd_where_it_cannot_run_is_refused(tmp_path):
+    from gpttrain.parallel import check_compiled_autograd
+    from tests.helpers import refused_train
+
+    # On a CPU, compile auto is off.
+    assert refused_train(tmp_path, "--train.compiled_autograd", "true") == (
+        "error: --train.compiled_autograd true needs torch.compile (--train.compile on): it compiles the backward "
+        "of a compiled model; this run is eager")
+    with pytest.raises(ConfigError, match="FSDP2's backward hooks cannot be traced by compiled autograd"):
+        check_compiled_autograd(True, "fsdp")
+    check_compiled_autograd(True, "ddp")  # accepted
+    check_compiled_autograd(True, "single")

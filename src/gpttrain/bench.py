@@ -30,6 +30,7 @@ from gpttrain.parallel import (
     build_local_model,
     compile_model,
     compile_wanted,
+    compiled_autograd,
     recompute_weight_casts,
 )
 
@@ -252,8 +253,8 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
                          recast: bool = False, residual_dtype: torch.dtype | None = None) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
     the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, recast weights,
-    compile, attention kernel; `recast` and `residual_dtype`: the trainer's resolved --train.recompute_weight_casts
-    and residual stream's dtype), so `overhead` is the cost of the loop alone."""
+    compile, compiled autograd, attention kernel; `recast` and `residual_dtype`: the trainer's resolved
+    --train.recompute_weight_casts and residual stream's dtype), so `overhead` is the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
@@ -275,7 +276,8 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
     def step():
         for _ in range(accum):
             x, y = loader.next_batch()
-            with attention_context(cfg.train.attention, device):
+            with attention_context(cfg.train.attention, device), \
+                    compiled_autograd(cfg.train.compiled_autograd, cfg.train.compile_mode):
                 if dtype is None:
                     loss = run(x, y)
                 else:
@@ -369,6 +371,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         "fp8": cfg.train.fp8, "recompute_weight_casts": trainer.recast,
         "fused_loss": trainer.model.chunked_loss,
         "residual_dtype": str(trainer.residual_dtype).removeprefix("torch.") if trainer.residual_dtype else None,
+        "compiled_autograd": cfg.train.compiled_autograd,
         "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
         "context_length": cfg.model.context_length, "params": trainer.model.num_params(),
         "step_s": step_s, "tok_per_s": tok_s, "tok_per_s_per_gpu": per_gpu,

@@ -18,7 +18,12 @@ from gpttrain.memory import (
 )
 from gpttrain.metrics import EVAL_SHARE_HINT, eval_flop_share, flops_per_token, matmul_params
 from gpttrain.model import count_params
-from gpttrain.parallel import AUTOCAST_DTYPES, check_recompute_weight_casts, residual_dtype_for
+from gpttrain.parallel import (
+    AUTOCAST_DTYPES,
+    check_compiled_autograd,
+    check_recompute_weight_casts,
+    residual_dtype_for,
+)
 
 log = logging.getLogger("gpttrain")
 
@@ -65,6 +70,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     if cfg.train.recompute_weight_casts is True:
         check_recompute_weight_casts(gpu_precision, cfg.train.compile != "off", gpu_strategy)
     residual_dtype_for(cfg.train.residual_dtype, gpu_precision, gpu_strategy)
+    if cfg.train.compiled_autograd:
+        check_compiled_autograd(cfg.train.compile != "off", gpu_strategy)
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)

@@ -107,6 +107,34 @@ def check_recompute_weight_casts(precision: str, compiled: bool, strategy: str) 
                           "again for its backward, keeping no copy in between; drop the flag")
 
 
+def compiled_autograd(enabled: bool, mode: str) -> AbstractContextManager:
+    """`--train.compiled_autograd`, around each micro-step's forward and backward: torch's compiled autograd
+    traces the whole backward, the gradient accumulation included, and inductor compiles it (in `mode`, with the
+    shapes static, as training's are). So from the second micro-step of an accumulation on, the fp32 gradient of
+    each weight is added into `.grad` inside backward's own fused kernels (its 16-bit product converted and added
+    in one pass) instead of by an eager add per parameter after it. Two graphs per run: the first micro-step,
+    whose `.grad` is unset, and the others."""
+    if not enabled:
+        return contextlib.nullcontext()
+    mode_arg = None if mode == "default" else mode
+
+    def compiler(graph: torch.fx.GraphModule) -> Callable:
+        return torch.compile(graph, backend="inductor", mode=mode_arg, fullgraph=True, dynamic=False)
+
+    return torch._dynamo.compiled_autograd._enable(compiler, dynamic=False)
+
+
+def check_compiled_autograd(compiled: bool, strategy: str) -> None:
+    """Refuse `--train.compiled_autograd true` where it cannot run."""
+    flag = "--train.compiled_autograd true"
+    if not compiled:
+        raise ConfigError(f"{flag} needs torch.compile (--train.compile on): it compiles the backward of a compiled "
+                          "model; this run is eager")
+    if strategy == "fsdp":
+        raise ConfigError(f"{flag}: FSDP2's backward hooks cannot be traced by compiled autograd (torch "
+                          f"{torch.__version__.split('+')[0]}); use it with one process or DDP, or drop the flag")
+
+
 def compile_wanted(setting: str, device: torch.device) -> bool:
     if setting == "on":
         return True

@@ -44,9 +44,11 @@ from gpttrain.parallel import (
     build_fsdp_model,
     build_local_model,
     check_attention,
+    check_compiled_autograd,
     check_recompute_weight_casts,
     compile_model,
     compile_wanted,
+    compiled_autograd,
     recompute_weight_casts,
     residual_dtype_for,
     strategy_for,
@@ -269,6 +271,7 @@ class Trainer:
         self._plot_step: int | None = None  # the step it showed
         self._sample_step: int | None = None  # the step of the last sample
         self.clock: LoopClock | None = None  # set by the loop
+        self._torch_settings = contextlib.ExitStack()  # process-wide torch settings of this run, undone by close()
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
@@ -279,6 +282,8 @@ class Trainer:
         self.compiled = compile_wanted(cfg.train.compile, self.device)
         if cfg.train.recompute_weight_casts is True:
             check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
+        if cfg.train.compiled_autograd:
+            check_compiled_autograd(self.compiled, self.strategy)
         self.recast = self.memory_layout()["recompute_casts"]  # the weight casts recomputed in backward
         if cfg.train.recompute_weight_casts == "auto" and info.distributed:
             # One choice for all ranks, whatever their GPUs' sizes: recast where any rank needs it.
@@ -343,6 +348,10 @@ class Trainer:
             recompute_weight_casts(self.model)
         # DDP first, then compile: the compiler splits the graph at DDP's buckets (DDPOptimizer), so
         # gradient all-reduces overlap backward instead of all waiting for its end.
+        if self.strategy == "ddp" and self.cfg.train.compiled_autograd:
+            # DDP's C++ reducer cannot run inside a compiled backward; its Python reducer can, its all-reduces
+            # traced into that graph. Read when DDP is built and when its forward compiles: held until close().
+            self._torch_settings.enter_context(torch._dynamo.config.patch(optimize_ddp="python_reducer"))
         self.ddp = wrap_ddp(model, self.info) if self.strategy == "ddp" else None
         if self.ddp is not None:
             model = self.ddp
@@ -365,6 +374,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
+    def backward_compiler(self):
+        """--train.compiled_autograd: around a micro-step's forward and backward."""
+        return compiled_autograd(self.cfg.train.compiled_autograd, self.cfg.train.compile_mode)
+
     def attention(self):
         """--train.attention's kernel, around forward and backward (compile picks it when it first traces)."""
         return attention_context(self.cfg.train.attention, self.device)
@@ -376,6 +389,7 @@ class Trainer:
         self.wrapped = self.ddp = self._eval_model = None
         self.model = self.optimizer = None
         gc.collect()
+        self._torch_settings.close()
 
     # ---- state -----------------------------------------------------------------------------
 
@@ -413,7 +427,7 @@ class Trainer:
         for micro in range(accum):
             x, y = self.train_loader.next_batch()
             last = micro == accum - 1
-            with self._grad_sync(last), self.attention():
+            with self._grad_sync(last), self.attention(), self.backward_compiler():
                 with self.autocast():
                     loss = model(x, y)
                 # Dividing by accum makes the summed gradients those of one batch of accum x micro.
