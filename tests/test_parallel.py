@@ -523,7 +523,13 @@ def _first_step_grads(trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
-def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path):
+@pytest.mark.parametrize("flags", [
+    (),
+    # What compiled autograd must trace through: recomputed blocks, dropout's masks, the 16-bit stream.
+    ("--train.activation_checkpointing", "true", "--model.drop_rate", "0.1", "--train.residual_dtype", "compute"),
+    ("--train.recompute_weight_casts", "true"),  # the weight casts recomputed in backward
+], ids=["plain", "checkpointing-dropout-residual", "recast"])
+def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path, flags):
     """bf16-mixed, compiled, 3 micro-steps: the same accumulated gradients and losses as autograd's own
     accumulation (to fp32 rounding), two backward graphs for the whole run (the first micro-step's, whose .grad is
     unset, and the others'), and no eager accumulation: where autograd runs an AccumulateGrad for every parameter
@@ -534,7 +540,7 @@ def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path):
     runs = {}
     for on in (False, True):
         cfg = tiny_config(data, tmp_path / f"run-{on}", "--train.precision", "bf16-mixed", "--train.compile", "on",
-                          "--train.grad_accum_steps", "3", "--train.compiled_autograd", str(on).lower())
+                          "--train.grad_accum_steps", "3", "--train.compiled_autograd", str(on).lower(), *flags)
         trainer = build_trainer(cfg, single_info())
         grads = _first_step_grads(trainer)
         losses = steps_of(trainer, 3)
