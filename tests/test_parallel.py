@@ -567,15 +567,17 @@ def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
         before = torch._dynamo.config.optimize_ddp
         result = {}
         for on in (True, False):
+            counters.clear()
             cfg = tiny_config(data_dir, run_dir / str(on), "--train.precision", "bf16-mixed", "--train.compile", "on",
-                              "--train.grad_accum_steps", "2", "--train.compiled_autograd", str(on).lower())
+                              "--train.grad_accum_steps", "3", "--train.compiled_autograd", str(on).lower())
             trainer = build_trainer(cfg, info)
             assert trainer.strategy == "ddp" and trainer.ddp._use_python_reducer == on
-            assert (torch._dynamo.config.optimize_ddp == "python_reducer") == on
+            assert torch._dynamo.config.optimize_ddp == before  # set for DDP's construction only
             grads = _first_step_grads(trainer)
             result[str(on)] = {"losses": steps_of(trainer, 3), "grads": {n: g.tolist() for n, g in grads.items()}}
+            # The backward was compiled, not run by autograd with the Python reducer's hooks one by one.
+            assert counters["compiled_autograd"]["captures"] == (2 if on else 0)
             trainer.close()
-            assert torch._dynamo.config.optimize_ddp == before  # put back by close()
             torch._dynamo.reset()
         if rank == 0:
             with open(out, "w") as f:
@@ -584,9 +586,10 @@ def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
 
 @pytest.mark.slow
 def test_compiled_autograd_under_ddp_reduces_the_same_gradients(tmp_path):
-    """Two gloo ranks, 2 micro-steps each: DDP's C++ reducer cannot run in a compiled backward, so the trainer
-    builds DDP with its Python reducer, whose all-reduces the compiled backward then holds. The averaged gradients
-    and the losses are those of plain DDP, and torch's setting is put back when the trainer closes."""
+    """Two gloo ranks, 3 micro-steps each (the middle one neither the first nor reduced): DDP's C++ reducer cannot
+    run in a compiled backward, so the trainer builds DDP with its Python reducer, whose all-reduces the compiled
+    backward then holds. The averaged gradients and the losses are those of plain DDP, and torch's setting is
+    changed only while DDP is built."""
     import torch.multiprocessing as mp
 
     from tests.helpers import free_port, make_data
@@ -609,7 +612,14 @@ def test_compiled_autograd_where_it_cannot_run_is_refused(tmp_path):
     assert refused_train(tmp_path, "--train.compiled_autograd", "true") == (
         "error: --train.compiled_autograd true needs torch.compile (--train.compile on): it compiles the backward "
         "of a compiled model; this run is eager")
+    assert refused_train(tmp_path, "--train.compile", "on", "--train.compile_mode", "reduce-overhead",
+                         "--train.compiled_autograd", "true") == (
+        "error: --train.compiled_autograd true with --train.compile_mode reduce-overhead: CUDA graphs around a "
+        "compiled backward that sets .grad have not been tried here; use compile_mode default or "
+        "max-autotune-no-cudagraphs")
+    with pytest.raises(ConfigError, match="compile_mode max-autotune: CUDA graphs"):
+        check_compiled_autograd(True, "single", "max-autotune")
     with pytest.raises(ConfigError, match="FSDP2's backward hooks cannot be traced by compiled autograd"):
-        check_compiled_autograd(True, "fsdp")
-    check_compiled_autograd(True, "ddp")  # accepted
-    check_compiled_autograd(True, "single")
+        check_compiled_autograd(True, "fsdp", "default")
+    check_compiled_autograd(True, "ddp", "default")  # accepted
+    check_compiled_autograd(True, "single", "max-autotune-no-cudagraphs")

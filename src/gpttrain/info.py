@@ -71,7 +71,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         check_recompute_weight_casts(gpu_precision, cfg.train.compile != "off", gpu_strategy)
     residual_dtype_for(cfg.train.residual_dtype, gpu_precision, gpu_strategy)
     if cfg.train.compiled_autograd:
-        check_compiled_autograd(cfg.train.compile != "off", gpu_strategy)
+        check_compiled_autograd(cfg.train.compile != "off", gpu_strategy, cfg.train.compile_mode)
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)

@@ -112,8 +112,9 @@ def compiled_autograd(enabled: bool, mode: str) -> AbstractContextManager:
     traces the whole backward, the gradient accumulation included, and inductor compiles it (in `mode`, with the
     shapes static, as training's are). So from the second micro-step of an accumulation on, the fp32 gradient of
     each weight is added into `.grad` inside backward's own fused kernels (its 16-bit product converted and added
-    in one pass) instead of by an eager add per parameter after it. Two graphs per run: the first micro-step,
-    whose `.grad` is unset, and the others."""
+    in one pass) instead of by an eager add per parameter after it. Two graphs per run: the first micro-step's,
+    whose `.grad` is unset, and the others' (three under DDP with 3 or more micro-steps: the middle ones, whose
+    gradients are not reduced, compile apart from the last)."""
     if not enabled:
         return contextlib.nullcontext()
     mode_arg = None if mode == "default" else mode
@@ -124,12 +125,19 @@ def compiled_autograd(enabled: bool, mode: str) -> AbstractContextManager:
     return torch._dynamo.compiled_autograd._enable(compiler, dynamic=False)
 
 
-def check_compiled_autograd(compiled: bool, strategy: str) -> None:
-    """Refuse `--train.compiled_autograd true` where it cannot run."""
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")  # the --train.compile_mode values that use CUDA graphs
+
+
+def check_compiled_autograd(compiled: bool, strategy: str, mode: str) -> None:
+    """Refuse `--train.compiled_autograd true` where it cannot run, or has not run."""
     flag = "--train.compiled_autograd true"
     if not compiled:
         raise ConfigError(f"{flag} needs torch.compile (--train.compile on): it compiles the backward of a compiled "
                           "model; this run is eager")
+    if mode in CUDA_GRAPH_MODES:
+        raise ConfigError(f"{flag} with --train.compile_mode {mode}: CUDA graphs around a compiled backward that "
+                          "sets .grad have not been tried here; use compile_mode default or "
+                          "max-autotune-no-cudagraphs")
     if strategy == "fsdp":
         raise ConfigError(f"{flag}: FSDP2's backward hooks cannot be traced by compiled autograd (torch "
                           f"{torch.__version__.split('+')[0]}); use it with one process or DDP, or drop the flag")
@@ -248,9 +256,14 @@ def _sdpa_failure(backend: SDPBackend, device: torch.device, dtype: torch.dtype,
     return " ".join(w for w in whys if w and not w.endswith("because:")) or error
 
 
-def wrap_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap_ddp(model: nn.Module, info: DistInfo, python_reducer: bool = False) -> nn.Module:
+    """DDP, gradients as views into its buckets. `python_reducer` for --train.compiled_autograd: DDP's C++ reducer
+    cannot run inside a compiled backward; its Python reducer can, its all-reduces traced into that graph (torch
+    reads the setting when DDP is built, and DDPOptimizer's graph splits at compile time do not apply to it)."""
     device_ids = [info.device.index] if info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+    mode = "python_reducer" if python_reducer else torch._dynamo.config.optimize_ddp
+    with torch._dynamo.config.patch(optimize_ddp=mode):
+        return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
 
 
 def strategy_for(requested: str, info: DistInfo) -> str:

@@ -271,7 +271,6 @@ class Trainer:
         self._plot_step: int | None = None  # the step it showed
         self._sample_step: int | None = None  # the step of the last sample
         self.clock: LoopClock | None = None  # set by the loop
-        self._torch_settings = contextlib.ExitStack()  # process-wide torch settings of this run, undone by close()
 
         self.strategy = strategy_for(cfg.dist.strategy, info)
         # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
@@ -283,7 +282,7 @@ class Trainer:
         if cfg.train.recompute_weight_casts is True:
             check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
         if cfg.train.compiled_autograd:
-            check_compiled_autograd(self.compiled, self.strategy)
+            check_compiled_autograd(self.compiled, self.strategy, cfg.train.compile_mode)
         self.recast = self.memory_layout()["recompute_casts"]  # the weight casts recomputed in backward
         if cfg.train.recompute_weight_casts == "auto" and info.distributed:
             # One choice for all ranks, whatever their GPUs' sizes: recast where any rank needs it.
@@ -348,11 +347,8 @@ class Trainer:
             recompute_weight_casts(self.model)
         # DDP first, then compile: the compiler splits the graph at DDP's buckets (DDPOptimizer), so
         # gradient all-reduces overlap backward instead of all waiting for its end.
-        if self.strategy == "ddp" and self.cfg.train.compiled_autograd:
-            # DDP's C++ reducer cannot run inside a compiled backward; its Python reducer can, its all-reduces
-            # traced into that graph. Read when DDP is built and when its forward compiles: held until close().
-            self._torch_settings.enter_context(torch._dynamo.config.patch(optimize_ddp="python_reducer"))
-        self.ddp = wrap_ddp(model, self.info) if self.strategy == "ddp" else None
+        self.ddp = (wrap_ddp(model, self.info, python_reducer=self.cfg.train.compiled_autograd)
+                    if self.strategy == "ddp" else None)
         if self.ddp is not None:
             model = self.ddp
         if self.compiled:
@@ -389,7 +385,6 @@ class Trainer:
         self.wrapped = self.ddp = self._eval_model = None
         self.model = self.optimizer = None
         gc.collect()
-        self._torch_settings.close()
 
     # ---- state -----------------------------------------------------------------------------
 
