@@ -28,10 +28,11 @@ DEVICE="${DEVICE:-cuda}"
 STEPS="${STEPS:-10}"
 # Seconds (from the start of the speed part) in which timed runs may start. The target rows, with their extras,
 # take about 220 s by the last GPU session's figures (1.42B about 80 s, 124M about 45 s, plus an evaluation's
-# compile and --reads each): 420 lets the first three rows after them start too (about 80 s a 1.42B row, 45 s at
-# 124M; compiled autograd compiles two more graphs), the whole loop running only where they end early.
-BUDGET="${BUDGET:-420}"
-RUN_TIMEOUT="${RUN_TIMEOUT:-150}"
+# compile and --reads each): 390 lets the first three rows after them start too (about 80 s a 1.42B row, 45 s at
+# 124M), the whole loop running only where they end early. A row may take RUN_TIMEOUT: 180, since compiled
+# autograd compiles two more backward graphs of the 1.42B model; 390 + 180 stays within LIMIT.
+BUDGET="${BUDGET:-390}"
+RUN_TIMEOUT="${RUN_TIMEOUT:-180}"
 # The target rows also compile an evaluation and time 36 more steps (--reads): about 20 s more at 1.42B by the
 # last session's 0.54 s a step, so they get their own, longer limit.
 TARGET_TIMEOUT="${TARGET_TIMEOUT:-200}"
@@ -53,15 +54,18 @@ LOOP="${LOOP:-gpt2-124m:32}"  # preset:micro-batch of the whole-loop run (real s
 # some seconds more), and steps whose numbers are read at every step, at once and one step late (bench --reads:
 # what the trainer's late read of a log step saves, unmeasured on a GPU; see bench.time_reads for its steps).
 TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
-# First among the changes: the residual stream in 16 bits (--train.residual_dtype compute), new and unmeasured on
-# a GPU (on CPU, compiled, it left 2 bytes per LayerNorm input less for backward: 1.5 GiB by the estimate at 1.42B,
-# 8x4, which would bring the target row under 38 GiB without recasting the weights). Then FlashAttention-2 pinned
-# at 1.42B (with the preset's attention dropout, which costs 14 ms a step in cuDNN's kernels: never timed), the
-# rest as before, the twice-measured dropout-0 rows toward the end. Second: compiled autograd at 1.42B, which folds
-# the fp32 gradient accumulation (13 ms of eager adds per step in the last profile) into backward's kernels; with
-# the 16-bit stream too, as the two would be combined (at 124M, micro-batch 32, there is no accumulation to fold).
-RUNS="${RUNS-gpt-1.4b:8x4+train.residual_dtype=compute
-gpt-1.4b:8x4+train.residual_dtype=compute+train.compiled_autograd=true gpt2-124m:32x1+train.residual_dtype=compute
+# The changes, in this order:
+# 1. the residual stream in 16 bits (--train.residual_dtype compute) at both sizes, new and unmeasured on a GPU (on
+#    CPU, compiled, it left 2 bytes per LayerNorm input less for backward: 1.5 GiB by the estimate at 1.42B, 8x4,
+#    which would bring the target row under 38 GiB without recasting the weights);
+# 2. with it, compiled autograd at 1.42B (--train.compiled_autograd), which folds the fp32 gradient accumulation
+#    (13 ms of eager adds per step in the last profile) into backward's kernels, as the two would be combined (at
+#    124M, micro-batch 32, there is no accumulation to fold); the profile tells the two apart: the eager adds,
+#    kind "other", are among its top kernels, with their calls per step;
+# 3. compiled autograd alone; FlashAttention-2 pinned at 1.42B (with the preset's attention dropout, which costs
+#    14 ms a step in cuDNN's kernels: never timed); the rest as before, the twice-measured dropout-0 rows late.
+RUNS="${RUNS-gpt-1.4b:8x4+train.residual_dtype=compute gpt2-124m:32x1+train.residual_dtype=compute
+gpt-1.4b:8x4+train.residual_dtype=compute+train.compiled_autograd=true
 gpt-1.4b:8x4+train.compiled_autograd=true gpt-1.4b:8x4+train.attention=flash gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs
 gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0 gpt2-124m:12x1
 gpt-1.4b:8x4+train.recompute_weight_casts=true}"
