@@ -863,3 +863,31 @@ def test_a_failing_evaluation_compile_falls_back_to_eager_once(data_dir, tmp_pat
     warnings = [r.getMessage() for r in caplog.records if "compiled evaluation failed" in r.getMessage()]
     assert warnings == ["the compiled evaluation failed (RuntimeError: inductor: a lowering failed); "
                         "evaluating eagerly from now on (--train.compile_eval false skips the attempt)"]
+
+
+def test_bench_sweep_closes_the_trainer_of_a_size_that_does_not_fit(tmp_path, monkeypatch):
+    """A sweep stops at the first micro-batch that runs out of memory; that size's trainer is closed too (under DDP
+    its wrapper must not outlive the process group), and the rows of the sizes that fit stand."""
+    from gpttrain import bench
+    from gpttrain.config import parse_dotted, resolve
+    from gpttrain.trainer import Trainer
+
+    closed = []
+    real_step, real_close = Trainer.train_step, Trainer.close
+
+    def step(self, *args, **kwargs):
+        if self.cfg.train.micro_batch_size >= 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_step(self, *args, **kwargs)
+
+    def close(self):
+        closed.append(self.cfg.train.micro_batch_size)
+        real_close(self)
+
+    monkeypatch.setattr(Trainer, "train_step", step)
+    monkeypatch.setattr(Trainer, "close", close)
+    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
+    rows = []
+    assert bench.run_bench(cfg, rows.append, warmup=1, steps=1, sweep=True) == 0
+    assert closed == [1, 2, 4]
+    assert [r["micro_batch_size"] for r in rows[:-1]] == [1, 2] and rows[-1]["best_micro_batch_size"] in (1, 2)

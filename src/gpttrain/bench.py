@@ -357,6 +357,29 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     trainer = Trainer(cfg, info, train_loader=loader)
+    try:
+        res = _time_trainer(trainer, cfg, info, warmup, steps, profile, evaluation, reads)
+    finally:
+        trainer.close()  # also where a step failed (a sweep's size out of memory): DDP must not outlive its group
+    residual = trainer.residual_dtype
+    del trainer
+    if device.type == "cuda":
+        torch.cuda.empty_cache()  # the model and optimizer are gone: room for the 8192^3 matmuls
+        peak_measured = matmul_peak_tflops(device)
+        res["matmul_peak_tflops"] = peak_measured
+        res["peak_ratio"] = res["tflops"] / peak_measured
+    else:
+        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps, res["recompute_weight_casts"],
+                                     residual)
+        res["plain_step_s"] = plain
+        res["overhead"] = res["step_s"] / plain - 1
+    return res
+
+
+def _time_trainer(trainer, cfg: Config, info, warmup: int, steps: int, profile: bool, evaluation: bool,
+                  reads: bool) -> dict:
+    """The row of one trainer: its timed steps, and what `profile`, `evaluation` and `reads` ask for."""
+    device = info.device
     step_s = _time_steps(trainer.train_step, device, warmup, steps)
     tok_s = trainer.tokens_per_step / step_s
     per_gpu = tok_s / info.world_size
@@ -393,17 +416,4 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         except Exception as e:  # the timed row stands without it, as with --profile
             res["eval"] = {"error": f"{type(e).__name__}: {e}"}
             log.warning("bench --eval failed: %s: %s", type(e).__name__, e)
-    residual = trainer.residual_dtype
-    trainer.close()
-    del trainer
-    if device.type == "cuda":
-        torch.cuda.empty_cache()  # the model and optimizer are gone: room for the 8192^3 matmuls
-        peak_measured = matmul_peak_tflops(device)
-        res["matmul_peak_tflops"] = peak_measured
-        res["peak_ratio"] = tflops / peak_measured
-    else:
-        plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps, res["recompute_weight_casts"],
-                                     residual)
-        res["plain_step_s"] = plain
-        res["overhead"] = step_s / plain - 1
     return res
