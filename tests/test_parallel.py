@@ -2,8 +2,10 @@
 
 import copy
 import functools
+import gc
 import json
 import re
+import weakref
 
 import pytest
 import torch
@@ -566,7 +568,7 @@ def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
     with gloo_rank(rank, world, port) as info:
         before = torch._dynamo.config.optimize_ddp
         result = {}
-        for on in (True, False):
+        for on in (False, True):  # plain DDP first: the Python reducer changes torch settings for good
             counters.clear()
             cfg = tiny_config(data_dir, run_dir / str(on), "--train.precision", "bf16-mixed", "--train.compile", "on",
                               "--train.grad_accum_steps", "3", "--train.compiled_autograd", str(on).lower())
@@ -577,7 +579,10 @@ def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
             result[str(on)] = {"losses": steps_of(trainer, 3), "grads": {n: g.tolist() for n, g in grads.items()}}
             # The backward was compiled, not run by autograd with the Python reducer's hooks one by one.
             assert counters["compiled_autograd"]["captures"] == (2 if on else 0)
+            ddp = weakref.ref(trainer.ddp)
             trainer.close()
+            gc.collect()
+            assert ddp() is None  # freed: no DDP outlives the process group
             torch._dynamo.reset()
         if rank == 0:
             with open(out, "w") as f:
