@@ -113,9 +113,10 @@ class TrainConfig:
     # auto = fp32, except under FSDP, which casts every block's input to the compute dtype: compute there (fp32 is
     # refused).
     residual_dtype: Literal["auto", "fp32", "compute"] = "auto"
-    # Compile backward together with the gradient accumulation (torch's compiled autograd; needs compile, not
-    # FSDP): from the second micro-step on, each fp32 gradient is added into .grad inside backward's fused kernels
-    # instead of by an eager add per parameter (13 ms of a 537 ms step at 1.42B, 8x4, on an H200 profile).
+    # Compile backward together with the gradient accumulation (torch's compiled autograd; needs compile; not FSDP
+    # or the CUDA-graph compile modes): from the second micro-step on, each fp32 gradient is added into .grad inside
+    # backward's fused kernels instead of by an eager add per parameter (13 ms of a 537 ms step at 1.42B, 8x4, on an
+    # H200 profile).
     compiled_autograd: bool = False
     checkpoint_every: int = 0  # 0 = only at the end and on signals
     keep_checkpoints: int = 3
