@@ -258,12 +258,20 @@ def _sdpa_failure(backend: SDPBackend, device: torch.device, dtype: torch.dtype,
 
 def wrap_ddp(model: nn.Module, info: DistInfo, python_reducer: bool = False) -> nn.Module:
     """DDP, gradients as views into its buckets. `python_reducer` for --train.compiled_autograd: DDP's C++ reducer
-    cannot run inside a compiled backward; its Python reducer can, its all-reduces traced into that graph (torch
-    reads the setting when DDP is built, and DDPOptimizer's graph splits at compile time do not apply to it)."""
+    cannot run inside a compiled backward; its Python reducer can, its all-reduces traced into that graph. DDP picks
+    its reducer from the setting when built; dynamo reads it again at each compile, but only to split graphs for
+    the DDP whose forward is running, which a Python-reducer DDP never marks. Release it with `release_ddp`."""
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     mode = "python_reducer" if python_reducer else torch._dynamo.config.optimize_ddp
     with torch._dynamo.config.patch(optimize_ddp=mode):
         return DistributedDataParallel(model, device_ids=device_ids, gradient_as_bucket_view=True)
+
+
+def release_ddp(ddp: nn.Module | None) -> None:
+    """Undo what keeps a DDP alive once dropped: the Python reducer's hook on every parameter closes over the DDP
+    and is held from C++, so without this a DDP built by `wrap_ddp(..., python_reducer=True)` outlives its group."""
+    for hook in getattr(ddp, "_accum_grad_hooks", ()):
+        hook.remove()
 
 
 def strategy_for(requested: str, info: DistInfo) -> str:

@@ -50,6 +50,7 @@ from gpttrain.parallel import (
     compile_wanted,
     compiled_autograd,
     recompute_weight_casts,
+    release_ddp,
     residual_dtype_for,
     strategy_for,
     wrap_ddp,
@@ -382,10 +383,7 @@ class Trainer:
         """Drop what holds the process group (DDP's reducer, FSDP's state, the optimizer's references) before
         the group is destroyed: a DDP module that outlives destroy_process_group can abort the process at
         exit ("terminate called without an active exception"), seen in about one 2-rank run in eight."""
-        # A DDP with the Python reducer (--train.compiled_autograd) hooks every parameter with closures over
-        # itself, held from C++: removed, or that DDP outlives the group.
-        for hook in getattr(self.ddp, "_accum_grad_hooks", ()):
-            hook.remove()
+        release_ddp(self.ddp)
         self.wrapped = self.ddp = self._eval_model = None
         self.model = self.optimizer = None
         gc.collect()
