@@ -628,3 +628,20 @@ def test_compiled_autograd_where_it_cannot_run_is_refused(tmp_path):
         check_compiled_autograd(True, "fsdp", "default")
     check_compiled_autograd(True, "ddp", "default")  # accepted
     check_compiled_autograd(True, "single", "max-autotune-no-cudagraphs")
+
+
+def test_compiled_autograd_without_accumulation_warns(tmp_path, caplog):
+    """At one micro-step a step there is nothing to fold: the trainer says so, once, and goes on."""
+    from tests.helpers import build_trainer, make_data, single_info, tiny_config
+
+    data = make_data(tmp_path)
+    said = "--train.compiled_autograd true with --train.grad_accum_steps 1: there is no gradient accumulation"
+    for accum, warned in (("1", True), ("2", False)):
+        caplog.clear()
+        cfg = tiny_config(data, tmp_path / f"run{accum}", "--train.precision", "bf16-mixed", "--train.compile", "on",
+                          "--train.compiled_autograd", "true", "--train.grad_accum_steps", accum)
+        with caplog.at_level("WARNING", logger="gpttrain"):
+            trainer = build_trainer(cfg, single_info())
+        trainer.close()
+        assert sum(said in r.message for r in caplog.records) == int(warned), caplog.text
+        assert "Python reducer" not in caplog.text  # one process: no DDP

@@ -284,6 +284,11 @@ class Trainer:
             check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
         if cfg.train.compiled_autograd:
             check_compiled_autograd(self.compiled, self.strategy, cfg.train.compile_mode)
+            if cfg.train.grad_accum_steps == 1 and info.is_main:
+                log.warning("--train.compiled_autograd true with --train.grad_accum_steps 1: there is no gradient "
+                            "accumulation to fold into backward, which is what the flag is for; it still compiles "
+                            "the whole backward once more%s: drop it unless you are comparing",
+                            " and builds DDP with its Python reducer" if self.strategy == "ddp" else "")
         self.recast = self.memory_layout()["recompute_casts"]  # the weight casts recomputed in backward
         if cfg.train.recompute_weight_casts == "auto" and info.distributed:
             # One choice for all ranks, whatever their GPUs' sizes: recast where any rank needs it.
