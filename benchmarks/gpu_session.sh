@@ -62,11 +62,17 @@ TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
 #    (13 ms of eager adds per step in the last profile) into backward's kernels, as the two would be combined (at
 #    124M, micro-batch 32, there is no accumulation to fold); the profile tells the two apart: the eager adds,
 #    kind "other", are among its top kernels, with their calls per step;
-# 3. compiled autograd alone; FlashAttention-2 pinned at 1.42B (with the preset's attention dropout, which costs
-#    14 ms a step in cuDNN's kernels: never timed); the rest as before, the twice-measured dropout-0 rows late.
+# 3. with it, the blocks' dropout masks drawn again in backward at 1.42B (--train.recompute_dropout_masks, new and
+#    unmeasured on a GPU: 0.75 GiB less by the estimate, the same losses; its cost is a second draw of those random
+#    numbers in backward against a mask written and read less);
+# 4. compiled autograd alone; FlashAttention-2 pinned at 1.42B (with the preset's attention dropout, which costs
+#    14 ms a step in cuDNN's kernels: never timed); the masks redrawn at 124M, where dropout costs 8% of a step;
+#    the rest as before, the twice-measured dropout-0 rows late.
 RUNS="${RUNS-gpt-1.4b:8x4+train.residual_dtype=compute gpt2-124m:32x1+train.residual_dtype=compute
 gpt-1.4b:8x4+train.residual_dtype=compute+train.compiled_autograd=true
-gpt-1.4b:8x4+train.compiled_autograd=true gpt-1.4b:8x4+train.attention=flash gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs
+gpt-1.4b:8x4+train.residual_dtype=compute+train.recompute_dropout_masks=true
+gpt-1.4b:8x4+train.compiled_autograd=true gpt-1.4b:8x4+train.attention=flash
+gpt2-124m:32x1+train.recompute_dropout_masks=true gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs
 gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0 gpt2-124m:12x1
 gpt-1.4b:8x4+train.recompute_weight_casts=true}"
 python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),

@@ -100,6 +100,7 @@ SPEED_OPTIONS = {
     "fp8": ("--train.fp8", "true"),
     "fused_loss": ("--train.fused_loss", "on"),  # the chunked loss, compiled (the default only in eager mode)
     "recast": ("--train.recompute_weight_casts", "true"),
+    "dropout_masks": ("--model.drop_rate", "0.1", "--train.recompute_dropout_masks", "true"),
     # Two micro-steps: the second one's accumulation is what compiled autograd folds into backward.
     "compiled_autograd": ("--train.compiled_autograd", "true", "--train.grad_accum_steps", "2"),
     # fp8's linears are autograd Functions over tensor subclasses, which compiled autograd must trace too.
@@ -174,6 +175,44 @@ def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
     (held_k, peak_k, grads_k), (held_r, peak_r, grads_r) = results["kept"], results["recast"]
     assert held_k - held_r >= 0.95 * copies, (held_k, held_r, copies)
     assert peak_k - peak_r >= 0.5 * copies, (peak_k, peak_r, copies)  # one block's copies may be back at once
+    torch.testing.assert_close(grads_r, grads_k, rtol=1e-3, atol=1e-5)
+
+
+def test_redrawn_dropout_masks_on_cuda():
+    """Compiled, bf16 autocast, dropout 0.1: with the blocks' masks drawn again in backward, forward leaves about
+    their bytes (1 per element, two per block) less allocated for backward, and the loss and gradients are those
+    of the kept masks: triton's generator draws the same numbers from the same seeds in backward."""
+    from gpttrain.config import resolve
+    from gpttrain.model import build_model
+    from gpttrain.parallel import recompute_dropout_masks
+
+    cfg = resolve("tiny").model
+    cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.context_length, cfg.drop_rate = 512, 4, 4096, 256, 0.1
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (16, cfg.context_length + 1), generator=g).cuda()
+    results = {}
+    for name in ("kept", "redrawn"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        model = build_model(cfg, torch.device("cuda"))
+        if name == "redrawn":
+            recompute_dropout_masks(model)
+        run = torch.compile(model)
+        for step in range(2):
+            torch.manual_seed(1 + step)  # the same seeds for inductor's generator in both
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = run(x[:, :-1], x[:, 1:])
+            held = torch.cuda.memory_allocated() - before
+            loss.backward()
+        torch.cuda.synchronize()
+        results[name] = (held, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
+        del model, run, loss
+    masks = 2 * cfg.n_layers * 16 * cfg.context_length * cfg.emb_dim
+    (held_k, loss_k, grads_k), (held_r, loss_r, grads_r) = results["kept"], results["redrawn"]
+    assert held_k - held_r >= 0.95 * masks, (held_k, held_r, masks)
+    assert loss_r == pytest.approx(loss_k, rel=1e-6)
     torch.testing.assert_close(grads_r, grads_k, rtol=1e-3, atol=1e-5)
 
 

@@ -645,3 +645,74 @@ def test_compiled_autograd_without_accumulation_warns(tmp_path, caplog):
         trainer.close()
         assert sum(said in r.message for r in caplog.records) == int(warned), caplog.text
         assert "Python reducer" not in caplog.text  # one process: no DDP
+
+
+def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path):
+    """bf16-mixed, compiled, dropout 0.1: with the blocks' dropout masks drawn again in backward, the
+    same masks (inductor's counter-based generator, the same seeds), so the same losses and accumulated gradients
+    (to fp32 rounding); and backward keeps no mask: the bytes saved for it fall by what the memory estimate says,
+    2 bytes per token and width per block, less the few bytes of the seeds kept in their place."""
+    from gpttrain.memory import estimate_training_memory
+    from gpttrain.parallel import _recomputed_dropout_forward
+    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
+
+    data = make_data(tmp_path)
+    runs = {}
+    for on in (False, True):
+        cfg = tiny_config(data, tmp_path / f"run-{on}", "--train.precision", "bf16-mixed", "--train.compile", "on",
+                          "--model.drop_rate", "0.1", "--train.recompute_dropout_masks", str(on).lower())
+        trainer = build_trainer(cfg, single_info())
+        redrawn = [m for m in trainer.model.modules()
+                   if getattr(m.forward, "func", None) is _recomputed_dropout_forward]
+        assert len(redrawn) == (2 * cfg.model.n_layers if on else 0)  # the blocks' two each, not the embeddings'
+        saved: dict[tuple, int] = {}  # what one step's forward keeps for backward, once each
+
+        def pack(t, saved=saved):
+            saved[(t.data_ptr(), t.dtype, t.shape)] = t.nbytes
+            return t
+
+        grads = _first_step_grads(trainer)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.train_step()
+        losses = steps_of(trainer, 3)
+        layout = trainer.memory_layout()
+        trainer.close()
+        runs[on] = grads, losses, sum(saved.values()), layout
+    (plain_grads, plain_losses, plain_saved, layout), (grads, losses, redrawn_saved, _) = runs[False], runs[True]
+    for name, g in grads.items():
+        torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-7)
+    assert losses == pytest.approx(plain_losses, rel=1e-6)
+    m, mb = cfg.model, cfg.train.micro_batch_size
+    masks = 2 * m.n_layers * mb * m.context_length * m.emb_dim
+    estimated = (estimate_training_memory(m, mb, **dict(layout, recompute_dropout=False)).total
+                 - estimate_training_memory(m, mb, **dict(layout, recompute_dropout=True)).total)
+    assert estimated == masks
+    assert masks - 64 <= plain_saved - redrawn_saved < masks  # the seeds: one int64 per random op
+
+
+def test_recompute_dropout_masks_where_it_cannot_help_is_refused(tmp_path, capsys):
+    from gpttrain.cli import main
+    from tests.helpers import refused_train
+
+    flag = ("--train.recompute_dropout_masks", "true")
+    assert refused_train(tmp_path, "--train.compile", "on", *flag) == (
+        "error: --train.recompute_dropout_masks true: --model.drop_rate is 0, so there are no dropout masks; drop "
+        "the flag")
+    # On a CPU, compile auto is off.
+    assert refused_train(tmp_path, "--model.drop_rate", "0.1", *flag) == (
+        "error: --train.recompute_dropout_masks true needs torch.compile (--train.compile on): eager autograd would "
+        "keep each dropout's input in place of its mask, which takes more memory, not less")
+    assert refused_train(tmp_path, "--model.drop_rate", "0.1", "--train.compile", "on",
+                         "--train.activation_checkpointing", "true", *flag) == (
+        "error: --train.recompute_dropout_masks true: --train.activation_checkpointing already recomputes every "
+        "block, its dropout masks included; drop one of the two")
+    # gpttrain info refuses as a GPU run would, and otherwise counts no masks.
+    assert main(["info", "--preset", "gpt-1.4b", "--train.activation_checkpointing", "true", *flag]) == 2
+    assert "activation_checkpointing already recomputes every block" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt-1.4b", "--json"]) == 0
+    kept = json.loads(capsys.readouterr().out)["memory_gib"][0]
+    assert main(["info", "--preset", "gpt-1.4b", "--json", *flag]) == 0
+    drawn = json.loads(capsys.readouterr().out)["memory_gib"][0]
+    assert (kept["precision"], kept["activation_checkpointing"]) == ("fp32", False)
+    # gpt-1.4b, micro-batch 8: 2 bytes x 8 x 1024 tokens x 2048 wide x 24 blocks.
+    assert kept["activations"] - drawn["activations"] == pytest.approx(2 * 8 * 1024 * 2048 * 24 / 1024**3)

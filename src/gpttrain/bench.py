@@ -31,6 +31,7 @@ from gpttrain.parallel import (
     compile_model,
     compile_wanted,
     compiled_autograd,
+    recompute_dropout_masks,
     recompute_weight_casts,
 )
 
@@ -253,8 +254,9 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
                          recast: bool = False, residual_dtype: torch.dtype | None = None) -> float:
     """The baseline: the textbook loop (forward, loss, backward, clip, AdamW) with nothing else, around the model
     the trainer builds (the same builder, fp8 linears, chunked loss, activation checkpointing, recast weights,
-    compile, compiled autograd, attention kernel; `recast` and `residual_dtype`: the trainer's resolved
-    --train.recompute_weight_casts and residual stream's dtype), so `overhead` is the cost of the loop alone."""
+    dropout masks drawn again in backward, compile, compiled autograd, attention kernel; `recast` and
+    `residual_dtype`: the trainer's resolved --train.recompute_weight_casts and residual stream's dtype), so
+    `overhead` is the cost of the loop alone."""
     torch.manual_seed(cfg.train.seed)
     model = build_local_model(cfg.model, device, precision, fp8=cfg.train.fp8)
     compiled = compile_wanted(cfg.train.compile, device)
@@ -265,6 +267,8 @@ def plain_loop_step_time(cfg: Config, device: torch.device, precision: str, warm
         apply_activation_checkpointing(model)
     if recast:
         recompute_weight_casts(model)
+    if cfg.train.recompute_dropout_masks:
+        recompute_dropout_masks(model)
     opt = build_optimizer(model, cfg.optim, cfg.optim.lr, device)
     run = model
     if compiled:
@@ -392,6 +396,7 @@ def _time_trainer(trainer, cfg: Config, info, warmup: int, steps: int, profile: 
         "compile": compiled, "compile_mode": cfg.train.compile_mode if compiled else None,
         "compile_scope": cfg.train.compile_scope if compiled else None, "attention": cfg.train.attention,
         "fp8": cfg.train.fp8, "recompute_weight_casts": trainer.recast,
+        "recompute_dropout_masks": cfg.train.recompute_dropout_masks,
         "fused_loss": trainer.model.chunked_loss,
         "residual_dtype": str(trainer.residual_dtype).removeprefix("torch.") if trainer.residual_dtype else None,
         "compiled_autograd": cfg.train.compiled_autograd,

@@ -21,6 +21,7 @@ from gpttrain.model import count_params
 from gpttrain.parallel import (
     AUTOCAST_DTYPES,
     check_compiled_autograd,
+    check_recompute_dropout_masks,
     check_recompute_weight_casts,
     residual_dtype_for,
 )
@@ -70,6 +71,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     if cfg.train.recompute_weight_casts is True:
         check_recompute_weight_casts(gpu_precision, cfg.train.compile != "off", gpu_strategy)
     residual_dtype_for(cfg.train.residual_dtype, gpu_precision, gpu_strategy)
+    if cfg.train.recompute_dropout_masks:
+        check_recompute_dropout_masks(cfg.train.compile != "off", cfg.model.drop_rate,
+                                      cfg.train.activation_checkpointing)
     if cfg.train.compiled_autograd:
         check_compiled_autograd(cfg.train.compile != "off", gpu_strategy, cfg.train.compile_mode)
     m = cfg.model
@@ -132,9 +136,11 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
                  f"{'yes' if r['total'] <= gpu_mem_gib else 'no'}")
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
-             "activ.: the mixed-precision rows with the residual stream in %s; logits: %s; add ~1 GiB for the CUDA "
-             "context.)%s", "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
+             "activ.: the mixed-precision rows with the residual stream in %s%s; logits: %s; add ~1 GiB for the "
+             "CUDA context.)%s", "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
              else "fp32 under DDP, in 16 bits under FSDP (--train.residual_dtype)",
+             ", the rows without 'ckpt' with no dropout masks kept (--train.recompute_dropout_masks)"
+             if cfg.train.recompute_dropout_masks else "",
              "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
              else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"
                                                              if gpu_layout(cfg, "fp32", gpu_mem_gib)["fused_loss"]

@@ -46,9 +46,11 @@ class MemoryEstimate:
         return d
 
 
-def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, norm_inputs_16bit: bool = False) -> float:
-    """Bytes saved for backward per token per block, in units of emb_dim."""
-    masks = 2 if cfg.drop_rate > 0 else 0  # attention-output and MLP dropout masks (1 byte each)
+def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, norm_inputs_16bit: bool = False,
+                                      masks_kept: bool = True) -> float:
+    """Bytes saved for backward per token per block, in units of emb_dim. `masks_kept`: False where the dropout
+    masks are drawn again in backward (`--train.recompute_dropout_masks`)."""
+    masks = 2 if cfg.drop_rate > 0 and masks_kept else 0  # attention-output and MLP dropout masks (1 byte each)
     # 16 saved tensors of width emb_dim per token: LN inputs (2), LN outputs fed to qkv/fc (2),
     # q, k, v, attention output (4), MLP hidden before/after GELU (2 x 4).
     if precision == "fp32":
@@ -79,13 +81,15 @@ def run_layout(model: ModelConfig, train, precision: str, compiled: bool, gpu_by
     """`estimate_training_memory`'s keywords for a GPU run of `model` with `train` (the config's TrainConfig) in
     `precision`, compiled or not, on GPUs of `gpu_bytes`: the loss `--train.fused_loss` picks there and whether
     the weight casts are recomputed; `overrides` (strategy, world_size, activation_checkpointing, recompute_casts)
-    on top. `--train.recompute_weight_casts auto` recomputes them where that applies (`recast_applies`) and the
-    estimate without it is over USABLE_SHARE of `gpu_bytes` (never where `gpu_bytes` is 0: no GPU). `gpttrain
-    info`, the trainer and its OOM message share it."""
+    on top; `recompute_dropout` is `--train.recompute_dropout_masks`. `--train.recompute_weight_casts auto`
+    recomputes the casts where that applies (`recast_applies`) and the estimate without it is over USABLE_SHARE
+    of `gpu_bytes` (never where `gpu_bytes` is 0: no GPU). `gpttrain info`, the trainer and its OOM message share
+    it."""
     head = compiles_head(compiled, train.compile_scope)
     layout = dict(precision=precision, compiled=compiled, compile_scope=train.compile_scope,
                   fused_loss=chunked_loss_wanted(train.fused_loss, "cuda", precision, head),
                   activation_checkpointing=train.activation_checkpointing, recompute_casts=False)
+    layout["recompute_dropout"] = train.recompute_dropout_masks
     layout.update(overrides)
     layout.setdefault("residual_16bit", residual_is_16bit(train.residual_dtype, precision,
                                                           layout.get("strategy", "ddp")))
@@ -115,6 +119,7 @@ def estimate_training_memory(
     compile_scope: str = "model",
     recompute_casts: bool = False,
     residual_16bit: bool | None = None,
+    recompute_dropout: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
@@ -125,7 +130,9 @@ def estimate_training_memory(
     or activation checkpointing: then the copies are made again in backward and about one block's is held.
     `residual_16bit`: the residual stream in the compute dtype (`--train.residual_dtype`), not fp32; None: as
     `auto` makes it (16 bits under FSDP). Eager autograd saves autocast's fp32 copies of LayerNorm's inputs even
-    so: only a compiled run saves them in 16 bits."""
+    so: only a compiled run saves them in 16 bits. `recompute_dropout`: the blocks' dropout masks drawn again in
+    backward (`--train.recompute_dropout_masks`), which a compiled run without activation checkpointing does not
+    keep."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
     P = count_params(cfg)
@@ -156,7 +163,9 @@ def estimate_training_memory(
     stream_16bit = precision == "bf16-pure" or (residual_16bit and half)
     resid = 2 if stream_16bit else 4  # the residual stream's dtype
     # LayerNorm inputs, saved as autocast's fp32 copies of a 16-bit stream except where torch.compile compiled them.
-    per_layer = _activation_bytes_per_token_layer(cfg, precision, stream_16bit and compiled)
+    per_layer = _activation_bytes_per_token_layer(cfg, precision, stream_16bit and compiled,
+                                                  masks_kept=not (recompute_dropout and compiled
+                                                                  and not activation_checkpointing))
     final_norm_in = 2 if stream_16bit and (precision == "bf16-pure" or compiles_head(compiled, compile_scope)) else 4
     if activation_checkpointing:
         # Each block keeps only its input; one block's activations are live during its recompute.

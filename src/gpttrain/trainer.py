@@ -45,10 +45,12 @@ from gpttrain.parallel import (
     build_local_model,
     check_attention,
     check_compiled_autograd,
+    check_recompute_dropout_masks,
     check_recompute_weight_casts,
     compile_model,
     compile_wanted,
     compiled_autograd,
+    recompute_dropout_masks,
     recompute_weight_casts,
     release_ddp,
     residual_dtype_for,
@@ -282,6 +284,8 @@ class Trainer:
         self.compiled = compile_wanted(cfg.train.compile, self.device)
         if cfg.train.recompute_weight_casts is True:
             check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
+        if cfg.train.recompute_dropout_masks:
+            check_recompute_dropout_masks(self.compiled, cfg.model.drop_rate, cfg.train.activation_checkpointing)
         if cfg.train.compiled_autograd:
             check_compiled_autograd(self.compiled, self.strategy, cfg.train.compile_mode)
             if cfg.train.grad_accum_steps == 1 and info.is_main:
@@ -351,6 +355,8 @@ class Trainer:
             apply_activation_checkpointing(self.model)
         if self.recast:
             recompute_weight_casts(self.model)
+        if self.cfg.train.recompute_dropout_masks:
+            recompute_dropout_masks(self.model)
         # DDP first, then compile: the compiler splits the graph at DDP's buckets (DDPOptimizer), so
         # gradient all-reduces overlap backward instead of all waiting for its end.
         self.ddp = (wrap_ddp(model, self.info, python_reducer=self.cfg.train.compiled_autograd)
@@ -591,6 +597,11 @@ class Trainer:
                                               t.activation_checkpointing, t.fp8):
             recast = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_casts=True))
             msg += f" --train.recompute_weight_casts true would save about {(est.total - recast.total) / GIB:.1f} GiB."
+        if (self.cfg.model.drop_rate > 0 and self.compiled and not t.activation_checkpointing
+                and not t.recompute_dropout_masks):
+            drawn = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_dropout=True))
+            msg += (f" --train.recompute_dropout_masks true would save about {(est.total - drawn.total) / GIB:.1f} "
+                    "GiB.")
         if self.precision in AUTOCAST_DTYPES and not layout["residual_16bit"]:
             half = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, residual_16bit=True))
             if half.total < est.total:  # eager autograd keeps fp32 copies of the LayerNorm inputs either way
