@@ -58,19 +58,21 @@ TARGETS="${TARGETS-gpt-1.4b:8x4 gpt2-124m:32x1}"
 # 1. the residual stream in 16 bits (--train.residual_dtype compute) at both sizes, new and unmeasured on a GPU (on
 #    CPU, compiled, it left 2 bytes per LayerNorm input less for backward: 1.5 GiB by the estimate at 1.42B, 8x4,
 #    which would bring the target row under 38 GiB without recasting the weights);
-# 2. with it, compiled autograd at 1.42B (--train.compiled_autograd), which folds the fp32 gradient accumulation
+# 2. with it, the blocks' dropout masks drawn again in backward at 1.42B (--train.recompute_dropout_masks, new and
+#    unmeasured on a GPU: 0.75 GiB less by the estimate, the same losses; its cost is a second draw of those random
+#    numbers in backward against a mask written and read less): with the stream, the memory target's candidate;
+# 3. with it, compiled autograd at 1.42B (--train.compiled_autograd), which folds the fp32 gradient accumulation
 #    (13 ms of eager adds per step in the last profile) into backward's kernels, as the two would be combined (at
 #    124M, micro-batch 32, there is no accumulation to fold); the profile tells the two apart: the eager adds,
 #    kind "other", are among its top kernels, with their calls per step;
-# 3. with it, the blocks' dropout masks drawn again in backward at 1.42B (--train.recompute_dropout_masks, new and
-#    unmeasured on a GPU: 0.75 GiB less by the estimate, the same losses; its cost is a second draw of those random
-#    numbers in backward against a mask written and read less);
+# The targets take about 220 s of BUDGET, which leaves one call about the first three rows (1 and 2); the rest
+# (3 on) is for later calls:
 # 4. compiled autograd alone; FlashAttention-2 pinned at 1.42B (with the preset's attention dropout, which costs
 #    14 ms a step in cuDNN's kernels: never timed); the masks redrawn at 124M, where dropout costs 8% of a step;
 #    the rest as before, the twice-measured dropout-0 rows late.
 RUNS="${RUNS-gpt-1.4b:8x4+train.residual_dtype=compute gpt2-124m:32x1+train.residual_dtype=compute
-gpt-1.4b:8x4+train.residual_dtype=compute+train.compiled_autograd=true
 gpt-1.4b:8x4+train.residual_dtype=compute+train.recompute_dropout_masks=true
+gpt-1.4b:8x4+train.residual_dtype=compute+train.compiled_autograd=true
 gpt-1.4b:8x4+train.compiled_autograd=true gpt-1.4b:8x4+train.attention=flash
 gpt2-124m:32x1+train.recompute_dropout_masks=true gpt2-124m:32x1+train.compile_mode=max-autotune-no-cudagraphs
 gpt2-124m:32x1+model.drop_rate=0 gpt-1.4b:8x4+model.drop_rate=0 gpt2-124m:12x1

@@ -651,7 +651,8 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
     """bf16-mixed, compiled, dropout 0.1: with the blocks' dropout masks drawn again in backward, the
     same masks (inductor's counter-based generator, the same seeds), so the same losses and accumulated gradients
     (to fp32 rounding); and backward keeps no mask: the bytes saved for it fall by what the memory estimate says,
-    2 bytes per token and width per block, less the few bytes of the seeds kept in their place."""
+    2 bytes per token and width per block, less the bytes of the seeds kept in their place. Evaluation (eval mode)
+    has no dropout either way."""
     from gpttrain.memory import estimate_training_memory
     from gpttrain.parallel import _recomputed_dropout_forward
     from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
@@ -665,6 +666,9 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
         redrawn = [m for m in trainer.model.modules()
                    if getattr(m.forward, "func", None) is _recomputed_dropout_forward]
         assert len(redrawn) == (2 * cfg.model.n_layers if on else 0)  # the blocks' two each, not the embeddings'
+        trainer.model.eval()  # with autograd on: eval mode alone must turn the dropout off
+        evaluated = trainer.model(torch.arange(cfg.model.context_length).unsqueeze(0)).detach()
+        trainer.model.train()
         saved: dict[tuple, int] = {}  # what one step's forward keeps for backward, once each
 
         def pack(t, saved=saved):
@@ -677,8 +681,11 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
         losses = steps_of(trainer, 3)
         layout = trainer.memory_layout()
         trainer.close()
-        runs[on] = grads, losses, sum(saved.values()), layout
-    (plain_grads, plain_losses, plain_saved, layout), (grads, losses, redrawn_saved, _) = runs[False], runs[True]
+        seeds = sum(n for (_, dtype, shape), n in saved.items() if dtype == torch.int64 and len(shape) == 1)
+        runs[on] = grads, losses, sum(saved.values()), seeds, evaluated, layout
+    (plain_grads, plain_losses, plain_saved, plain_seeds, plain_evaluated, layout) = runs[False]
+    grads, losses, redrawn_saved, seeds, evaluated, _ = runs[True]
+    assert torch.equal(evaluated, plain_evaluated)
     for name, g in grads.items():
         torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-7)
     assert losses == pytest.approx(plain_losses, rel=1e-6)
@@ -687,7 +694,10 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
     estimated = (estimate_training_memory(m, mb, **dict(layout, recompute_dropout=False)).total
                  - estimate_training_memory(m, mb, **dict(layout, recompute_dropout=True)).total)
     assert estimated == masks
-    assert masks - 64 <= plain_saved - redrawn_saved < masks  # the seeds: one int64 per random op
+    # The seeds: inductor's one int64 per random op of the step, kept for backward only where it draws again.
+    seeds -= plain_seeds
+    assert 0 < seeds <= 8 * 16
+    assert plain_saved - redrawn_saved == masks - seeds
 
 
 def test_recompute_dropout_masks_where_it_cannot_help_is_refused(tmp_path, capsys):

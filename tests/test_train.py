@@ -294,6 +294,24 @@ def test_oom_message_points_to_the_16_bit_residual_stream_where_it_applies(data_
                                                                    "eager": False, "fp32 run": False}
 
 
+def test_oom_message_points_to_redrawn_dropout_masks_where_they_apply(data_dir, tmp_path, monkeypatch):
+    hints = {}
+    drop = ("--model.drop_rate", "0.1")
+    for name, flags in (("kept", (*drop, "--train.compile", "on")),
+                        ("redrawn", (*drop, "--train.compile", "on", "--train.recompute_dropout_masks", "true")),
+                        ("no dropout", ("--train.compile", "on")),
+                        ("eager", (*drop, "--train.compile", "off")),
+                        ("checkpointed", (*drop, "--train.compile", "on", "--train.activation_checkpointing", "true"))):
+        cfg = tiny_config(data_dir, tmp_path / name.replace(" ", "-"), "--train.precision", "bf16-mixed", *flags)
+        trainer = build_trainer(cfg, single_info())
+        monkeypatch.setattr(trainer, "device_memory", lambda: 1 << 20)  # nothing fits
+        hints[name] = re.search(r"--train.recompute_dropout_masks true would save about \d+\.\d GiB",
+                                trainer._oom_message())
+    # Compiled, with dropout, without the flag only (activation checkpointing recomputes the masks already).
+    assert {name: bool(hint) for name, hint in hints.items()} == {"kept": True, "redrawn": False, "no dropout": False,
+                                                                   "eager": False, "checkpointed": False}
+
+
 def _train_benchmark(tmp_path, *args: str):
     import subprocess
     import sys

@@ -139,7 +139,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
              "activ.: the mixed-precision rows with the residual stream in %s%s; logits: %s; add ~1 GiB for the "
              "CUDA context.)%s", "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
              else "fp32 under DDP, in 16 bits under FSDP (--train.residual_dtype)",
-             ", the rows without 'ckpt' with no dropout masks kept (--train.recompute_dropout_masks)"
+             "; dropout masks: none kept in the rows without 'ckpt' (--train.recompute_dropout_masks)"
              if cfg.train.recompute_dropout_masks else "",
              "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
              else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"

@@ -121,8 +121,9 @@ def recompute_dropout_masks(model: nn.Module) -> None:
     2 bytes per token and width per block less memory (0.75 GiB at 1.42B, micro-batch 8), for drawing those random
     numbers twice. The numbers are the same (inductor's generator is counter-based: a seed and each element's
     index), so a run's losses and gradients are what they are without it. Takes effect under torch.compile; in
-    eager autograd a checkpoint keeps the dropout's input, which is larger than its mask. The embeddings' dropout,
-    one mask for the whole model, is left as it is (it runs eager under `--train.compile_scope blocks`)."""
+    eager autograd (and in a compiled block that breaks its graph there) a checkpoint keeps the dropout's input,
+    which is larger than its mask. The embeddings' dropout, one mask for the whole model, is left as it is (it
+    runs eager under `--train.compile_scope blocks`)."""
     for block in model.blocks:
         for module in block.modules():
             if type(module) is nn.Dropout:
