@@ -726,3 +726,20 @@ def test_recompute_dropout_masks_where_it_cannot_help_is_refused(tmp_path, capsy
     assert (kept["precision"], kept["activation_checkpointing"]) == ("fp32", False)
     # gpt-1.4b, micro-batch 8: 2 bytes x 8 x 1024 tokens x 2048 wide x 24 blocks.
     assert kept["activations"] - drawn["activations"] == pytest.approx(2 * 8 * 1024 * 2048 * 24 / 1024**3)
+
+
+def test_redrawn_dropout_masks_leave_the_model_one_graph():
+    """The checkpoint around each dropout is traced into the compiled graph, not a graph break: at a break it
+    would run eagerly and keep the dropout's input, more memory than the mask it replaces."""
+    from gpttrain.config import resolve
+    from gpttrain.model import build_model
+    from gpttrain.parallel import recompute_dropout_masks
+
+    cfg = resolve("tiny").model
+    cfg.drop_rate = 0.1
+    model = build_model(cfg, torch.device("cpu"))
+    recompute_dropout_masks(model)
+    x = torch.randint(0, cfg.vocab_size, (2, cfg.context_length))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explained = torch._dynamo.explain(model)(x, x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
