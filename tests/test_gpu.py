@@ -138,6 +138,35 @@ def test_speed_options_train_on_cuda_without_host_syncs(tmp_path, option):
     assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0] - 0.3, losses
 
 
+def _two_compiled_steps_on_cuda(cfg, patch=None) -> tuple[int, int, float, dict]:
+    """Two forward and backward passes of `cfg`'s model, compiled, under bf16 autocast, on one 16-sequence batch
+    (the second with compiled code and gradients in place, as in an accumulation step; torch seeded alike for
+    each, so dropout draws the same seeds), `patch(model)` applied first: the bytes forward leaves allocated for
+    backward, the step's peak above what was allocated before it, the last loss and the gradients."""
+    from gpttrain.model import build_model
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, cfg.vocab_size, (16, cfg.context_length + 1), generator=g).cuda()
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = build_model(cfg, torch.device("cuda"))
+    if patch is not None:
+        patch(model)
+    run = torch.compile(model)
+    for step in range(2):
+        torch.manual_seed(1 + step)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = run(x[:, :-1], x[:, 1:])
+        held = torch.cuda.memory_allocated() - before
+        loss.backward()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    return held, peak, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
     """Compiled, bf16 autocast, activations outweighing the gradients: what forward leaves allocated for backward
     and the step's peak both drop by about the 16-bit weight copies (2 bytes per linear weight), and the
@@ -148,31 +177,10 @@ def test_recomputed_weight_casts_free_the_16_bit_copies_on_cuda():
 
     cfg = resolve("tiny").model
     cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.context_length = 512, 4, 4096, 256
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (16, cfg.context_length + 1), generator=g).cuda()
-    results = {}
-    for name in ("kept", "recast"):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = build_model(cfg, torch.device("cuda"))
-        if name == "recast":
-            recompute_weight_casts(model)
-        run = torch.compile(model)
-        for _ in range(2):  # the second time with compiled code and gradients in place (an accumulation step)
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            before = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = run(x[:, :-1], x[:, 1:])
-            held = torch.cuda.memory_allocated() - before
-            loss.backward()
-            torch.cuda.synchronize()
-            peak = torch.cuda.max_memory_allocated() - before
-        results[name] = (held, peak, {n: p.grad.clone() for n, p in model.named_parameters()})
-        del model, run, loss
+    held_k, peak_k, _, grads_k = _two_compiled_steps_on_cuda(cfg)
+    held_r, peak_r, _, grads_r = _two_compiled_steps_on_cuda(cfg, recompute_weight_casts)
     copies = 2 * sum(p.numel() for n, p in build_model(cfg, torch.device("meta")).named_parameters()
                      if p.dim() == 2 and "emb" not in n)
-    (held_k, peak_k, grads_k), (held_r, peak_r, grads_r) = results["kept"], results["recast"]
     assert held_k - held_r >= 0.95 * copies, (held_k, held_r, copies)
     assert peak_k - peak_r >= 0.5 * copies, (peak_k, peak_r, copies)  # one block's copies may be back at once
     torch.testing.assert_close(grads_r, grads_k, rtol=1e-3, atol=1e-5)
@@ -183,34 +191,13 @@ def test_redrawn_dropout_masks_on_cuda():
     their bytes (1 per element, two per block) less allocated for backward, and the loss and gradients are those
     of the kept masks: triton's generator draws the same numbers from the same seeds in backward."""
     from gpttrain.config import resolve
-    from gpttrain.model import build_model
     from gpttrain.parallel import recompute_dropout_masks
 
     cfg = resolve("tiny").model
     cfg.emb_dim, cfg.n_layers, cfg.vocab_size, cfg.context_length, cfg.drop_rate = 512, 4, 4096, 256, 0.1
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, cfg.vocab_size, (16, cfg.context_length + 1), generator=g).cuda()
-    results = {}
-    for name in ("kept", "redrawn"):
-        torch._dynamo.reset()
-        torch.manual_seed(0)
-        model = build_model(cfg, torch.device("cuda"))
-        if name == "redrawn":
-            recompute_dropout_masks(model)
-        run = torch.compile(model)
-        for step in range(2):
-            torch.manual_seed(1 + step)  # the same seeds for inductor's generator in both
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = run(x[:, :-1], x[:, 1:])
-            held = torch.cuda.memory_allocated() - before
-            loss.backward()
-        torch.cuda.synchronize()
-        results[name] = (held, loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()})
-        del model, run, loss
+    held_k, _, loss_k, grads_k = _two_compiled_steps_on_cuda(cfg)
+    held_r, _, loss_r, grads_r = _two_compiled_steps_on_cuda(cfg, recompute_dropout_masks)
     masks = 2 * cfg.n_layers * 16 * cfg.context_length * cfg.emb_dim
-    (held_k, loss_k, grads_k), (held_r, loss_r, grads_r) = results["kept"], results["redrawn"]
     assert held_k - held_r >= 0.95 * masks, (held_k, held_r, masks)
     assert loss_r == pytest.approx(loss_k, rel=1e-6)
     torch.testing.assert_close(grads_r, grads_k, rtol=1e-3, atol=1e-5)
