@@ -115,6 +115,9 @@ def test_info_counts_the_residual_stream_in_its_dtype(capsys):
     # What train would refuse, info refuses too.
     assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.residual_dtype", "fp32"]) == 2
     assert "--train.residual_dtype fp32: FSDP casts every block's input to its 16-bit" in capsys.readouterr().err
+    assert main(["info", "--preset", "gpt-1.4b", "--train.precision", "bf16-pure", "--train.residual_dtype",
+                 "compute"]) == 2
+    assert "this run's precision is bf16-pure, which has one dtype throughout" in capsys.readouterr().err
     assert main(["info", "--preset", "gpt-1.4b", "--dist.strategy", "fsdp", "--train.compiled_autograd", "true"]) == 2
     assert "--train.compiled_autograd true: FSDP2's backward hooks cannot be traced" in capsys.readouterr().err
     assert main(["info", "--preset", "gpt-1.4b", "--train.compile", "off", "--train.compiled_autograd", "true"]) == 2

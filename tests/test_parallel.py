@@ -486,8 +486,8 @@ def test_trainer_keeps_the_residual_stream_in_16_bits_when_asked(tmp_path):
      "error: --train.residual_dtype compute: this run's precision is fp32, which has one dtype throughout; the "
      "residual stream's dtype is a choice of --train.precision bf16-mixed or fp16-mixed (leave it auto)"),
     (("--train.residual_dtype", "fp32", "--train.precision", "bf16-pure"),
-     "error: --train.residual_dtype fp32: precision bf16-pure has one dtype throughout; the residual stream's dtype "
-     "is a choice of --train.precision bf16-mixed or fp16-mixed (leave it auto)"),
+     "error: --train.residual_dtype fp32: this run's precision is bf16-pure, which has one dtype throughout; the "
+     "residual stream's dtype is a choice of --train.precision bf16-mixed or fp16-mixed (leave it auto)"),
     (("--train.residual_dtype", "bf16"),  # the choices are the config's
      "error: --train.residual_dtype: 'bf16' is not allowed; use one of 'auto', 'fp32', 'compute'"),
 ])

@@ -483,10 +483,6 @@ def validate_config(cfg: Config) -> None:
         v = getattr(t, name)
         if v is not None and v < 1:
             raise ConfigError(f"{_flag('train', name)}: {v} must be at least 1 (or none)")
-    if t.residual_dtype != "auto" and t.precision in ("fp32", "bf16-pure"):
-        raise ConfigError(f"--train.residual_dtype {t.residual_dtype}: precision {t.precision} has one dtype "
-                          "throughout; the residual stream's dtype is a choice of --train.precision bf16-mixed or "
-                          "fp16-mixed (leave it auto)")
     for name in ("checkpoint_every", "max_skipped_steps"):
         v = getattr(t, name)
         if v < 0:
