@@ -497,6 +497,30 @@ def test_residual_dtype_where_it_would_do_nothing_is_refused(tmp_path, flags, me
     assert refused_train(tmp_path, *flags) == message
 
 
+def test_refused_settings_come_before_any_data_is_prepared(tmp_path):
+    """train and bench check a run's settings before preparing the text they were given: a refused run leaves no
+    data dir behind, as it leaves no run dir."""
+    from tests.helpers import run_cli
+
+    text = tmp_path / "book.txt"
+    text.write_text("Every effort moves you. " * 400)
+    message = ("error: --train.residual_dtype fp32: this run's precision is bf16-pure, which has one dtype "
+               "throughout; the residual stream's dtype is a choice of --train.precision bf16-mixed or fp16-mixed "
+               "(leave it auto)")
+    for command in (["train", "--run-dir", str(tmp_path / "run")], ["bench", "--steps", "1", "--warmup", "0"]):
+        r = run_cli([*command, "--preset", "tiny", "--device", "cpu", "--data", str(text), "--train.precision",
+                     "bf16-pure", "--train.residual_dtype", "fp32"], cwd=tmp_path)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert r.stderr.strip().splitlines()[-1] == message
+        assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    # bench with its synthetic tokens refuses the same.
+    r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--train.compile", "on",
+                 "--train.recompute_dropout_masks", "true"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "error: --train.recompute_dropout_masks true: --model.drop_rate is 0, so there are no dropout masks; drop "
+        "the flag")
+
+
 # ---- compiled autograd (--train.compiled_autograd) ------------------------------------------------------
 
 
@@ -743,3 +767,6 @@ def test_redrawn_dropout_masks_leave_the_model_one_graph():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         explained = torch._dynamo.explain(model)(x, x)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    # ... and the checkpoints are in it, one per block dropout: the patch took.
+    regions = [n for g in explained.graphs for n in g.graph.nodes if "checkpoint" in str(n.target)]
+    assert len(regions) == 2 * cfg.n_layers, regions

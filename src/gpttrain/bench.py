@@ -303,12 +303,14 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     `evaluation`, evaluations are timed too (`eval`, see time_evaluation); with `reads`, steps whose numbers
     are read at once and one step late (`reads`, see time_reads)."""
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
+    from gpttrain.trainer import check_run_settings
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")
     with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
           logging_levels(info.is_main, quiet=True)):
         cfg = copy.deepcopy(cfg)
+        check_run_settings(cfg, info)  # refused settings: before any data is prepared
         data_dir = None
         if cfg.data.path is not None:
             from gpttrain.data.prepare import open_tokenizer

@@ -13,7 +13,7 @@ from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, DataError, GpttrainError
 from gpttrain.monitor import console_shows_info, run_logging
-from gpttrain.trainer import Trainer, round_up
+from gpttrain.trainer import Trainer, check_run_settings, round_up
 
 log = logging.getLogger("gpttrain")
 
@@ -96,6 +96,7 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
         if note:
             log.info("%s", note)
 
+        check_run_settings(cfg, info)  # refused settings: before any data is prepared
         data_dir = ensure_data(cfg, info)
         tokenizer = open_tokenizer(data_dir)
         vocab = resolve_vocab(cfg, tokenizer.vocab_size)

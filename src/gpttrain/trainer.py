@@ -132,6 +132,28 @@ def resolve_precision(requested: str, device: torch.device) -> str:
     return requested
 
 
+def check_run_settings(cfg: Config, info: DistInfo) -> tuple[str, str, bool]:
+    """The refusals a run's settings can get from what this process is (its device, the world), all before any
+    data is prepared or model built (`gpttrain train` and `bench` call it first, the Trainer again): precision,
+    strategy and compile resolved, fp8, the weight recast, the dropout masks, compiled autograd and the residual
+    stream's dtype checked. Returns (precision, strategy, compiled)."""
+    precision = resolve_precision(cfg.train.precision, info.device)
+    strategy = strategy_for(cfg.dist.strategy, info)
+    if cfg.train.fp8:
+        from gpttrain.fp8 import check_fp8
+
+        check_fp8(precision, info.device, cfg.train.micro_batch_size * cfg.model.context_length)
+    compiled = compile_wanted(cfg.train.compile, info.device)
+    if cfg.train.recompute_weight_casts is True:
+        check_recompute_weight_casts(precision, compiled, strategy)
+    if cfg.train.recompute_dropout_masks:
+        check_recompute_dropout_masks(compiled, cfg.model.drop_rate, cfg.train.activation_checkpointing)
+    if cfg.train.compiled_autograd:
+        check_compiled_autograd(compiled, strategy, cfg.train.compile_mode)
+    residual_dtype_for(cfg.train.residual_dtype, precision, strategy)
+    return precision, strategy, compiled
+
+
 def plan_steps(cfg: Config, batches_per_epoch: int, tokens_per_step: int) -> int:
     """Total optimizer steps from epochs, steps or tokens (the smallest wins; one epoch if none given)."""
     t = cfg.train
@@ -261,7 +283,6 @@ class Trainer:
         self.info = info
         self.device = info.device
         self.run_dir = Path(cfg.run.dir)
-        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.tokenizer = tokenizer  # the caller has fitted cfg.model.vocab_size to it (resolve_vocab)
         self.step = 0
         self.tokens = 0
@@ -275,24 +296,12 @@ class Trainer:
         self._sample_step: int | None = None  # the step of the last sample
         self.clock: LoopClock | None = None  # set by the loop
 
-        self.strategy = strategy_for(cfg.dist.strategy, info)
-        # Same init on every rank (DDP also broadcasts), then a per-rank stream for dropout.
-        if cfg.train.fp8:
-            from gpttrain.fp8 import check_fp8
-
-            check_fp8(self.precision, self.device, cfg.train.micro_batch_size * cfg.model.context_length)
-        self.compiled = compile_wanted(cfg.train.compile, self.device)
-        if cfg.train.recompute_weight_casts is True:
-            check_recompute_weight_casts(self.precision, self.compiled, self.strategy)
-        if cfg.train.recompute_dropout_masks:
-            check_recompute_dropout_masks(self.compiled, cfg.model.drop_rate, cfg.train.activation_checkpointing)
-        if cfg.train.compiled_autograd:
-            check_compiled_autograd(self.compiled, self.strategy, cfg.train.compile_mode)
-            if cfg.train.grad_accum_steps == 1 and info.is_main:
-                log.warning("--train.compiled_autograd true with --train.grad_accum_steps 1: there is no gradient "
-                            "accumulation to fold into backward, which is what the flag is for; it still compiles "
-                            "the whole backward once more%s: drop it unless you are comparing",
-                            " and builds DDP with its Python reducer" if self.strategy == "ddp" else "")
+        self.precision, self.strategy, self.compiled = check_run_settings(cfg, info)
+        if cfg.train.compiled_autograd and cfg.train.grad_accum_steps == 1 and info.is_main:
+            log.warning("--train.compiled_autograd true with --train.grad_accum_steps 1: there is no gradient "
+                        "accumulation to fold into backward, which is what the flag is for; it still compiles "
+                        "the whole backward once more%s: drop it unless you are comparing",
+                        " and builds DDP with its Python reducer" if self.strategy == "ddp" else "")
         self.recast = self.memory_layout()["recompute_casts"]  # the weight casts recomputed in backward
         if cfg.train.recompute_weight_casts == "auto" and info.distributed:
             # One choice for all ranks, whatever their GPUs' sizes: recast where any rank needs it.
