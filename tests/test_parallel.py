@@ -513,6 +513,12 @@ def test_refused_settings_come_before_any_data_is_prepared(tmp_path):
         assert r.returncode == 2, r.stderr[-2000:]
         assert r.stderr.strip().splitlines()[-1] == message
         assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    # The attention kernel's trial too.
+    r = run_cli(["train", "--run-dir", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu", "--data",
+                 str(text), "--train.attention", "cudnn"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+        "error: --train.attention: cudnn needs a CUDA GPU"), r.stderr[-2000:]
+    assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
     # bench with its synthetic tokens refuses the same.
     r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--train.compile", "on",
                  "--train.recompute_dropout_masks", "true"], cwd=tmp_path)

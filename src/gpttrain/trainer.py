@@ -135,8 +135,8 @@ def resolve_precision(requested: str, device: torch.device) -> str:
 def check_run_settings(cfg: Config, info: DistInfo) -> tuple[str, str, bool]:
     """The refusals a run's settings can get from what this process is (its device, the world), all before any
     data is prepared or model built (`gpttrain train` and `bench` call it first, the Trainer again): precision,
-    strategy and compile resolved, fp8, the weight recast, the dropout masks, compiled autograd and the residual
-    stream's dtype checked. Returns (precision, strategy, compiled)."""
+    strategy and compile resolved, fp8, the weight recast, the dropout masks, compiled autograd, the residual
+    stream's dtype and the attention kernel (tried once) checked. Returns (precision, strategy, compiled)."""
     precision = resolve_precision(cfg.train.precision, info.device)
     strategy = strategy_for(cfg.dist.strategy, info)
     if cfg.train.fp8:
@@ -151,6 +151,10 @@ def check_run_settings(cfg: Config, info: DistInfo) -> tuple[str, str, bool]:
     if cfg.train.compiled_autograd:
         check_compiled_autograd(compiled, strategy, cfg.train.compile_mode)
     residual_dtype_for(cfg.train.residual_dtype, precision, strategy)
+    compute_dtype = AUTOCAST_DTYPES.get(precision, torch.bfloat16 if precision == "bf16-pure" else None)
+    check_attention(cfg.train.attention, info.device, dtype=compute_dtype or torch.float32,
+                    head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
+                    seq_len=cfg.model.context_length)
     return precision, strategy, compiled
 
 
@@ -313,10 +317,6 @@ class Trainer:
             log.info("recomputing the 16-bit weight casts in backward (--train.recompute_weight_casts auto): the "
                      "memory estimate with them kept, %.1f GiB, is over %.0f%% of this GPU's %.1f GiB",
                      kept.total / GIB, 100 * USABLE_SHARE, self.device_memory() / GIB)
-        compute_dtype = AUTOCAST_DTYPES.get(self.precision, torch.bfloat16 if self.precision == "bf16-pure" else None)
-        check_attention(cfg.train.attention, self.device, dtype=compute_dtype or torch.float32,
-                        head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
-                        seq_len=cfg.model.context_length)
         self.residual_dtype = residual_dtype_for(cfg.train.residual_dtype, self.precision, self.strategy)
         torch.manual_seed(cfg.train.seed)
         if self.strategy == "fsdp":
