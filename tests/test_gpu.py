@@ -65,7 +65,7 @@ def test_training_steps_never_wait_for_the_gpu(tmp_path, precision):
 def test_a_step_is_read_without_waiting_for_the_work_queued_after_it():
     """A step's numbers go to pinned memory behind an event: reading them waits for that step alone, so the
     loop can read a log step once the next one is queued without draining the queue (the GPU keeps busy)."""
-    from gpttrain.trainer import StepStats, read_steps
+    from gpttrain.steps import StepStats, read_steps
 
     packed = torch.arange(4, dtype=torch.float32, device="cuda")
     first, second = StepStats(packed, 1, False), StepStats(packed * 2, 1, False)

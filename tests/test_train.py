@@ -10,7 +10,7 @@ import torch.multiprocessing as mp
 
 from gpttrain.errors import ConfigError, DataError, GpttrainError
 from gpttrain.optim import lr_at, param_groups
-from gpttrain.trainer import plan_steps, resolve_precision, round_up
+from gpttrain.settings import plan_steps, resolve_precision, round_up
 from tests.helpers import (
     build_trainer,
     free_port,
@@ -378,10 +378,10 @@ def test_bench_reads_reads_each_step_at_once_or_after_the_next_is_queued(monkeyp
     are never read, `at_once` reads each step before the next is queued, `late` reads step k only once step
     k+1 is queued, and no step is read twice."""
     from gpttrain import bench
-    from gpttrain import trainer as trainer_mod
+    from gpttrain import steps as steps_mod
 
     events = []
-    real = trainer_mod.read_steps
+    real = steps_mod.read_steps
 
     def logged_read(stats):
         events.extend(("read", s.n) for s in stats)
@@ -392,12 +392,12 @@ def test_bench_reads_reads_each_step_at_once_or_after_the_next_is_queued(monkeyp
 
         def train_step(self):
             FakeTrainer.n += 1
-            stats = trainer_mod.StepStats(torch.zeros(4), 1, False)
+            stats = steps_mod.StepStats(torch.zeros(4), 1, False)
             stats.n = FakeTrainer.n
             events.append(("queue", stats.n))
             return stats
 
-    monkeypatch.setattr(trainer_mod, "read_steps", logged_read)
+    monkeypatch.setattr(steps_mod, "read_steps", logged_read)
     out = bench.time_reads(FakeTrainer(), torch.device("cpu"), steps=3, rounds=2)
     assert out["steps"] == 3 and out["rounds"] == 2
     for name in ("at_once", "late"):
@@ -771,7 +771,7 @@ def test_samples_more_often_than_steps_are_warned_of(data_dir, tmp_path, caplog)
 
 
 def test_loop_clock_shares():
-    from gpttrain.trainer import LoopClock
+    from gpttrain.steps import LoopClock
 
     clock = LoopClock(start=0.0, train_at_start=10.0, steps_at_start=5)
     assert clock.cadence(20.0, 15) is None  # no evaluation after the process's first yet
@@ -779,6 +779,12 @@ def test_loop_clock_shares():
     parts, per_step = clock.cadence(20.0, 15)  # 10 s over 10 steps; the first evaluation left out
     assert parts == {"losses": 1.5, "sample": 0.5} and per_step == 1.0
     assert clock.eval_share(20.0, 15, eval_every=8) == pytest.approx(2.0 / (2.0 + 8.0))
+    # 40 s of wall time: 1 s first step, 10 s of steps, 13 s of evaluations, 2 s of plots, 1 s of checkpoints.
+    clock.first_step, clock.plots, clock.checkpoints = 1.0, 2.0, 1.0
+    split = clock.split(40.0, 20.0, 15, eval_every=8)
+    assert (split["wall_s"], split["train_s"], split["eval_s"], split["other_s"]) == (40.0, 10.0, 13.0, 13.0)
+    assert split["timed_steps"] == 10 and split["evals"] == 3
+    assert split["bookkeeping_share"] == pytest.approx((39.0 - 10.0) / 39.0)
 
 
 def test_loss_plot_redraws_cost_about_one_percent_and_the_end_always_draws(data_dir, tmp_path, monkeypatch):

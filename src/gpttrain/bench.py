@@ -181,7 +181,7 @@ def time_reads(trainer, device: torch.device, steps: int, rounds: int = 2) -> di
     step, against the same steps unread. On a GPU a read at once leaves the device idle until the host has
     queued the next step. The three are timed in turn, `rounds` times over (each its best), so drift between
     them does not pass for a difference; on CPU, where every step runs as it is called, all three match."""
-    from gpttrain.trainer import read_steps
+    from gpttrain.steps import read_steps
 
     def at_once():
         read_steps([trainer.train_step()])
@@ -303,7 +303,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     `evaluation`, evaluations are timed too (`eval`, see time_evaluation); with `reads`, steps whose numbers
     are read at once and one step late (`reads`, see time_reads)."""
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
-    from gpttrain.trainer import check_run_settings
+    from gpttrain.settings import check_run_settings
 
     if warmup < 0 or steps < 1:
         raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")

@@ -218,3 +218,37 @@ def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: 
         if estimate_training_memory(cfg, mb, **kw).total <= budget_bytes:
             return mb, global_per_rank // mb
     return None
+
+
+def oom_message(model: ModelConfig, train, precision: str, compiled: bool, recast: bool, layout: dict,
+                gpu_bytes: int) -> str:
+    """The trainer's words for a CUDA out-of-memory error: this estimate against the GPU's `gpu_bytes`, the
+    micro-batch that would fit at the same global batch (or the bigger levers), and each memory flag that
+    applies to this run, `layout` (its `run_layout`, casts recomputed as `recast`), with what it would save."""
+    mb = train.micro_batch_size
+    est = estimate_training_memory(model, mb, **layout)
+    fit = suggest_micro_batch(model, USABLE_SHARE * gpu_bytes, mb * train.grad_accum_steps, **layout)
+    msg = (f"CUDA out of memory at --train.micro_batch_size {mb} "
+           f"(gpttrain info estimates {est.total / GIB:.1f} GiB per GPU; this GPU has {gpu_bytes / GIB:.1f} GiB).")
+    if fit is not None and fit[0] < mb:
+        msg += f" Try --train.micro_batch_size {fit[0]} --train.grad_accum_steps {fit[1]} (same global batch)."
+    else:
+        msg += " Try --train.activation_checkpointing true, --dist.strategy fsdp over more GPUs, or a smaller model."
+
+    def saving(flag: str, **change) -> str:
+        other = estimate_training_memory(model, mb, **dict(layout, **change))
+        return f" {flag} would save about {(est.total - other.total) / GIB:.1f} GiB."
+
+    # The recast's hint only where it saves much: activation checkpointing already recasts in backward, and fp8
+    # linears cast their own weights (the head alone would be recast).
+    if not recast and recast_applies(precision, compiled, layout["strategy"], train.activation_checkpointing,
+                                     train.fp8):
+        msg += saving("--train.recompute_weight_casts true", recompute_casts=True)
+    if (model.drop_rate > 0 and compiled and not train.activation_checkpointing
+            and not train.recompute_dropout_masks):
+        msg += saving("--train.recompute_dropout_masks true", recompute_dropout=True)
+    if precision in AUTOCAST_DTYPES and not layout["residual_16bit"]:
+        half = estimate_training_memory(model, mb, **dict(layout, residual_16bit=True))
+        if half.total < est.total:  # eager autograd keeps fp32 copies of the LayerNorm inputs either way
+            msg += saving("--train.residual_dtype compute", residual_16bit=True)
+    return msg

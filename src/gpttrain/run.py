@@ -13,7 +13,8 @@ from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import ConfigError, DataError, GpttrainError
 from gpttrain.monitor import console_shows_info, run_logging
-from gpttrain.trainer import Trainer, check_run_settings, round_up
+from gpttrain.settings import check_run_settings, round_up
+from gpttrain.trainer import Trainer
 
 log = logging.getLogger("gpttrain")
 

@@ -11,9 +11,7 @@ import copy
 import gc
 import logging
 import math
-import signal
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +21,9 @@ from torch.distributed.tensor import DTensor
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
-from gpttrain.errors import ConfigError, GpttrainError
+from gpttrain.errors import GpttrainError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
-from gpttrain.memory import (
-    GIB,
-    USABLE_SHARE,
-    estimate_training_memory,
-    recast_applies,
-    run_layout,
-    suggest_micro_batch,
-)
+from gpttrain.memory import GIB, USABLE_SHARE, estimate_training_memory, oom_message, run_layout
 from gpttrain.metrics import EVAL_SHARE_HINT, eval_time_share, lookup_peak_tflops, mfu, model_tflops
 from gpttrain.model import GPT
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
@@ -43,240 +34,19 @@ from gpttrain.parallel import (
     attention_context,
     build_fsdp_model,
     build_local_model,
-    check_attention,
-    check_compiled_autograd,
-    check_recompute_dropout_masks,
-    check_recompute_weight_casts,
     compile_model,
-    compile_wanted,
     compiled_autograd,
     recompute_dropout_masks,
     recompute_weight_casts,
     release_ddp,
     residual_dtype_for,
-    strategy_for,
     wrap_ddp,
 )
+from gpttrain.settings import check_run_settings, plan_steps
+from gpttrain.steps import LoopClock, StepMark, StepStats, StopFlag, read_steps
 
 log = logging.getLogger("gpttrain")
 PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.png during training
-
-
-@dataclass
-class LoopClock:
-    """Where one process's training loop spends its wall time (perf_counter seconds): the summary at its end
-    and the evaluation-share hint read it. Steps are timed by the trainer's train_time; the rest is here."""
-
-    start: float
-    train_at_start: float  # the run's train_time (resumes add up) when this process's loop began
-    steps_at_start: int  # and its timed_steps
-    first_step: float = 0.0  # this process's first step: compile, warm-up
-    evals: list[dict[str, float]] = field(default_factory=list)  # each evaluation's seconds: losses, sample
-    samples: float = 0.0  # samples by epochs (--log.sample_every_epochs), not counted in the evaluations
-    plots: float = 0.0  # loss-plot drawings
-    checkpoints: float = 0.0
-    hinted: bool = False
-
-    def cadence(self, train_time: float, timed_steps: int) -> tuple[dict[str, float], float] | None:
-        """(mean seconds of an evaluation's parts, mean seconds of a step). The process's first evaluation is
-        left out (it may compile or warm caches, as its first step does); None until there is a later one and
-        a timed step."""
-        steps = timed_steps - self.steps_at_start
-        if len(self.evals) < 2 or steps <= 0:
-            return None
-        later = self.evals[1:]
-        return {k: sum(e[k] for e in later) / len(later) for k in later[0]}, (train_time - self.train_at_start) / steps
-
-    def eval_share(self, train_time: float, timed_steps: int, eval_every: int) -> float | None:
-        """Evaluation's share of the time at this cadence: a mean evaluation over itself plus eval_every mean
-        steps."""
-        mean = self.cadence(train_time, timed_steps)
-        return None if mean is None else eval_time_share(sum(mean[0].values()), mean[1], eval_every)
-
-    def split(self, train_time: float, timed_steps: int, eval_every: int) -> dict[str, Any]:
-        """Seconds by kind since the loop began; `other` is mostly logging (the reads of the steps' numbers,
-        which wait for the device, count as steps)."""
-        wall = time.perf_counter() - self.start
-        train = train_time - self.train_at_start
-        evaluation = sum(sum(e.values()) for e in self.evals)
-        other = max(wall - self.first_step - train - evaluation - self.samples - self.plots - self.checkpoints, 0.0)
-        after_first = wall - self.first_step
-        return {"wall_s": wall, "first_step_s": self.first_step, "train_s": train, "eval_s": evaluation,
-                "sample_s": self.samples, "plot_s": self.plots, "checkpoint_s": self.checkpoints, "other_s": other,
-                "timed_steps": timed_steps - self.steps_at_start, "evals": len(self.evals),
-                # the loop's time besides its steps, over all of it but the first step
-                "bookkeeping_share": (after_first - train) / after_first if after_first > 0 else None,
-                "eval_share": self.eval_share(train_time, timed_steps, eval_every)}
-
-
-def round_up(n: int, multiple: int) -> int:
-    return ((n + multiple - 1) // multiple) * multiple
-
-
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """`auto`: bf16-mixed where the GPU has bf16, fp16-mixed on older GPUs, fp32 elsewhere."""
-    if device.type != "cuda":
-        if requested in ("auto", "fp32"):
-            return "fp32"
-        if requested == "fp16-mixed":
-            raise ConfigError(f"--train.precision: fp16-mixed needs a CUDA GPU; this run is on {device.type}; "
-                              "use fp32 or bf16-mixed")
-        return requested  # bf16 autocast works on CPU, if slowly
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if requested == "auto":
-        return "bf16-mixed" if bf16_ok else "fp16-mixed"
-    if requested in ("bf16-mixed", "bf16-pure") and not bf16_ok:
-        name = torch.cuda.get_device_name(device)
-        raise ConfigError(f"--train.precision: {requested} needs bf16, which {name} lacks; "
-                          "use fp16-mixed (or auto)")
-    return requested
-
-
-def check_run_settings(cfg: Config, info: DistInfo) -> tuple[str, str, bool]:
-    """The refusals a run's settings can get from what this process is (its device, the world), all before any
-    data is prepared or model built (`gpttrain train` and `bench` call it first, the Trainer again): precision,
-    strategy and compile resolved, fp8, the weight recast, the dropout masks, compiled autograd, the residual
-    stream's dtype and the attention kernel (tried once) checked. Returns (precision, strategy, compiled)."""
-    precision = resolve_precision(cfg.train.precision, info.device)
-    strategy = strategy_for(cfg.dist.strategy, info)
-    if cfg.train.fp8:
-        from gpttrain.fp8 import check_fp8
-
-        check_fp8(precision, info.device, cfg.train.micro_batch_size * cfg.model.context_length)
-    compiled = compile_wanted(cfg.train.compile, info.device)
-    if cfg.train.recompute_weight_casts is True:
-        check_recompute_weight_casts(precision, compiled, strategy)
-    if cfg.train.recompute_dropout_masks:
-        check_recompute_dropout_masks(compiled, cfg.model.drop_rate, cfg.train.activation_checkpointing)
-    if cfg.train.compiled_autograd:
-        check_compiled_autograd(compiled, strategy, cfg.train.compile_mode)
-    residual_dtype_for(cfg.train.residual_dtype, precision, strategy)
-    compute_dtype = AUTOCAST_DTYPES.get(precision, torch.bfloat16 if precision == "bf16-pure" else None)
-    check_attention(cfg.train.attention, info.device, dtype=compute_dtype or torch.float32,
-                    head_dim=cfg.model.emb_dim // cfg.model.n_heads, dropout=cfg.model.drop_rate,
-                    seq_len=cfg.model.context_length)
-    return precision, strategy, compiled
-
-
-def plan_steps(cfg: Config, batches_per_epoch: int, tokens_per_step: int) -> int:
-    """Total optimizer steps from epochs, steps or tokens (the smallest wins; one epoch if none given)."""
-    t = cfg.train
-    accum = t.grad_accum_steps
-    candidates = []
-    if t.max_steps is not None:
-        candidates.append(t.max_steps)
-    if t.max_tokens is not None:
-        candidates.append(math.ceil(t.max_tokens / tokens_per_step))
-    if t.epochs is not None or not candidates:
-        epochs = t.epochs if t.epochs is not None else 1
-        candidates.append(max(epochs * batches_per_epoch // accum, 1))
-    return max(min(candidates), 1)
-
-
-class StopFlag:
-    """Set by SIGTERM/SIGINT; the loop all-reduces it so every rank stops at the same step."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.signal_name: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread (e.g. inside a test runner thread)
-                self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: stop now
-        self.requested = True
-        self.signal_name = signal.Signals(signum).name
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-class StepStats:
-    """One optimizer step's numbers, left on the device. Reading one waits for the device (a host sync), so
-    the loop reads them in batches through `read_steps`, never inside a step: a log step's once the next step
-    is queued, those of evaluation, checkpoint, sample, first and last steps at once.
-
-    On CUDA the numbers are copied to pinned host memory as soon as the step's kernels have computed them,
-    and an event marks that copy: a read waits for this step's work only, not for what was queued after it
-    (a plain `.tolist()` would wait for the whole stream). So the loop can read a step once the next one is
-    queued, and the device never runs dry while the host logs."""
-
-    def __init__(self, packed: torch.Tensor, world_size: int, scaler_enabled: bool):
-        # [loss summed over ranks, stop votes, bad-gradient votes, grad norm summed over ranks, then on CUDA one
-        # slot per rank: its peak GiB of memory as the step was queued]
-        self.packed = packed
-        self._world = world_size
-        self._scaler = scaler_enabled
-        self._values: list[float] | None = None
-        self._ready: torch.cuda.Event | None = None
-        if packed.is_cuda:
-            self._host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            self._host.copy_(packed, non_blocking=True)
-            self._ready = torch.cuda.Event()
-            self._ready.record(torch.cuda.current_stream(packed.device))  # the stream the copy was queued on
-
-    @property
-    def values(self) -> list[float]:
-        if self._values is None:
-            if self._ready is not None:
-                self._ready.synchronize()
-                self._values = self._host.tolist()
-            else:
-                self._values = self.packed.tolist()
-        return self._values
-
-    @property
-    def loss(self) -> float:
-        return self.values[0] / self._world
-
-    @property
-    def grad_norm(self) -> float:
-        return self.values[3] / self._world  # the global norm, the same on every rank
-
-    @property
-    def stop(self) -> bool:
-        return self.values[1] > 0
-
-    @property
-    def mem_peak_gib(self) -> float | None:
-        """The worst rank's peak CUDA memory up to this step (None off CUDA): the one that runs out first."""
-        return max(self.values[4:], default=None)
-
-    @property
-    def finite(self) -> bool:
-        # With fp16 an overflowing gradient is routine: the scaler skips that step and lowers its scale.
-        return math.isfinite(self.loss) and (self.values[2] == 0 or self._scaler)
-
-
-@dataclass
-class StepMark:
-    """A step's counters as the loop left them, for a record written once its numbers are read."""
-
-    step: int
-    epoch: float
-    tokens: int
-    lr: float
-    steps: int  # how many queued steps, up to and including this one, the read takes
-
-
-def read_steps(stats: list[StepStats]) -> None:
-    """Bring the numbers of several steps to the host with one wait, for the last of them (the device runs
-    its stream in order, so the earlier ones are there by then)."""
-    todo = [s for s in stats if s._values is None]
-    if todo and todo[-1]._ready is not None:
-        todo[-1]._ready.synchronize()
-        for s in todo:
-            s._values = s._host.tolist()
-    elif todo:
-        for s, row in zip(todo, torch.stack([s.packed for s in todo]).tolist()):
-            s._values = row
 
 
 class Trainer:
@@ -586,36 +356,8 @@ class Trainer:
                           **overrides)
 
     def _oom_message(self) -> str:
-        t = self.cfg.train
-        per_rank = t.micro_batch_size * t.grad_accum_steps
-        total = self.device_memory()
-        layout = self.memory_layout(recompute_casts=self.recast)
-        est = estimate_training_memory(self.cfg.model, t.micro_batch_size, **layout)
-        fit = suggest_micro_batch(self.cfg.model, USABLE_SHARE * total, per_rank, **layout)
-        msg = (f"CUDA out of memory at --train.micro_batch_size {t.micro_batch_size} "
-               f"(gpttrain info estimates {est.total / GIB:.1f} GiB per GPU; this GPU has {total / GIB:.1f} GiB).")
-        if fit is not None and fit[0] < t.micro_batch_size:
-            msg += (f" Try --train.micro_batch_size {fit[0]} --train.grad_accum_steps {fit[1] } "
-                    "(same global batch).")
-        else:
-            msg += (" Try --train.activation_checkpointing true, --dist.strategy fsdp over more GPUs, "
-                    "or a smaller model.")
-        # The flag's hint only where it saves much: activation checkpointing already recasts in backward, and
-        # fp8 linears cast their own weights (the head alone would be recast).
-        if not self.recast and recast_applies(self.precision, self.compiled, layout["strategy"],
-                                              t.activation_checkpointing, t.fp8):
-            recast = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_casts=True))
-            msg += f" --train.recompute_weight_casts true would save about {(est.total - recast.total) / GIB:.1f} GiB."
-        if (self.cfg.model.drop_rate > 0 and self.compiled and not t.activation_checkpointing
-                and not t.recompute_dropout_masks):
-            drawn = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, recompute_dropout=True))
-            msg += (f" --train.recompute_dropout_masks true would save about {(est.total - drawn.total) / GIB:.1f} "
-                    "GiB.")
-        if self.precision in AUTOCAST_DTYPES and not layout["residual_16bit"]:
-            half = estimate_training_memory(self.cfg.model, t.micro_batch_size, **dict(layout, residual_16bit=True))
-            if half.total < est.total:  # eager autograd keeps fp32 copies of the LayerNorm inputs either way
-                msg += f" --train.residual_dtype compute would save about {(est.total - half.total) / GIB:.1f} GiB."
-        return msg
+        return oom_message(self.cfg.model, self.cfg.train, self.precision, self.compiled, self.recast,
+                           self.memory_layout(recompute_casts=self.recast), self.device_memory())
 
     def fit(self) -> int:
         cfg = self.cfg
@@ -787,7 +529,7 @@ class Trainer:
 
     def _report_time(self, monitor: Monitor) -> None:
         """The process's time by kind: a `summary` record in metrics.jsonl and one log line."""
-        split = self.clock.split(self.train_time, self.timed_steps, self.cfg.train.eval_every)
+        split = self.clock.split(time.perf_counter(), self.train_time, self.timed_steps, self.cfg.train.eval_every)
         monitor.record({"kind": "summary", "step": self.step, **split, "time": time.time()})
         if not self.info.is_main:
             return
