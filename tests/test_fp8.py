@@ -115,7 +115,7 @@ def test_checkpoints_load_across_fp8_and_plain(tmp_path: Path):
 # ---- training ------------------------------------------------------------------------------------
 
 
-def train(model: GPT, idx: torch.Tensor, steps: int, precision: str) -> list[float]:
+def train(model: GPT, idx: torch.Tensor, steps: int, precision: str, after_step=None) -> list[float]:
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     losses = []
     for _ in range(steps):
@@ -124,6 +124,8 @@ def train(model: GPT, idx: torch.Tensor, steps: int, precision: str) -> list[flo
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
         losses.append(loss.item())
     return losses
 
@@ -206,10 +208,12 @@ def test_refuses_mps():
 
 
 def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
-    """parallel.build_fsdp_model with fp8 (converted before fully_shard); 3 steps on the same batch."""
+    """parallel.build_fsdp_model with fp8 (converted before fully_shard); 3 steps on the same batch, once with
+    each weight's fp8 scale worked out in its own all-gather, once with them all refreshed after each step."""
     import torch.distributed as dist
 
     from gpttrain.distributed import DistInfo
+    from gpttrain.fp8 import plain_fp8_state, refresh_fsdp_scales
     from gpttrain.parallel import build_fsdp_model
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -217,13 +221,28 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         cfg = tiny()
-        torch.manual_seed(0)  # the same draws on every rank, and as build_model's in the reference
-        model = build_fsdp_model(cfg, DistInfo(rank, rank, world, CPU, "gloo"), "bf16-mixed", False, fp8=True)
-        assert sum(isinstance(m, fp8_linear_type()) for m in model.modules()) == 4 * cfg.n_layers
-        losses = train(model, batch(cfg), 3, "bf16-mixed")  # every rank the same batch: same as one process
-        keys = list(model.state_dict())
+        runs = []
+        for refresh in (False, True):
+            torch.manual_seed(0)  # the same draws on every rank, and as build_model's in the reference
+            model = build_fsdp_model(cfg, DistInfo(rank, rank, world, CPU, "gloo"), "bf16-mixed", False, fp8=True)
+            linears = [m for m in model.modules() if isinstance(m, fp8_linear_type())]
+            assert len(linears) == 4 * cfg.n_layers
+            gathered = []  # what each fp8 linear's forward finds as its weight: FSDP's all-gathered one
+            for m in linears:
+                m.register_forward_pre_hook(lambda mod, args, seen=gathered: seen.append(
+                    (type(mod.weight.data).__name__, getattr(mod.weight, "_data", mod.weight).dtype)))
+            if refresh:
+                refresh_fsdp_scales(model)
+            # Every rank the same batch: the same training as one process.
+            runs.append(train(model, batch(cfg), 3, "bf16-mixed",
+                              after_step=(lambda m=model: refresh_fsdp_scales(m)) if refresh else None))
+            assert set(gathered) == {("Float8TrainingTensor", torch.float8_e4m3fn)}  # gathered in fp8
+        state = model.state_dict()
+        plain = plain_fp8_state(state)
+        assert {type(v.to_local()) for v in plain.values()} == {torch.Tensor}
+        assert all(torch.equal(plain[k].to_local(), v.to_local()) for k, v in state.items())
         if rank == 0:
-            torch.save({"losses": losses, "keys": keys}, out)
+            torch.save({"losses": runs[0], "refreshed": runs[1], "keys": list(state)}, out)
     finally:
         dist.destroy_process_group()
 
@@ -239,12 +258,61 @@ def test_fsdp2_fp8_matches_one_process(tmp_path: Path):
     model = build_local_model(cfg, torch.device("cpu"), "bf16-mixed", fp8=True)
     want = train(model, batch(cfg), 3, "bf16-mixed")
     assert got["keys"] == list(model.state_dict())
-    # FSDP gathers bf16 weights, one process autocasts fp32 ones: the same to well within bf16's precision.
+    # FSDP gathers the weights in fp8, cast from the fp32 shards, as one process casts its fp32 weights; the norms
+    # and the head gathered in bf16 make the small difference.
     assert got["losses"] == pytest.approx(want, rel=2e-3), (got["losses"], want)
+    assert got["refreshed"] == got["losses"]  # the scales of one all-reduce are those of one per weight
     assert want[-1] < want[0]
 
 
 # ---- through the command line ------------------------------------------------------------------------------
+
+
+def _train_losses(run_dir: Path) -> dict[int, float]:
+    import json
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+@pytest.mark.slow
+def test_fsdp_fp8_checkpoints_resume_exactly_and_load_without_torchao(tmp_path: Path):
+    """`torchrun` on 2 FSDP ranks with --train.fp8 (weights gathered in fp8): a run resumed from its step-3
+    checkpoint logs the losses of the uninterrupted one, bit for bit; the sharded checkpoint holds plain tensors,
+    so `gpttrain consolidate` in a process that cannot import torchao writes the weights gpttrain.load reads from
+    the shards."""
+    import shutil
+
+    import gpttrain
+    from tests.helpers import make_data, run_cli, torchrun
+
+    data = make_data(tmp_path)
+    flags = ["train", "--preset", "tiny", "--data", str(data), "--dist.strategy", "fsdp", "--train.precision",
+             "bf16-mixed", "--train.fp8", "true", "--train.max_steps", "6", "--train.log_every", "1",
+             "--train.eval_every", "3"]
+    a, b = tmp_path / "A", tmp_path / "B"
+    r = torchrun([*flags, "--run-dir", str(a), "--train.checkpoint_every", "3", "--train.keep_checkpoints", "5"],
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shutil.copytree(a / "checkpoints" / "step-000000003", b / "checkpoints" / "step-000000003")
+    r = torchrun([*flags, "--run-dir", str(b), "--resume", "auto"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    want, got = _train_losses(a), _train_losses(b)
+    assert [got[s] for s in (4, 5, 6)] == [want[s] for s in (4, 5, 6)]
+    assert want[6] < want[1]
+
+    blocker = tmp_path / "no-torchao" / "torchao"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text('raise ImportError("torchao is blocked by this test")\n')
+    env = {"PYTHONPATH": os.pathsep.join([str(blocker.parent), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    r = run_cli(["consolidate", str(a), "--out", str(tmp_path / "one")], cwd=tmp_path, env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_cli(["generate", "--checkpoint", str(tmp_path / "one"), "--prompt", "the", "--max-new-tokens", "4"],
+                cwd=tmp_path, env_extra=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, shards = gpttrain.load(tmp_path / "one"), gpttrain.load(a)
+    for name, p in shards.model.state_dict().items():
+        assert torch.equal(one.model.state_dict()[name], p), name
 
 
 @pytest.mark.slow

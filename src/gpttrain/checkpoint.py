@@ -516,6 +516,10 @@ def _save_sharded(trainer, folder: Path) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_sd, optim_sd = get_state_dict(trainer.model, trainer.optimizer)
+    if trainer.cfg.train.fp8:  # fp8 all-gather weights: saved as the plain tensors they wrap
+        from gpttrain.fp8 import plain_fp8_state
+
+        model_sd, optim_sd = plain_fp8_state(model_sd), plain_fp8_state(optim_sd)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(folder))
 
 
@@ -529,6 +533,9 @@ def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer)
         state = {"model": model_sd, "optim": optim_sd}
+    from gpttrain.fp8 import plain_fp8_state
+
+    state = plain_fp8_state(state)  # fp8 all-gather weights are read as the plain tensors they wrap (no copy)
     try:
         dcp.load(state, checkpoint_id=str(folder))
     except Exception as e:  # CheckpointException and friends: a damaged or foreign folder

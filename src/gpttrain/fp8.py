@@ -83,12 +83,17 @@ def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int 
     _import_float8()
 
 
-def convert_to_fp8(model: nn.Module) -> int:
+def convert_to_fp8(model: nn.Module, fsdp_all_gather: bool = False) -> int:
     """Swap the nn.Linear layers inside `model.blocks` for torchao's Float8Linear, in place; return how many.
 
     Only layers whose in and out features are both divisible by 16 are swapped (the others stay as they are);
     the output head and the embeddings are never touched. Works on the meta device, so it fits FSDP's build:
     call it before `fully_shard`, DDP or torch.compile. Calling it again converts nothing more (returns 0).
+
+    `fsdp_all_gather` (FSDP2 only): each rank casts its shard of a converted weight to fp8 before the all-gather,
+    so FSDP moves and holds 1 byte per weight instead of bf16's 2, and the matmul takes the gathered fp8 weight
+    as it is. The weights become torchao's WeightWithDynamicFloat8CastTensor; `plain_fp8_state` turns a state
+    dict of them back into plain tensors, and `refresh_fsdp_scales` computes their scales in one all-reduce.
     """
     Float8LinearConfig, convert_to_float8_training, Float8Linear = _import_float8()
     converted: list[str] = []
@@ -100,8 +105,44 @@ def convert_to_fp8(model: nn.Module) -> int:
             converted.append(fqn)
         return ok
 
-    convert_to_float8_training(model.blocks, module_filter_fn=eligible, config=Float8LinearConfig())
+    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_all_gather)
+    convert_to_float8_training(model.blocks, module_filter_fn=eligible, config=config)
     return len(converted)
+
+
+def _is_fp8_weight(t: Any) -> bool:
+    """torchao's weight wrapper for fp8 all-gathers, by name (so this never imports torchao)."""
+    return type(t).__name__ == "WeightWithDynamicFloat8CastTensor" and type(t).__module__.startswith("torchao")
+
+
+def plain_fp8_state(state: Any) -> Any:
+    """`state` (a state dict, or a nested one as DCP's optimizer state) with every fp8 all-gather weight, bare or
+    as the local shard of a DTensor, replaced by the plain tensor it wraps (the same storage, no copy); the rest as
+    it is. What sharded checkpoints save, so they are those of the plain model: loadable without torchao."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(state, dict):
+        return {k: plain_fp8_state(v) for k, v in state.items()}
+    if isinstance(state, (list, tuple)):
+        return type(state)(plain_fp8_state(v) for v in state)
+    if isinstance(state, DTensor) and _is_fp8_weight(state._local_tensor):
+        return DTensor.from_local(state._local_tensor._tensor, state.device_mesh, state.placements,
+                                  run_check=False, shape=state.shape, stride=state.stride())
+    if _is_fp8_weight(state):
+        return state._tensor
+    return state
+
+
+def refresh_fsdp_scales(model: nn.Module) -> None:
+    """Compute the fp8 scale of every fp8 all-gather weight from its current values, for all of them in one
+    all-reduce (otherwise each weight's all-gather does its own). Call it after each optimizer step and after
+    the weights are loaded or set, so forward always casts with the scales of the weights it gathers."""
+    if not any(_is_fp8_weight(getattr(p, "_local_tensor", p)) for p in model.parameters()):
+        return
+    with _quiet_loggers("torchao", "torch.utils._pytree"):
+        from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+    precompute_float8_dynamic_scale_for_fsdp(model)
 
 
 def has_fp8_layers(model: nn.Module) -> bool:

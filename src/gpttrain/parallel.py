@@ -323,22 +323,25 @@ def build_local_model(cfg: ModelConfig, device: torch.device, precision: str, fp
     return _set_precision(build_model(cfg, device), precision, fp8)
 
 
-def _set_precision(model: GPT, precision: str, fp8: bool) -> GPT:
+def _set_precision(model: GPT, precision: str, fp8: bool, fsdp: bool = False) -> GPT:
     """bf16 weights for bf16-pure; the blocks' linears in fp8 (the same parameters, so checkpoints are those
-    of the plain model). Works on the meta device too, as FSDP's build needs."""
+    of the plain model), gathered in fp8 under FSDP (`fsdp`). Works on the meta device too, as FSDP's build
+    needs."""
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
     if fp8:
         from gpttrain.fp8 import convert_to_fp8
 
-        convert_to_fp8(model)
+        convert_to_fp8(model, fsdp_all_gather=fsdp)
     return model
 
 
 def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activation_checkpointing: bool, *,
                      fp8: bool = False) -> GPT:
     """FSDP2: `fully_shard` on each block, then the root; built on the meta device and initialised shard
-    by shard, so no rank ever holds the full fp32 model (only one full parameter at a time)."""
+    by shard, so no rank ever holds the full fp32 model (only one full parameter at a time). With `fp8`, the
+    blocks' fp8 linears gather their weights in fp8 (see fp8.convert_to_fp8): the trainer refreshes their scales
+    after each optimizer step, and checkpoints save them as plain tensors."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
@@ -347,7 +350,7 @@ def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activatio
     # Parameters gathered in the compute dtype, gradients reduced in fp32: fp32 master weights stay sharded.
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     with torch.device("meta"):
-        model = _set_precision(GPT(cfg), precision, fp8)  # before fully_shard: it shards the fp8 linears' own
+        model = _set_precision(GPT(cfg), precision, fp8, fsdp=True)  # before fully_shard, which shards fp8's own
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     for block in model.blocks:

@@ -22,6 +22,7 @@ from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
 from gpttrain.errors import GpttrainError
+from gpttrain.fp8 import refresh_fsdp_scales
 from gpttrain.loss import chunked_loss_wanted, compiles_head
 from gpttrain.memory import GIB, USABLE_SHARE, estimate_training_memory, oom_message, run_layout
 from gpttrain.metrics import EVAL_SHARE_HINT, eval_time_share, lookup_peak_tflops, mfu, model_tflops
@@ -97,6 +98,7 @@ class Trainer:
         self.model.chunked_loss = chunked_loss_wanted(cfg.train.fused_loss, self.device.type, self.precision,
                                                       compiles_head(self.compiled, cfg.train.compile_scope))
         self.model.residual_dtype = self.residual_dtype
+        self.fp8_all_gather = cfg.train.fp8 and self.strategy == "fsdp"  # fp8 weights gathered with their scales
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
             from gpttrain.export import init_from_hf
@@ -266,6 +268,8 @@ class Trainer:
         elif not bad.item():  # a host sync, for optimizers that cannot skip on the device (--optim.fused off)
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.fp8_all_gather:
+            refresh_fsdp_scales(self.model)  # the next forward gathers these weights in fp8, with their scales
         return StepStats(packed, self.info.world_size, self.scaler.is_enabled())
 
     # ---- evaluation -----------------------------------------------------------------------------
@@ -365,6 +369,8 @@ class Trainer:
         from gpttrain import checkpoint as ckpt
 
         resumed = ckpt.maybe_resume(self)
+        if self.fp8_all_gather:
+            refresh_fsdp_scales(self.model)  # of the weights as initialised, set from --run.init_from or resumed
         if info.is_main:  # only now: a refused start or resume leaves the run dir as it was
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.json").write_text(cfg.to_json() + "\n", encoding="utf-8")
