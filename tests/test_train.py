@@ -508,6 +508,8 @@ def test_training_steps_read_nothing_back_between_log_steps(data_dir, tmp_path, 
     trainer = build_trainer(tiny_config(data_dir, tmp_path / "run", "--train.max_steps", "8", "--train.log_every",
                                         "4", "--train.eval_every", "8", "--log.sample_every", "0"), single_info())
     assert trainer.optimizer.defaults["fused"]  # the default on CPU too: it skips bad steps on the device
+    assert not trainer.read_late
+    trainer.read_late = True  # as on CUDA
     reads: list[tuple[int, str, bool]] = []  # (step counter, method, inside train_step)
     inside = [False]
     for name in SYNCING:
@@ -544,12 +546,33 @@ def test_records_read_a_step_late_equal_those_read_at_once(data_dir, tmp_path):
         cfg = tiny_config(data_dir, tmp_path / name, "--train.max_steps", "9", "--train.log_every", "2",
                           "--train.eval_every", every, "--train.eval_batches", "1", "--log.sample_every", "0",
                           "--optim.warmup_steps", "3")
-        assert build_trainer(cfg, single_info()).fit() == 0
+        trainer = build_trainer(cfg, single_info())
+        trainer.read_late = True  # as on CUDA
+        assert trainer.fit() == 0
         runs[name] = [{k: r[k] for k in ("step", "epoch", "tokens", "lr", "loss", "grad_norm")}
                       for r in read_metrics(tmp_path / name) if r["kind"] == "train"]
     assert [r["step"] for r in runs["late"]] == [2, 4, 6, 8, 9]
     assert runs["late"] == runs["at_once"]
     assert len({r["lr"] for r in runs["late"]}) > 3  # the schedule moves between the records compared
+
+
+@pytest.mark.parametrize("read_late", [False, True])
+def test_each_train_record_times_its_own_steps_on_cpu(data_dir, tmp_path, monkeypatch, read_late):
+    """Steps of 10 ms on a fake clock, a record at each: on CPU (the default) every record after the untimed first
+    says 10 ms a step. Read late, as on CUDA, a record would count the next step's time, run on the CPU before the
+    read, as its own (so they differ: that is why CPU reads at once)."""
+    trainer = _clocked_trainer(data_dir, tmp_path / "run", monkeypatch, eval_s=0.0, step_s=0.01)
+    trainer.cfg.train.log_every = 1
+    assert trainer.read_late is False
+    trainer.read_late = read_late
+    assert trainer.fit() == 0
+    rates = [r["tok_per_s"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert len(rates) == 8 and rates[0] is None
+    want = trainer.tokens_per_step / 0.01
+    if read_late:
+        assert rates[1:] != pytest.approx([want] * 7)
+    else:
+        assert rates[1:] == pytest.approx([want] * 7)
 
 
 def test_a_bad_step_is_skipped_without_a_fused_optimizer(data_dir, tmp_path):

@@ -127,6 +127,10 @@ class Trainer:
         self._eval_model: torch.nn.Module | None = None
         self.eval_compiles = (compiles_head(self.compiled, cfg.train.compile_scope) and cfg.train.compile_eval
                                and self.strategy != "fsdp")
+        # A log step's numbers are read once the next step is queued where the device runs behind the host
+        # (CUDA), so it never idles while the host logs. A CPU step has run when train_step returns: read late,
+        # its record's tok/s would count the next step's time as its own (and that step's none).
+        self.read_late = self.device.type == "cuda"
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -466,7 +470,8 @@ class Trainer:
                 bad, stop_now = take(pending[:deferred.steps], deferred, record=True)
                 del pending[:deferred.steps]
                 deferred = None
-            if not (eval_now or ckpt_now or sample_now or stop_now or bad or first_step_of_process):
+            read_now = eval_now or ckpt_now or sample_now or stop_now or bad or first_step_of_process
+            if not (read_now or (log_now and not self.read_late)):
                 if log_now:
                     deferred = self._mark(len(pending))
                 monitor.advance(1, {**bar_loss, **self._bar_rates})
