@@ -646,6 +646,7 @@ def test_nonfinite_policy_stop_saves_then_fails(data_dir, tmp_path):
     run = tmp_path / "run"
     trainer = build_trainer(tiny_config(data_dir, run, *HUGE_LR, "--train.max_steps", "4", "--train.nonfinite",
                                         "stop"), single_info())
+    trainer.read_late = True  # as on CUDA (a CPU run reads a log step at once, and stops at step 2)
     # Step 2 logs (every step does here): its numbers are read once step 3 is queued, so the stop comes at step 3.
     with pytest.raises(GpttrainError, match=r"training stopped at step 3: non-finite loss or gradients at step 2 "
                                             r"\(policy stop\); .*set --train.nonfinite skip"):
@@ -658,12 +659,13 @@ def test_nonfinite_policy_stop_saves_then_fails(data_dir, tmp_path):
 
 
 def test_nonfinite_found_at_the_next_log_step(data_dir, tmp_path):
-    """The host reads the steps' numbers only at log steps, once the next step is queued: a NaN at step 2 is
-    found with log step 3's numbers, at step 4, and the state saved there holds no update from a non-finite
-    step (steps 2 to 4 were skipped on the device)."""
+    """The host reads the steps' numbers only at log steps, once the next step is queued (as on CUDA): a NaN at
+    step 2 is found with log step 3's numbers, at step 4, and the state saved there holds no update from a
+    non-finite step (steps 2 to 4 were skipped on the device)."""
     run = tmp_path / "run"
     trainer = build_trainer(tiny_config(data_dir, run, *HUGE_LR, "--train.max_steps", "6", "--train.log_every", "3",
                                         "--train.nonfinite", "stop"), single_info())
+    trainer.read_late = True
     with pytest.raises(GpttrainError, match=r"training stopped at step 4: non-finite loss or gradients at step 2 "):
         trainer.fit()
     saved = newest(run)
@@ -677,7 +679,8 @@ def test_nonfinite_policy_skip_has_a_limit(data_dir, tmp_path):
     r = run_cli(train_args(data_dir, run, *HUGE_LR, "--train.max_steps", "6", "--train.nonfinite", "skip",
                            "--train.max_skipped_steps", "2"), cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.strip().startswith("error: training stopped at step 5: non-finite loss or gradients at step 4 "
+    # A CPU run reads each log step (every step here) at once: the third bad step stops the run where it happens.
+    assert r.stderr.strip().startswith("error: training stopped at step 4: non-finite loss or gradients at step 4 "
                                        "(more than 2 skipped)")
     assert "raise --train.max_skipped_steps" in r.stderr
     assert r.stdout.count("step skipped") == 2

@@ -718,7 +718,9 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
     assert torch.equal(evaluated, plain_evaluated)
     for name, g in grads.items():
         torch.testing.assert_close(g, plain_grads[name], rtol=1e-5, atol=1e-7)
-    assert losses == pytest.approx(plain_losses, rel=1e-6)
+    # The two backward graphs add in different orders: five steps on, the losses agree to fp32 rounding, not to the
+    # bit (1.5e-6 apart once in a full-suite run).
+    assert losses == pytest.approx(plain_losses, rel=1e-5)
     m, mb = cfg.model, cfg.train.micro_batch_size
     masks = 2 * m.n_layers * mb * m.context_length * m.emb_dim
     estimated = (estimate_training_memory(m, mb, **dict(layout, recompute_dropout=False)).total
