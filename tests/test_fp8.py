@@ -225,18 +225,33 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
         for refresh in (False, True):
             torch.manual_seed(0)  # the same draws on every rank, and as build_model's in the reference
             model = build_fsdp_model(cfg, DistInfo(rank, rank, world, CPU, "gloo"), "bf16-mixed", False, fp8=True)
-            linears = [m for m in model.modules() if isinstance(m, fp8_linear_type())]
+            linears = {n: m for n, m in model.named_modules() if isinstance(m, fp8_linear_type())}
             assert len(linears) == 4 * cfg.n_layers
-            gathered = []  # what each fp8 linear's forward finds as its weight: FSDP's all-gathered one
-            for m in linears:
-                m.register_forward_pre_hook(lambda mod, args, seen=gathered: seen.append(
-                    (type(mod.weight.data).__name__, getattr(mod.weight, "_data", mod.weight).dtype)))
+            gathered = {}  # what each fp8 linear's forward finds as its weight: FSDP's all-gathered one
+
+            def look(mod, args, seen=gathered):
+                seen[mod] = (type(mod.weight.data).__name__, getattr(mod.weight, "_data", mod.weight).dtype)
+
+            for m in linears.values():
+                m.register_forward_pre_hook(look)
             if refresh:
                 refresh_fsdp_scales(model)
             # Every rank the same batch: the same training as one process.
             runs.append(train(model, batch(cfg), 3, "bf16-mixed",
                               after_step=(lambda m=model: refresh_fsdp_scales(m)) if refresh else None))
-            assert set(gathered) == {("Float8TrainingTensor", torch.float8_e4m3fn)}  # gathered in fp8
+            # In fp8 where the weight's rows divide over the ranks; the others (uneven shards) in bf16.
+            for name, m in linears.items():
+                even = m.out_features % world == 0
+                assert gathered[m] == (("Float8TrainingTensor", torch.float8_e4m3fn) if even
+                                          else ("Tensor", torch.bfloat16)), (name, world)
+        for name, m in linears.items():  # the scales refreshed after the last step: those of today's weights
+            local = m.weight._local_tensor  # to_local() would give a view without the scale
+            if m.out_features % world:
+                assert type(local) is torch.Tensor
+                continue
+            full = plain_fp8_state({"w": m.weight})["w"].full_tensor()
+            want = (torch.finfo(torch.float8_e4m3fn).max / full.abs().max().double()).float()
+            assert torch.equal(local._precomputed_scale, want), name
         state = model.state_dict()
         plain = plain_fp8_state(state)
         assert {type(v.to_local()) for v in plain.values()} == {torch.Tensor}
@@ -248,9 +263,10 @@ def _fsdp_rank(rank: int, world: int, port: int, out: str) -> None:
 
 
 @pytest.mark.slow
-def test_fsdp2_fp8_matches_one_process(tmp_path: Path):
+@pytest.mark.parametrize("world", [2, 3])  # 3: the width's 64 rows (and the MLP's 256) split unevenly
+def test_fsdp2_fp8_matches_one_process(tmp_path: Path, world: int):
     out = tmp_path / "fsdp.pt"
-    mp.spawn(_fsdp_rank, args=(2, free_port(), str(out)), nprocs=2)
+    mp.spawn(_fsdp_rank, args=(world, free_port(), str(out)), nprocs=world)
     got = torch.load(out)
 
     cfg = tiny()
@@ -258,8 +274,8 @@ def test_fsdp2_fp8_matches_one_process(tmp_path: Path):
     model = build_local_model(cfg, torch.device("cpu"), "bf16-mixed", fp8=True)
     want = train(model, batch(cfg), 3, "bf16-mixed")
     assert got["keys"] == list(model.state_dict())
-    # FSDP gathers the weights in fp8, cast from the fp32 shards, as one process casts its fp32 weights; the norms
-    # and the head gathered in bf16 make the small difference.
+    # FSDP gathers the weights in fp8, cast from the fp32 shards, as one process casts its fp32 weights (or in
+    # bf16 where the shards are uneven); the norms and the head gathered in bf16 make the small difference.
     assert got["losses"] == pytest.approx(want, rel=2e-3), (got["losses"], want)
     assert got["refreshed"] == got["losses"]  # the scales of one all-reduce are those of one per weight
     assert want[-1] < want[0]

@@ -20,6 +20,8 @@ from torch import nn
 
 from gpttrain.errors import ConfigError
 
+log = logging.getLogger("gpttrain")
+
 FP8_PRECISIONS = ("bf16-mixed", "bf16-pure")
 MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) are the first with fp8 tensor cores
 FP8_DIM_MULTIPLE = 16  # the fp8 matmul kernels (torch._scaled_mm) need both dims of the weight divisible by 16
@@ -83,31 +85,51 @@ def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int 
     _import_float8()
 
 
-def convert_to_fp8(model: nn.Module, fsdp_all_gather: bool = False) -> int:
+def convert_to_fp8(model: nn.Module, fsdp_world_size: int = 0) -> int:
     """Swap the nn.Linear layers inside `model.blocks` for torchao's Float8Linear, in place; return how many.
 
     Only layers whose in and out features are both divisible by 16 are swapped (the others stay as they are);
     the output head and the embeddings are never touched. Works on the meta device, so it fits FSDP's build:
     call it before `fully_shard`, DDP or torch.compile. Calling it again converts nothing more (returns 0).
 
-    `fsdp_all_gather` (FSDP2 only): each rank casts its shard of a converted weight to fp8 before the all-gather,
-    so FSDP moves and holds 1 byte per weight instead of bf16's 2, and the matmul takes the gathered fp8 weight
-    as it is. The weights become torchao's WeightWithDynamicFloat8CastTensor; `plain_fp8_state` turns a state
-    dict of them back into plain tensors, and `refresh_fsdp_scales` computes their scales in one all-reduce.
+    `fsdp_world_size` (FSDP2 over that many ranks; 0: not sharded): each rank casts its shard of a converted
+    weight to fp8 before the all-gather, so FSDP moves and holds 1 byte per weight instead of bf16's 2, and the
+    matmul takes the gathered fp8 weight as it is. Only for weights whose rows divide evenly over the ranks:
+    torchao's fp8 all-gather sends each rank's shard unpadded, so an uneven split would gather mismatched sizes
+    (gloo fails, NCCL may hang); the others are gathered in bf16 and cast after. Those weights become torchao's
+    WeightWithDynamicFloat8CastTensor; `plain_fp8_state` turns a state dict of them back into plain tensors, and
+    `refresh_fsdp_scales` computes their scales in one all-reduce.
     """
     Float8LinearConfig, convert_to_float8_training, Float8Linear = _import_float8()
     converted: list[str] = []
+    gathered: list[str] = []
 
     def eligible(module: nn.Module, fqn: str) -> bool:
-        ok = (isinstance(module, nn.Linear) and not isinstance(module, Float8Linear)
-              and module.in_features % FP8_DIM_MULTIPLE == 0 and module.out_features % FP8_DIM_MULTIPLE == 0)
+        return (isinstance(module, nn.Linear) and not isinstance(module, Float8Linear)
+                and module.in_features % FP8_DIM_MULTIPLE == 0 and module.out_features % FP8_DIM_MULTIPLE == 0)
+
+    def even(module: nn.Module, fqn: str) -> bool:
+        ok = eligible(module, fqn) and module.out_features % fsdp_world_size == 0
+        if ok:
+            gathered.append(fqn)
+        return ok
+
+    def rest(module: nn.Module, fqn: str) -> bool:
+        ok = eligible(module, fqn)
         if ok:
             converted.append(fqn)
         return ok
 
-    config = Float8LinearConfig(enable_fsdp_float8_all_gather=fsdp_all_gather)
-    convert_to_float8_training(model.blocks, module_filter_fn=eligible, config=config)
-    return len(converted)
+    if fsdp_world_size > 0:
+        convert_to_float8_training(model.blocks, module_filter_fn=even,
+                                   config=Float8LinearConfig(enable_fsdp_float8_all_gather=True))
+    convert_to_float8_training(model.blocks, module_filter_fn=rest, config=Float8LinearConfig())
+    if fsdp_world_size > 0 and converted:
+        log.info("fp8: %d of %d fp8 linears gather their weights in fp8; the rows of the others (%s) do not divide "
+                 "over %d ranks, so FSDP gathers them in bf16", len(gathered), len(gathered) + len(converted),
+                 ", ".join(sorted({name.rsplit(".", 2)[-2] + "." + name.rsplit(".", 1)[-1] for name in converted})),
+                 fsdp_world_size)
+    return len(gathered) + len(converted)
 
 
 def _is_fp8_weight(t: Any) -> bool:
@@ -118,13 +140,16 @@ def _is_fp8_weight(t: Any) -> bool:
 def plain_fp8_state(state: Any) -> Any:
     """`state` (a state dict, or a nested one as DCP's optimizer state) with every fp8 all-gather weight, bare or
     as the local shard of a DTensor, replaced by the plain tensor it wraps (the same storage, no copy); the rest as
-    it is. What sharded checkpoints save, so they are those of the plain model: loadable without torchao."""
+    it is, and `state` itself where it holds none. What sharded checkpoints save, so they are those of the plain
+    model: loadable without torchao."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(state, dict):
-        return {k: plain_fp8_state(v) for k, v in state.items()}
+        new = {k: plain_fp8_state(v) for k, v in state.items()}
+        return state if all(new[k] is v for k, v in state.items()) else new
     if isinstance(state, (list, tuple)):
-        return type(state)(plain_fp8_state(v) for v in state)
+        items = [plain_fp8_state(v) for v in state]
+        return state if all(a is b for a, b in zip(items, state)) else type(state)(items)
     if isinstance(state, DTensor) and _is_fp8_weight(state._local_tensor):
         return DTensor.from_local(state._local_tensor._tensor, state.device_mesh, state.placements,
                                   run_check=False, shape=state.shape, stride=state.stride())

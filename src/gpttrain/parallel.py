@@ -323,16 +323,16 @@ def build_local_model(cfg: ModelConfig, device: torch.device, precision: str, fp
     return _set_precision(build_model(cfg, device), precision, fp8)
 
 
-def _set_precision(model: GPT, precision: str, fp8: bool, fsdp: bool = False) -> GPT:
+def _set_precision(model: GPT, precision: str, fp8: bool, fsdp_world_size: int = 0) -> GPT:
     """bf16 weights for bf16-pure; the blocks' linears in fp8 (the same parameters, so checkpoints are those
-    of the plain model), gathered in fp8 under FSDP (`fsdp`). Works on the meta device too, as FSDP's build
-    needs."""
+    of the plain model), gathered in fp8 under FSDP over `fsdp_world_size` ranks where their rows divide evenly.
+    Works on the meta device too, as FSDP's build needs."""
     if precision == "bf16-pure":
         model.to(torch.bfloat16)
     if fp8:
         from gpttrain.fp8 import convert_to_fp8
 
-        convert_to_fp8(model, fsdp_all_gather=fsdp)
+        convert_to_fp8(model, fsdp_world_size=fsdp_world_size)
     return model
 
 
@@ -350,7 +350,7 @@ def build_fsdp_model(cfg: ModelConfig, info: DistInfo, precision: str, activatio
     # Parameters gathered in the compute dtype, gradients reduced in fp32: fp32 master weights stay sharded.
     mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
     with torch.device("meta"):
-        model = _set_precision(GPT(cfg), precision, fp8, fsdp=True)  # before fully_shard, which shards fp8's own
+        model = _set_precision(GPT(cfg), precision, fp8, info.world_size)  # before fully_shard, which shards fp8's own
     if activation_checkpointing:
         apply_activation_checkpointing(model)
     for block in model.blocks:
