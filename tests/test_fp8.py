@@ -65,6 +65,35 @@ def test_converts_exactly_the_blocks_linears_and_keeps_names(tied):
     assert convert_to_fp8(model) == 0  # a second call converts nothing more
 
 
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_fsdp_all_gather_in_fp8_only_where_the_rows_divide_over_the_ranks(world, caplog):
+    """convert_to_fp8(fsdp_world_size=): every linear converted once, the fp8 all-gather on for those whose rows
+    (out_features) divide over the ranks, and the log names the others; width 64: qkv 192, proj 64, fc 256."""
+    cfg = tiny()
+    with torch.device("meta"):
+        model = GPT(cfg)
+    with caplog.at_level("INFO", logger="gpttrain"):
+        assert convert_to_fp8(model, fsdp_world_size=world) == 4 * cfg.n_layers
+    gathers = {name.split(".", 1)[1]: lin.config.enable_fsdp_float8_all_gather
+               for name, lin in model.blocks.named_modules() if isinstance(lin, fp8_linear_type())}
+    want = {"attn.qkv": 192 % world == 0, "attn.proj": 64 % world == 0, "mlp.fc": 256 % world == 0,
+            "mlp.proj": 64 % world == 0}
+    assert gathers == want
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("fp8:")]
+    if all(want.values()):
+        assert said == []
+    else:
+        uneven = ", ".join(sorted(k for k, v in want.items() if not v))
+        assert said == [f"fp8: {sum(want.values()) * cfg.n_layers} of {4 * cfg.n_layers} fp8 linears gather their "
+                        f"weights in fp8; the rows of the others ({uneven}) do not divide over {world} ranks, so "
+                        "FSDP gathers them in bf16"]
+    assert convert_to_fp8(model, fsdp_world_size=world) == 0
+    with torch.device("meta"):
+        plain = GPT(cfg)
+    convert_to_fp8(plain)  # one process or DDP: no fp8 all-gather
+    assert not any(m.config.enable_fsdp_float8_all_gather for m in plain.modules() if isinstance(m, fp8_linear_type()))
+
+
 def test_dims_not_divisible_by_16_stay_as_they_are():
     model = build_model(tiny(emb_dim=40))  # 40 -> 120, 40 -> 160: fp8 matmuls need multiples of 16
     assert convert_to_fp8(model) == 0

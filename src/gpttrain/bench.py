@@ -178,7 +178,7 @@ def profile_steps(step_fn, device: torch.device, steps: int = 2) -> dict:
 def time_reads(trainer, device: torch.device, steps: int, rounds: int = 2) -> dict:
     """Seconds per step when every step's numbers are read (a log at every step, the worst case): at once, as
     a loop that calls `.item()` each step does, and once the next step is queued, as the trainer reads a log
-    step, against the same steps unread. On a GPU a read at once leaves the device idle until the host has
+    step on CUDA, against the same steps unread. On a GPU a read at once leaves the device idle until the host has
     queued the next step. The three are timed in turn, `rounds` times over (each its best), so drift between
     them does not pass for a difference; on CPU, where every step runs as it is called, all three match."""
     from gpttrain.steps import read_steps

@@ -110,9 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "--train.eval_every")
     p.add_argument("--reads", action="store_true",
                    help="then time steps whose numbers are read at every step, at once (as a loop calling "
-                        ".item() each step) and once the next step is queued (as the trainer reads a log step), "
-                        "and the same steps unread, in turn, twice; add `reads` to the row: the best seconds per "
-                        "step of each and each read's cost against the unread steps")
+                        ".item() each step) and once the next step is queued (as the trainer reads a log step on "
+                        "CUDA), and the same steps unread, in turn, twice; add `reads` to the row: the best seconds "
+                        "per step of each and each read's cost against the unread steps")
 
     from gpttrain.api import add_export_arguments, add_generate_arguments
 

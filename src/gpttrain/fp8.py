@@ -62,7 +62,7 @@ def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int 
     `precision` is the resolved one (not "auto"). fp8 needs a bf16 compute dtype around it: bf16-mixed (fp32
     master weights under bf16 autocast) or bf16-pure. On CUDA it needs fp8 tensor cores (compute capability 8.9+);
     on CPU it runs (torch's CPU _scaled_mm), slowly: that is how the tests run. One process, DDP and FSDP2 all
-    work (FSDP2 checked on 2 gloo ranks against one process), provided `convert_to_fp8` runs before `fully_shard`.
+    work (FSDP2 checked on 2 and 3 gloo ranks against one process), provided `convert_to_fp8` runs before `fully_shard`.
     """
     if tokens_per_micro_batch is not None and tokens_per_micro_batch % FP8_DIM_MULTIPLE:
         # The weight gradient's fp8 matmul contracts over the tokens: CUDA's _scaled_mm wants a multiple of 16.

@@ -91,7 +91,8 @@ class StopFlag:
 class StepStats:
     """One optimizer step's numbers, left on the device. Reading one waits for the device (a host sync), so
     the loop reads them in batches through `read_steps`, never inside a step: a log step's once the next step
-    is queued, those of evaluation, checkpoint, sample, first and last steps at once.
+    is queued (on CUDA; at once elsewhere, see Trainer.read_late), those of evaluation, checkpoint, sample,
+    first and last steps at once.
 
     On CUDA the numbers are copied to pinned host memory as soon as the step's kernels have computed them,
     and an event marks that copy: a read waits for this step's work only, not for what was queued after it

@@ -127,9 +127,9 @@ class Trainer:
         self._eval_model: torch.nn.Module | None = None
         self.eval_compiles = (compiles_head(self.compiled, cfg.train.compile_scope) and cfg.train.compile_eval
                                and self.strategy != "fsdp")
-        # A log step's numbers are read once the next step is queued where the device runs behind the host
-        # (CUDA), so it never idles while the host logs. A CPU step has run when train_step returns: read late,
-        # its record's tok/s would count the next step's time as its own (and that step's none).
+        # A log step's numbers are read once the next step is queued on CUDA, where the device runs behind the
+        # host, so it never idles while the host logs. Off CUDA (CPU; mps, whose reads wait for all that is
+        # queued) a late read would count the next step's time in the record's tok/s: they read at once.
         self.read_late = self.device.type == "cuda"
 
     # ---- setup ---------------------------------------------------------------------------
