@@ -235,20 +235,22 @@ def oom_message(model: ModelConfig, train, precision: str, compiled: bool, recas
     else:
         msg += " Try --train.activation_checkpointing true, --dist.strategy fsdp over more GPUs, or a smaller model."
 
-    def saving(flag: str, **change) -> str:
-        other = estimate_training_memory(model, mb, **dict(layout, **change))
+    def with_(**change) -> MemoryEstimate:
+        return estimate_training_memory(model, mb, **dict(layout, **change))
+
+    def saving(flag: str, other: MemoryEstimate) -> str:
         return f" {flag} would save about {(est.total - other.total) / GIB:.1f} GiB."
 
     # The recast's hint only where it saves much: activation checkpointing already recasts in backward, and fp8
     # linears cast their own weights (the head alone would be recast).
     if not recast and recast_applies(precision, compiled, layout["strategy"], train.activation_checkpointing,
                                      train.fp8):
-        msg += saving("--train.recompute_weight_casts true", recompute_casts=True)
+        msg += saving("--train.recompute_weight_casts true", with_(recompute_casts=True))
     if (model.drop_rate > 0 and compiled and not train.activation_checkpointing
             and not train.recompute_dropout_masks):
-        msg += saving("--train.recompute_dropout_masks true", recompute_dropout=True)
+        msg += saving("--train.recompute_dropout_masks true", with_(recompute_dropout=True))
     if precision in AUTOCAST_DTYPES and not layout["residual_16bit"]:
-        half = estimate_training_memory(model, mb, **dict(layout, residual_16bit=True))
+        half = with_(residual_16bit=True)
         if half.total < est.total:  # eager autograd keeps fp32 copies of the LayerNorm inputs either way
-            msg += saving("--train.residual_dtype compute", residual_16bit=True)
+            msg += saving("--train.residual_dtype compute", half)
     return msg
