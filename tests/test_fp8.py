@@ -314,10 +314,9 @@ def test_fsdp2_fp8_matches_one_process(tmp_path: Path, world: int):
 
 
 def _train_losses(run_dir: Path) -> dict[int, float]:
-    import json
+    from tests.helpers import read_metrics
 
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
 @pytest.mark.slow
