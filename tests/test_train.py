@@ -686,7 +686,7 @@ def _plotting_trainer(data_dir, run_dir, monkeypatch, *, steps: int, eval_every:
 
     import gpttrain.plot
 
-    monkeypatch.setattr("gpttrain.trainer.PLOT_COST_SHARE", share)
+    monkeypatch.setattr("gpttrain.reporting.PLOT_COST_SHARE", share)
     trainer = build_trainer(tiny_config(data_dir, run_dir, "--train.max_steps", str(steps), "--train.eval_every",
                                         str(eval_every), "--log.sample_every", "0"), single_info())
     drawn: list[int] = []
@@ -717,7 +717,9 @@ def _clocked_trainer(data_dir, run_dir, monkeypatch, *, eval_s: float, step_s: f
     trainer = build_trainer(tiny_config(data_dir, run_dir, "--train.max_steps", str(steps), "--train.eval_every", "2",
                                         "--log.sample_every", "0"), single_info())
     now = [0.0]
-    monkeypatch.setattr("gpttrain.trainer.time", types.SimpleNamespace(perf_counter=lambda: now[0], time=time.time))
+    clock = types.SimpleNamespace(perf_counter=lambda: now[0], time=time.time)
+    monkeypatch.setattr("gpttrain.trainer.time", clock)
+    monkeypatch.setattr("gpttrain.reporting.time", clock)  # where evaluations are timed
     real_eval, real_step = trainer.evaluate, trainer.train_step
 
     def evaluate():
