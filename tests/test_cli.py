@@ -154,6 +154,8 @@ def test_info_json(capsys):
     (["info", "--preset", "tiny", "--optim.nope", "1"], "--optim.nope: no such setting"),
     (["info", "--preset", "tiny", "--gpus", "0"], "--gpus: 0 must be at least 1"),
     (["train", "--preset", "tiny", "--train.precision", "fp8"], "--train.precision: 'fp8' is not allowed"),
+    (["info", "--preset", "tiny", "--train.precision", "fp32", "--train.fp8", "true"],
+     "--train.fp8: needs bf16 compute, but --train.precision is fp32"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from gpttrain.checkpoint import load_model_state, load_model_weights, model_stat
 from gpttrain.config import ModelConfig  # noqa: E402
 from gpttrain.errors import ConfigError  # noqa: E402
 from gpttrain.fp8 import check_fp8, convert_to_fp8  # noqa: E402
+from gpttrain.memory import fp8_block_weights  # noqa: E402
 from gpttrain.model import GPT, build_model  # noqa: E402
 from gpttrain.parallel import build_local_model  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
@@ -88,6 +90,11 @@ def test_fsdp_all_gather_in_fp8_only_where_the_rows_divide_over_the_ranks(world,
                         f"weights in fp8; the rows of the others ({uneven}) do not divide over {world} ranks, so "
                         "FSDP gathers them in bf16"]
     assert convert_to_fp8(model, fsdp_world_size=world) == 0
+    # The memory estimate counts the same weights: those converted, those gathered in fp8 (per block).
+    block = [lin for lin in model.blocks[0].modules() if isinstance(lin, fp8_linear_type())]
+    assert fp8_block_weights(cfg, world) == (sum(lin.weight.numel() for lin in block),
+                                             sum(lin.weight.numel() for lin in block
+                                                 if lin.config.enable_fsdp_float8_all_gather))
     with torch.device("meta"):
         plain = GPT(cfg)
     convert_to_fp8(plain)  # one process or DDP: no fp8 all-gather
@@ -98,6 +105,7 @@ def test_dims_not_divisible_by_16_stay_as_they_are():
     model = build_model(tiny(emb_dim=40))  # 40 -> 120, 40 -> 160: fp8 matmuls need multiples of 16
     assert convert_to_fp8(model) == 0
     assert all(type(m) is nn.Linear for m in model.modules() if isinstance(m, nn.Linear))
+    assert fp8_block_weights(tiny(emb_dim=40), 2) == (0, 0)  # the memory estimate counts none either
 
 
 def test_converts_on_the_meta_device():
@@ -108,6 +116,75 @@ def test_converts_on_the_meta_device():
     model.to_empty(device=CPU)
     model.init_weights()
     assert model(batch(cfg), targets=batch(cfg)).isfinite()
+
+
+@pytest.mark.parametrize("compile_", ["off", "on"])
+def test_fp8_linears_keep_no_16bit_weight_copy_for_backward(tmp_path: Path, compile_: str):
+    """bf16-mixed: a plain linear keeps its weight's bf16 copy from forward to backward (compiled: unless the casts
+    are recomputed); an fp8 one keeps none (torchao saves the fp32 master weight and casts it again), eager or
+    compiled. The memory estimate's 16-bit copies fall by those weights; the head's copy stays in both."""
+    from gpttrain.memory import estimate_training_memory
+    from tests.helpers import build_trainer, make_data, single_info, tiny_config
+
+    data = make_data(tmp_path)
+    kept, layouts = {}, {}
+    for fp8 in (False, True):
+        # Micro-batch 7: 448 tokens, a shape no weight has (width 64: 192, 256, vocab 320).
+        cfg = tiny_config(data, tmp_path / f"run-{fp8}", "--train.precision", "bf16-mixed", "--train.compile", compile_,
+                          "--train.fp8", str(fp8).lower(), "--train.micro_batch_size", "7")
+        trainer = build_trainer(cfg, single_info())
+        trainer.train_step()  # compiles
+        shapes: set[tuple[torch.dtype, tuple[int, ...]]] = set()
+
+        def pack(t, shapes=shapes):
+            shapes.add((t.dtype, tuple(t.shape)))
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            trainer.train_step()
+        layouts[fp8] = trainer.memory_layout()
+        trainer.close()
+        # The 16-bit weights kept, either way round (eager keeps the transposed view autocast made).
+        kept[fp8] = {shape for dtype, shape in shapes if dtype == torch.bfloat16 and len(shape) == 2}
+    m = cfg.model
+    d, v = m.emb_dim, m.vocab_size
+    blocks = {(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)}
+    blocks |= {(i, o) for o, i in blocks}
+    head = {(v, d), (d, v)}
+    assert len(kept[False] & blocks) == 4 and kept[False] & head  # qkv, proj, fc, mlp.proj: one way round each
+    assert not kept[True] & blocks and kept[True] & head
+    assert layouts[True]["fp8"] and not layouts[False]["fp8"]
+    plain = estimate_training_memory(m, 7, **layouts[False])
+    fp8_est = estimate_training_memory(m, 7, **layouts[True])
+    assert plain.compute_copies - fp8_est.compute_copies == 2 * m.n_layers * 12 * d * d
+    assert fp8_est.compute_copies == 2 * v * d
+
+
+def test_info_counts_no_16bit_copies_of_fp8_weights(capsys):
+    """gpttrain info --train.fp8 true: the bf16 rows hold no 16-bit copies of the blocks' linears (DDP: the head's
+    alone), FSDP over 3 GPUs holds qkv's gathered weights (3 x 2048 rows) in 1 byte and the rest in 2; the fp32
+    rows are those without fp8; the footnote says so."""
+    from gpttrain.cli import main
+    from gpttrain.memory import GIB
+
+    def rows(*flags):
+        assert main(["info", "--preset", "gpt-1.4b", "--gpus", "3", "--gpu-mem", "80", "--json", *flags]) == 0
+        return {(r["precision"], r["strategy"], r["gpus"], r["activation_checkpointing"]): r
+                for r in json.loads(capsys.readouterr().out)["memory_gib"]}
+
+    plain, fp8 = rows(), rows("--train.fp8", "true")
+    d, v, layers = 2048, 50304, 24
+    ddp = ("bf16-mixed", "ddp", 1, False)
+    assert fp8[ddp]["fp8"] and not plain[ddp]["fp8"]
+    assert fp8[ddp]["compute_copies"] == pytest.approx(2 * v * d / GIB)
+    assert plain[ddp]["compute_copies"] - fp8[ddp]["compute_copies"] == pytest.approx(2 * layers * 12 * d * d / GIB)
+    fsdp = ("bf16-mixed", "fsdp", 3, False)
+    assert plain[fsdp]["compute_copies"] - fp8[fsdp]["compute_copies"] == pytest.approx(2 * 3 * d * d / GIB)
+    for key, row in fp8.items():
+        if key[0] == "fp32":
+            assert not row["fp8"] and row == dict(plain[key], fp8=False)
+    assert main(["info", "--preset", "gpt-1.4b", "--train.fp8", "true"]) == 0
+    assert "--train.fp8: the bf16 rows keep no copies of the blocks' fp8 linears" in capsys.readouterr().out
 
 
 def save_weights(model: GPT, folder: Path) -> Path:

@@ -85,6 +85,17 @@ def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int 
     _import_float8()
 
 
+def converts(out_features: int, in_features: int) -> bool:
+    """Whether `convert_to_fp8` makes a block's linear of this shape fp8: both dims divisible by 16."""
+    return out_features % FP8_DIM_MULTIPLE == 0 and in_features % FP8_DIM_MULTIPLE == 0
+
+
+def gathers_in_fp8(out_features: int, fsdp_world_size: int) -> bool:
+    """Whether FSDP2 over `fsdp_world_size` ranks gathers a converted linear's weight in fp8: its rows divide
+    evenly over the ranks (see `convert_to_fp8`)."""
+    return fsdp_world_size > 0 and out_features % fsdp_world_size == 0
+
+
 def convert_to_fp8(model: nn.Module, fsdp_world_size: int = 0) -> int:
     """Swap the nn.Linear layers inside `model.blocks` for torchao's Float8Linear, in place; return how many.
 
@@ -106,10 +117,10 @@ def convert_to_fp8(model: nn.Module, fsdp_world_size: int = 0) -> int:
 
     def eligible(module: nn.Module, fqn: str) -> bool:
         return (isinstance(module, nn.Linear) and not isinstance(module, Float8Linear)
-                and module.in_features % FP8_DIM_MULTIPLE == 0 and module.out_features % FP8_DIM_MULTIPLE == 0)
+                and converts(module.out_features, module.in_features))
 
     def even(module: nn.Module, fqn: str) -> bool:
-        ok = eligible(module, fqn) and module.out_features % fsdp_world_size == 0
+        ok = eligible(module, fqn) and gathers_in_fp8(module.out_features, fsdp_world_size)
         if ok:
             gathered.append(fqn)
         return ok

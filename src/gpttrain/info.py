@@ -5,8 +5,11 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import torch
+
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
+from gpttrain.fp8 import check_fp8
 from gpttrain.loss import compiles_head
 from gpttrain.memory import (
     GIB,
@@ -53,7 +56,7 @@ def memory_table(cfg: Config, gpus: int, gpu_mem_gib: float) -> list[dict]:
                                                                       cfg.train.fp8)
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, "recompute_casts": recast,
-                             "residual_16bit": layout["residual_16bit"], **est.as_gib()})
+                             "residual_16bit": layout["residual_16bit"], "fp8": layout["fp8"], **est.as_gib()})
     return rows
 
 
@@ -76,6 +79,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
                                       cfg.train.activation_checkpointing)
     if cfg.train.compiled_autograd:
         check_compiled_autograd(cfg.train.compile != "off", gpu_strategy, cfg.train.compile_mode)
+    if cfg.train.fp8:  # as on a GPU with fp8 tensor cores
+        check_fp8(gpu_precision, torch.device("cpu"), cfg.train.micro_batch_size * cfg.model.context_length)
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
@@ -139,8 +144,10 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
              "activ.: the mixed-precision rows with the residual stream in %s%s; logits: %s; add ~1 GiB for the "
              "CUDA context.)%s", "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
              else "fp32 under DDP, in 16 bits under FSDP (--train.residual_dtype)",
-             "; dropout masks: none kept in the rows without 'ckpt' (--train.recompute_dropout_masks)"
-             if cfg.train.recompute_dropout_masks else "",
+             ("; dropout masks: none kept in the rows without 'ckpt' (--train.recompute_dropout_masks)"
+              if cfg.train.recompute_dropout_masks else "")
+             + ("; --train.fp8: the bf16 rows keep no copies of the blocks' fp8 linears, and FSDP gathers those "
+                "whose rows divide over its GPUs in fp8, 1 byte a weight" if cfg.train.fp8 else ""),
              "the chunked head + loss (--train.fused_loss)" if layout["fused_loss"]
              else "the logits as torch.compile keeps them" + (" (fp32 rows: the chunked head + loss)"
                                                              if gpu_layout(cfg, "fp32", gpu_mem_gib)["fused_loss"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
+from gpttrain.fp8 import FP8_PRECISIONS, converts, gathers_in_fp8
 from gpttrain.loss import chunk_rows_for, chunked_loss_wanted, compiles_head
 from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
@@ -67,6 +68,15 @@ def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, norm_inp
 USABLE_SHARE = 0.9
 
 
+def fp8_block_weights(cfg: ModelConfig, fsdp_world_size: int = 0) -> tuple[int, int]:
+    """Per block, the weights of the linears `--train.fp8` makes fp8 (`fp8.convert_to_fp8`: both dims divisible by
+    16) and of those FSDP2 over `fsdp_world_size` ranks gathers in fp8 (rows dividing over the ranks; 0: none)."""
+    d = cfg.emb_dim
+    shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)]  # (out, in): attn.qkv, attn.proj, mlp.fc, mlp.proj
+    fp8 = [(o, i) for o, i in shapes if converts(o, i)]
+    return sum(o * i for o, i in fp8), sum(o * i for o, i in fp8 if gathers_in_fp8(o, fsdp_world_size))
+
+
 def recast_applies(precision: str, compiled: bool, strategy: str, activation_checkpointing: bool,
                    fp8: bool) -> bool:
     """Whether recomputing the weight casts (`--train.recompute_weight_casts`) saves memory in such a run: mixed
@@ -91,6 +101,7 @@ def run_layout(model: ModelConfig, train, precision: str, compiled: bool, gpu_by
                   activation_checkpointing=train.activation_checkpointing, recompute_casts=False)
     layout["recompute_dropout"] = train.recompute_dropout_masks
     layout.update(overrides)
+    layout.setdefault("fp8", train.fp8 and layout["precision"] in FP8_PRECISIONS)
     layout.setdefault("residual_16bit", residual_is_16bit(train.residual_dtype, precision,
                                                           layout.get("strategy", "ddp")))
     if "recompute_casts" not in overrides:
@@ -120,6 +131,7 @@ def estimate_training_memory(
     recompute_casts: bool = False,
     residual_16bit: bool | None = None,
     recompute_dropout: bool = False,
+    fp8: bool = False,
 ) -> MemoryEstimate:
     """Peak bytes per GPU of one training step (before allocator fragmentation and CUDA context).
 
@@ -132,9 +144,14 @@ def estimate_training_memory(
     `auto` makes it (16 bits under FSDP). Eager autograd saves autocast's fp32 copies of LayerNorm's inputs even
     so: only a compiled run saves them in 16 bits. `recompute_dropout`: the blocks' dropout masks drawn again in
     backward (`--train.recompute_dropout_masks`), which a compiled run without activation checkpointing does not
-    keep."""
+    keep. `fp8`: the blocks' linears in fp8 (`--train.fp8`, bf16 precisions only): they keep no 16-bit weight
+    copy (torchao's Float8Linear saves the master weight itself and casts it again in backward), and FSDP holds
+    the weights it gathers in fp8 at 1 byte each; their activations are counted as bf16 ones (what eager
+    autograd keeps on CUDA; compiled, on CPU it keeps fewer)."""
     if precision not in _STATE_BYTES:
         raise ValueError(f"unknown precision {precision!r}")
+    if fp8 and precision not in FP8_PRECISIONS:
+        raise ValueError(f"fp8 needs a bf16 precision, not {precision!r}")
     P = count_params(cfg)
     T = cfg.context_length if seq_len is None else seq_len
     d, L, V = cfg.emb_dim, cfg.n_layers, cfg.vocab_size
@@ -145,16 +162,20 @@ def estimate_training_memory(
 
     half = precision in AUTOCAST_DTYPES
     block_params = (count_params(cfg) - 2 * d - V * d * (1 if cfg.tie_embeddings else 2) - T * d) / max(L, 1)
+    fp8_weights, fp8_gathered = (fp8_block_weights(cfg, world_size if strategy == "fsdp" else 0) if fp8
+                                 else (0, 0))
     if strategy == "fsdp" and world_size > 1:
         # Unsharded working copies: the root (embeddings, head) plus about two blocks in flight
-        # (the one computing and the one being prefetched), in the compute dtype.
+        # (the one computing and the one being prefetched), in the compute dtype; fp8-gathered weights in 1 byte.
         cdt = 2 if precision != "fp32" else 4
         root = V * d * (1 if cfg.tie_embeddings else 2) + T * d
-        compute_copies = cdt * (root + 2 * block_params)
+        compute_copies = cdt * (root + 2 * block_params) - (cdt - 1) * 2 * fp8_gathered
     elif half and compiled and (recompute_casts or activation_checkpointing):
-        compute_copies = 2 * max(block_params, V * d)  # one block's (or the head's) copies, made in backward
+        # One block's (or the head's) copies, made in backward.
+        compute_copies = 2 * max(block_params - fp8_weights, V * d)
     elif half:
-        compute_copies = 2 * matmul_params(cfg)  # the linears' 16-bit weights (embeddings are looked up in fp32)
+        # The linears' 16-bit weights (embeddings are looked up in fp32); fp8 linears keep none.
+        compute_copies = 2 * (matmul_params(cfg) - L * fp8_weights)
     else:
         compute_copies = 0.0
 
