@@ -67,7 +67,7 @@ def test_converts_exactly_the_blocks_linears_and_keeps_names(tied):
     assert convert_to_fp8(model) == 0  # a second call converts nothing more
 
 
-@pytest.mark.parametrize("world", [2, 3, 5])
+@pytest.mark.parametrize("world", [2, 3, 5, 128])  # 128: the fc's 256 rows divide, the others' (192, 64) do not
 def test_fsdp_all_gather_in_fp8_only_where_the_rows_divide_over_the_ranks(world, caplog):
     """convert_to_fp8(fsdp_world_size=): every linear converted once, the fp8 all-gather on for those whose rows
     (out_features) divide over the ranks, and the log names the others; width 64: qkv 192, proj 64, fc 256."""

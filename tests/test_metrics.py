@@ -74,6 +74,18 @@ def test_suggest_micro_batch_keeps_the_global_batch():
     assert suggest_micro_batch(resolve("gpt-1.4b").model, 1 * GIB, 32) is None
 
 
+def test_suggest_micro_batch_under_fp8_only_where_fp8_matmuls_take_the_tokens():
+    """Context 1000: a micro-batch of 1 (1000 tokens) is not a multiple of 16, which fp8 refuses; 2 is."""
+    cfg = resolve("gpt-1.4b").model
+    cfg.context_length = 1000
+    kw = dict(precision="bf16-mixed", compiled=True)
+    one = estimate_training_memory(cfg, 1, fp8=True, **kw).total
+    two = estimate_training_memory(cfg, 2, fp8=True, **kw).total
+    assert one < two  # so at (one + two) / 2 only 1 fits, which fp8 cannot take
+    assert suggest_micro_batch(cfg, (one + two) / 2, 32, fp8=True, **kw) is None
+    assert suggest_micro_batch(cfg, two, 32, fp8=True, **kw) == (2, 16)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16-mixed", "bf16-pure"])
 @pytest.mark.parametrize("n, d, v, rows", [(4096, 256, 4096, 256), (4096, 1024, 4096, 64)])  # chunks; head grad
 def test_fused_loss_estimate_bounds_the_measured_peak(precision, n, d, v, rows, tmp_path):

@@ -56,14 +56,8 @@ def _import_float8() -> tuple[Any, Callable[..., nn.Module], type[nn.Linear]]:
     return Float8LinearConfig, convert_to_float8_training, Float8Linear
 
 
-def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int | None = None) -> None:
-    """Refuse `--train.fp8` where it cannot run, with one line naming the flag, the value and what to do.
-
-    `precision` is the resolved one (not "auto"). fp8 needs a bf16 compute dtype around it: bf16-mixed (fp32
-    master weights under bf16 autocast) or bf16-pure. On CUDA it needs fp8 tensor cores (compute capability 8.9+);
-    on CPU it runs (torch's CPU _scaled_mm), slowly: that is how the tests run. One process, DDP and FSDP2 all
-    work (FSDP2 checked on 2 and 3 gloo ranks against one process), provided `convert_to_fp8` runs before `fully_shard`.
-    """
+def check_fp8_settings(precision: str, tokens_per_micro_batch: int | None = None) -> None:
+    """`check_fp8`'s refusals that need neither a device nor torchao (what `gpttrain info` checks)."""
     if tokens_per_micro_batch is not None and tokens_per_micro_batch % FP8_DIM_MULTIPLE:
         # The weight gradient's fp8 matmul contracts over the tokens: CUDA's _scaled_mm wants a multiple of 16.
         raise ConfigError(f"--train.fp8: a micro-batch of {tokens_per_micro_batch} tokens (--train.micro_batch_size "
@@ -72,6 +66,17 @@ def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int 
     if precision not in FP8_PRECISIONS:
         raise ConfigError(f"--train.fp8: needs bf16 compute, but --train.precision is {precision}; "
                           f"use --train.precision bf16-mixed (or bf16-pure) or drop --train.fp8")
+
+
+def check_fp8(precision: str, device: torch.device, tokens_per_micro_batch: int | None = None) -> None:
+    """Refuse `--train.fp8` where it cannot run, with one line naming the flag, the value and what to do.
+
+    `precision` is the resolved one (not "auto"). fp8 needs a bf16 compute dtype around it: bf16-mixed (fp32
+    master weights under bf16 autocast) or bf16-pure. On CUDA it needs fp8 tensor cores (compute capability 8.9+);
+    on CPU it runs (torch's CPU _scaled_mm), slowly: that is how the tests run. One process, DDP and FSDP2 all
+    work (FSDP2 checked on 2 and 3 gloo ranks against one process), provided `convert_to_fp8` runs before `fully_shard`.
+    """
+    check_fp8_settings(precision, tokens_per_micro_batch)
     if device.type == "cuda":
         capability = torch.cuda.get_device_capability(device)
         if capability < MIN_CAPABILITY:

@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-import torch
-
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
-from gpttrain.fp8 import check_fp8
+from gpttrain.fp8 import check_fp8_settings
 from gpttrain.loss import compiles_head
 from gpttrain.memory import (
     GIB,
@@ -53,7 +51,7 @@ def memory_table(cfg: Config, gpus: int, gpu_mem_gib: float) -> list[dict]:
                                     activation_checkpointing=ac)
                 est = estimate_training_memory(cfg.model, mb, **layout)
                 recast = layout["recompute_casts"] and recast_applies(precision, layout["compiled"], strategy, ac,
-                                                                      cfg.train.fp8)
+                                                                      layout["fp8"])
                 rows.append({"precision": precision, "strategy": strategy, "gpus": world,
                              "activation_checkpointing": ac, "micro_batch_size": mb, "recompute_casts": recast,
                              "residual_16bit": layout["residual_16bit"], "fp8": layout["fp8"], **est.as_gib()})
@@ -79,8 +77,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
                                       cfg.train.activation_checkpointing)
     if cfg.train.compiled_autograd:
         check_compiled_autograd(cfg.train.compile != "off", gpu_strategy, cfg.train.compile_mode)
-    if cfg.train.fp8:  # as on a GPU with fp8 tensor cores
-        check_fp8(gpu_precision, torch.device("cpu"), cfg.train.micro_batch_size * cfg.model.context_length)
+    if cfg.train.fp8:  # as on a GPU with fp8 tensor cores (the estimate needs no torchao)
+        check_fp8_settings(gpu_precision, cfg.train.micro_batch_size * cfg.model.context_length)
     m = cfg.model
     params = count_params(m)
     fpt = flops_per_token(m)
@@ -96,7 +94,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     # What --train.recompute_weight_casts true would make of bf16-mixed DDP, where it is off and would apply.
     recast = None
     if mixed and not layout["recompute_casts"] and recast_applies(default_prec, layout["compiled"], "ddp",
-                                                                  cfg.train.activation_checkpointing, cfg.train.fp8):
+                                                                  cfg.train.activation_checkpointing, layout["fp8"]):
         recast = estimate_training_memory(m, mb, **dict(layout, recompute_casts=True)).total / GIB
     # What --train.residual_dtype compute would make of the verdict's row (DDP, no activation checkpointing; the
     # weight casts recomputed as the run would decide), where the stream is fp32, a 16-bit one saves memory

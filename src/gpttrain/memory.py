@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
-from gpttrain.fp8 import FP8_PRECISIONS, converts, gathers_in_fp8
+from gpttrain.fp8 import FP8_DIM_MULTIPLE, FP8_PRECISIONS, converts, gathers_in_fp8
 from gpttrain.loss import chunk_rows_for, chunked_loss_wanted, compiles_head
 from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
@@ -110,7 +110,7 @@ def run_layout(model: ModelConfig, train, precision: str, compiled: bool, gpu_by
             layout["recompute_casts"] = (
                 gpu_bytes > 0
                 and recast_applies(precision, compiled, layout.get("strategy", "ddp"),
-                                   layout["activation_checkpointing"], train.fp8)
+                                   layout["activation_checkpointing"], layout["fp8"])
                 and estimate_training_memory(model, train.micro_batch_size, **layout).total > USABLE_SHARE * gpu_bytes)
         else:
             layout["recompute_casts"] = setting
@@ -234,8 +234,12 @@ def compiled_loss_bytes(tokens: int, vocab: int, width: int, precision: str) -> 
 
 def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: int, **kw) -> tuple[int, int] | None:
     """The largest micro-batch dividing `global_per_rank` (sequences per rank per step) that fits
-    `budget_bytes`, with the accumulation steps that keep the global batch; None if even 1 does not fit."""
+    `budget_bytes`, with the accumulation steps that keep the global batch; None if even 1 does not fit. With
+    `fp8`, only micro-batches whose tokens fp8 matmuls take (a multiple of 16: `fp8.check_fp8_settings`)."""
+    tokens = cfg.context_length if kw.get("seq_len") is None else kw["seq_len"]
     for mb in sorted((m for m in range(1, global_per_rank + 1) if global_per_rank % m == 0), reverse=True):
+        if kw.get("fp8") and mb * tokens % FP8_DIM_MULTIPLE:
+            continue
         if estimate_training_memory(cfg, mb, **kw).total <= budget_bytes:
             return mb, global_per_rank // mb
     return None
@@ -265,7 +269,7 @@ def oom_message(model: ModelConfig, train, precision: str, compiled: bool, recas
     # The recast's hint only where it saves much: activation checkpointing already recasts in backward, and fp8
     # linears cast their own weights (the head alone would be recast).
     if not recast and recast_applies(precision, compiled, layout["strategy"], train.activation_checkpointing,
-                                     train.fp8):
+                                     layout["fp8"]):
         msg += saving("--train.recompute_weight_casts true", with_(recompute_casts=True))
     if (model.drop_rate > 0 and compiled and not train.activation_checkpointing
             and not train.recompute_dropout_masks):

@@ -25,7 +25,9 @@ PLOT_COST_SHARE = 0.01  # of the wall time, at most, spent redrawing loss.pdf/.p
 
 class Reporting:
     """The Trainer's records, log lines, samples and plot (see the module's docstring); state of its own: the
-    rates on the progress bar, the last sample's step, the last plot's step and cost."""
+    rates on the progress bar, the last sample's step, the last plot's step and cost. The trainer's state it
+    moves: `evals_done` (checkpointed: samples come every --log.sample_every evaluations), and evaluation's
+    compiled model (`_eval_model`, dropped for eager where it fails)."""
 
     _bar_rates: dict[str, str]
     _sample_step: int | None
