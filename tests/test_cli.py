@@ -166,6 +166,14 @@ def test_bad_input_is_one_line_and_exit_2(argv, message, capsys, tmp_path, monke
     assert not any(tmp_path.iterdir())  # nothing written
 
 
+def test_info_estimates_fp8_without_torchao(capsys, monkeypatch):
+    """The estimate needs no torchao: a laptop plans an fp8 run without it (the run itself would need it)."""
+    monkeypatch.setitem(sys.modules, "torchao", None)  # import torchao raises ImportError
+    assert main(["info", "--preset", "tiny", "--train.fp8", "true", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["memory_gib"]
+    assert {r["precision"] for r in rows if r["fp8"]} == {"bf16-mixed", "bf16-pure"}
+
+
 def test_info_json_reaches_stdout_under_quiet(tmp_path):
     from tests.helpers import run_cli
 
