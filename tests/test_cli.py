@@ -208,3 +208,55 @@ def test_a_bare_train_says_it_runs_the_demo_on_the_console_and_in_train_log(tmp_
     assert cli.DEMO_NOTE in capsys.readouterr().out  # the console: our log lines go to stdout
     monkeypatch.setattr(sys, "argv", ["gpttrain", "train", "--preset", "tiny"])  # not bare: no such line
     assert cli.main() == 0 and seen["note"] is None
+
+
+def test_resume_without_a_preset_continues_with_the_checkpoints_settings(tmp_path, monkeypatch, capsys):
+    """`train --run-dir R --resume auto` with neither --preset nor --config takes the settings R's newest checkpoint
+    was saved with (not the demo's), the flags on top, and says so; `--resume PATH` those of PATH. A preset given
+    is used as it is: its model does not fit the checkpoint, which is refused."""
+    from tests.helpers import make_data, read_metrics
+
+    data = make_data(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    first = ["train", "-q", "--preset", "tiny", "--data", str(data), "--run-dir", "runs/a", "--device", "cpu",
+             "--train.checkpoint_every", "2", "--log.sample_every", "0", "--optim.lr", "2e-3"]
+    assert main([*first, "--train.max_steps", "4"]) == 0
+    saved = json.loads((tmp_path / "runs/a/config.json").read_text())
+    assert main(["train", "-q", "--run-dir", "runs/a", "--resume", "auto", "--train.max_steps", "6"]) == 0
+    records = read_metrics(tmp_path / "runs/a")
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [4]
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == 6
+    now = json.loads((tmp_path / "runs/a/config.json").read_text())
+    assert now["preset"] == "tiny" and now["optim"]["lr"] == 2e-3 and now["data"] == saved["data"]
+    assert now == {**saved, "train": {**saved["train"], "max_steps": 6}, "run": {**saved["run"], "resume": "auto"}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "prepared", "runs"]  # no demo corpus prepared
+    log_text = (tmp_path / "runs/a/train.log").read_text()
+    assert ("--resume without --preset or --config: the settings saved in "
+            "runs/a/checkpoints/step-000000004/state.json, this command's flags on top") in log_text
+
+    # A checkpoint of run a, continued into run b.
+    assert main(["train", "-q", "--resume", "runs/a/checkpoints/step-000000002", "--run-dir", "runs/b",
+                 "--train.max_steps", "3"]) == 0
+    records = read_metrics(tmp_path / "runs/b")
+    assert [r["step"] for r in records if r["kind"] == "resume"] == [2]
+    assert [r["step"] for r in records if r["kind"] == "train"][-1] == 3
+    capsys.readouterr()
+
+    assert main(["train", "-q", "--preset", "demo", "--data", str(data), "--run-dir", "runs/a", "--resume", "auto",
+                 "--device", "cpu"]) == 2
+    assert "does not fit this run" in capsys.readouterr().err
+
+
+def test_resume_auto_in_a_fresh_run_dir_is_still_the_demo(tmp_path, monkeypatch):
+    """No checkpoint to take settings from: --resume auto without a preset starts the demo (here: its
+    config, checked without training)."""
+    import argparse
+
+    from gpttrain.cli import config_from_args
+    from gpttrain.config import resolve
+
+    monkeypatch.chdir(tmp_path)
+    args = argparse.Namespace(preset=None, config=None, data=None, run_dir="runs/x", device=None, resume="auto",
+                              init_from=None)
+    cfg, note = config_from_args(args, [], default_preset="demo")
+    assert note is None and cfg.preset == "demo" and cfg.model == resolve("demo").model

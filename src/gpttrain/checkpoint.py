@@ -329,6 +329,18 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint folder (with {COMPLETE}) nor a run dir with checkpoints/")
 
 
+def saved_settings(run_dir: str | Path, resume: str) -> tuple[dict[str, Any], Path] | None:
+    """The settings of the checkpoint `--resume` (auto: the newest complete one in `run_dir`; else a checkpoint
+    or run dir) points at, from its state.json, and that file; None where it points at none or the file cannot
+    be read (the resume itself then says why). Read without verifying the checkpoint: resuming does that."""
+    try:
+        path = list_checkpoints(Path(run_dir))[-1] if resume == "auto" else resolve_checkpoint(resume)
+        state_file = path / "state.json"
+        return json.loads(state_file.read_text(encoding="utf-8"))["config"], state_file
+    except (IndexError, GpttrainError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -36,14 +36,32 @@ def _add_config_arguments(p: argparse.ArgumentParser, preset_default: str = "non
     g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="(= --run.device)")
 
 
-def config_from_args(args: argparse.Namespace, rest: list[str]) -> Config:
+def config_from_args(args: argparse.Namespace, rest: list[str],
+                     default_preset: str | None = None) -> tuple[Config, str | None]:
+    """The command's config, and a line saying where it came from where that is not the command line alone.
+
+    `default_preset` where neither --preset nor --config is given; but `train --resume` without either continues
+    with the settings its checkpoint was saved with (`checkpoint.saved_settings`), the flags on top."""
     overrides = parse_dotted(rest)
     for attr, key in (("data", "data.path"), ("run_dir", "run.dir"), ("device", "run.device"),
                       ("resume", "run.resume"), ("init_from", "run.init_from")):
         value = getattr(args, attr, None)
         if value is not None:
             overrides.insert(0, (key, value))
-    return resolve(args.preset, args.config, overrides)
+    if args.preset is not None or args.config is not None or default_preset is None:
+        return resolve(args.preset, args.config, overrides), None
+    given = dict(overrides)
+    if given.get("run.resume"):
+        from gpttrain.checkpoint import saved_settings
+
+        run_dir = given.get("run.dir") or resolve(default_preset).run.dir
+        saved = saved_settings(run_dir, given["run.resume"])
+        if saved is not None:
+            config, source = saved
+            return (resolve(overrides=overrides, base=(config, str(source))),
+                    f"--resume without --preset or --config: the settings saved in {source}, this command's flags "
+                    "on top")
+    return resolve(default_preset, None, overrides), None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,11 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "train":
             from gpttrain.run import run_training
 
-            if args.preset is None and args.config is None:
-                args.preset = "demo"  # the CPU demo is what a bare `gpttrain train` runs
+            # The CPU demo is what a bare `gpttrain train` runs.
+            cfg, note = config_from_args(args, rest, default_preset="demo")
             bare = argv is None and len(sys.argv) == 2
-            return run_training(config_from_args(args, rest), quiet=args.quiet,
-                                note=DEMO_NOTE if bare else None)
+            return run_training(cfg, quiet=args.quiet, note=DEMO_NOTE if bare else note)
         if args.command == "plot":
             from gpttrain.plot import run_plot
 
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from gpttrain.bench import run_bench
 
-            return run_bench(config_from_args(args, rest), _print_json, warmup=args.warmup, steps=args.steps,
+            return run_bench(config_from_args(args, rest)[0], _print_json, warmup=args.warmup, steps=args.steps,
                              sweep=args.sweep, profile=args.profile, evaluation=args.evaluation,
                              reads=args.reads)
         if args.command in ("generate", "export"):
@@ -212,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "info":
             from gpttrain.info import run_info
 
-            return run_info(config_from_args(args, rest), gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
+            return run_info(config_from_args(args, rest)[0], gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
                             as_json=args.json, emit=_print_json)
     except GpttrainError as e:
         print(f"error: {e}", file=sys.stderr)

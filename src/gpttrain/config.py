@@ -382,10 +382,16 @@ def resolve(
     preset: str | None = None,
     config_file: str | Path | None = None,
     overrides: list[tuple[str, str]] | None = None,
+    base: tuple[dict[str, Any], str] | None = None,
 ) -> Config:
-    """Build a Config from defaults < preset < TOML < dotted overrides, then validate it."""
+    """Build a Config from defaults < preset < TOML < dotted overrides, then validate it. `base`: a saved config
+    (`to_dict`'s, and where it was read) to start from instead of the defaults, every key of it explicit."""
     cfg = Config()
     explicit: list[str] = []
+    if base is not None:
+        cfg = from_dict(base[0], source=base[1])
+        explicit = [f"{section}.{key}" for section, values in base[0].items() if isinstance(values, dict)
+                    for key in values]
     toml = load_toml(config_file) if config_file is not None else {}
     preset = preset if preset is not None else toml.pop("preset", None)
     toml.pop("preset", None)
@@ -415,16 +421,16 @@ def resolve(
     return cfg
 
 
-def from_dict(d: dict[str, Any]) -> Config:
-    """Rebuild a Config saved by `to_dict` (checkpoints, run dirs); unknown keys are refused."""
+def from_dict(d: dict[str, Any], source: str = "saved config") -> Config:
+    """Rebuild a Config saved by `to_dict` (checkpoints, run dirs); unknown keys are refused, naming `source`."""
     cfg = Config()
     for section, values in d.items():
         if section == "preset":
             cfg.preset = values
             continue
         if section not in SECTIONS or not isinstance(values, dict):
-            raise ConfigError(f"saved config: unexpected entry {section!r}")
-        _apply(cfg, section, values, source="saved config", from_text=False)
+            raise ConfigError(f"{source}: unexpected entry {section!r}")
+        _apply(cfg, section, values, source=source, from_text=False)
     validate_config(cfg)
     return cfg
 
