@@ -31,6 +31,19 @@ def test_load_and_generate(run_dir):
     greedy = gpttrain.generate(loaded.model, "Line 1", 20, tokenizer=loaded.tokenizer, temperature=0)
     assert greedy == gpttrain.generate(loaded, "Line 1", 20, temperature=0, seed=99)
     assert len(gpttrain.generate(loaded, "Line", 5, num_samples=3, seed=1)) == 3
+    assert loaded.step == 40
+
+
+def test_a_renamed_checkpoint_says_its_step(run_dir, tmp_path, caplog):
+    """The step comes from the checkpoint's state, not its folder's name (a copy, a consolidated folder)."""
+    copy = tmp_path / "my-model"
+    shutil.copytree(run_dir / "checkpoints" / "step-000000020", copy)
+    assert gpttrain.load(copy).step == 20
+    from gpttrain.cli import main
+
+    with caplog.at_level("INFO", logger="gpttrain"):
+        assert main(["generate", "--checkpoint", str(copy), "--prompt", "x", "--max-new-tokens", "2"]) == 0
+    assert any(r.getMessage().endswith("parameters, step 20)") for r in caplog.records), caplog.text
 
 
 def test_load_fills_every_weight_from_the_checkpoint(run_dir, monkeypatch):

@@ -27,12 +27,14 @@ def _torch_dtype(name: str):
 
 @dataclass
 class Loaded:
-    """A trained model ready to use: `model` (eval mode), `tokenizer`, resolved `config`, `checkpoint` path."""
+    """A trained model ready to use: `model` (eval mode), `tokenizer`, resolved `config`, `checkpoint` path, and the
+    training `step` it was saved at (None where the checkpoint does not say)."""
 
     model: Any
     tokenizer: Any
     config: Config
     checkpoint: Path
+    step: int | None = None
 
     def generate(self, prompt: str, max_new_tokens: int = 100, **kw) -> str:
         return generate(self, prompt, max_new_tokens, **kw)
@@ -56,7 +58,8 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     tokenizer = ckpt.load_tokenizer(path, state)
     if tokenizer is None:
         raise ConfigError(f"checkpoint {path} carries no tokenizer; it cannot turn text into tokens")
-    return Loaded(model, tokenizer, cfg, path)
+    step = (state.get("trainer") or {}).get("step")
+    return Loaded(model, tokenizer, cfg, path, int(step) if isinstance(step, int) else None)
 
 
 def generate(model_or_loaded, prompt: str, max_new_tokens: int = 100, *, tokenizer=None, temperature: float = 0.8,
@@ -116,8 +119,8 @@ def run_generate(args, out=sys.stdout) -> int:
                         top_p=args.top_p, num_samples=args.num_samples)
     prompt = _read_prompt(args)
     loaded = load(args.checkpoint, device=args.device, dtype=args.dtype)
-    log.info("loaded %s (%s parameters, step %s)", loaded.checkpoint, f"{loaded.model.num_params():,}",
-             loaded.checkpoint.name.removeprefix("step-").lstrip("0") or "0")
+    log.info("loaded %s (%s parameters%s)", loaded.checkpoint, f"{loaded.model.num_params():,}",
+             "" if loaded.step is None else f", step {loaded.step}")
     for i in range(args.num_samples):
         seed = None if args.seed is None else args.seed + i
         if args.num_samples > 1:

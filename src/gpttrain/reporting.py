@@ -110,8 +110,9 @@ class Reporting:
             return
         share = split["eval_share"]
         log.info("time in this process: %.1f s: first step (compile, warm-up) %.1f s, steps %.1f s, %d "
-                 "evaluations %.1f s%s,%s plots %.1f s, checkpoints %.1f s, other %.1f s", split["wall_s"],
-                 split["first_step_s"], split["train_s"], split["evals"], split["eval_s"],
+                 "evaluation%s %.1f s%s,%s plots %.1f s, checkpoints %.1f s, other %.1f s", split["wall_s"],
+                 split["first_step_s"], split["train_s"], split["evals"], "" if split["evals"] == 1 else "s",
+                 split["eval_s"],
                  f" ({100 * share:.1f}% of the time at this cadence)" if share is not None else "",
                  f" samples between them {split['sample_s']:.1f} s," if split["sample_s"] else "",
                  split["plot_s"], split["checkpoint_s"], split["other_s"])
@@ -223,5 +224,6 @@ class Reporting:
         avg = self.average_tok_s()
         log.info("done: %d steps, %s tokens%s", self.step, f"{self.tokens:,}",
                  f", average {avg:,.0f} tok/s" if avg else "")
-        log.info("outputs in %s: config.json, metrics.jsonl, train.log, loss.pdf, loss.png, samples.txt, "
-                 "checkpoints/", self.run_dir)
+        outputs = [name for name in ("config.json", "metrics.jsonl", "train.log", "loss.pdf", "loss.png", "samples.txt")
+                   if (self.run_dir / name).is_file()]
+        log.info("outputs in %s: %s", self.run_dir, ", ".join(outputs + ["checkpoints/"]))
