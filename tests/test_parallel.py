@@ -519,6 +519,16 @@ def test_refused_settings_come_before_any_data_is_prepared(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
         "error: --train.attention: cudnn needs a CUDA GPU"), r.stderr[-2000:]
     assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
+    # A --resume path that holds no checkpoint.
+    (tmp_path / "empty").mkdir()
+    for where, why in ((tmp_path / "nowhere", "does not exist"), (tmp_path / "empty", "is neither a checkpoint")):
+        r = run_cli(["train", "--run-dir", str(tmp_path / "run"), "--preset", "tiny", "--device", "cpu", "--data",
+                     str(text), "--resume", str(where)], cwd=tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith(
+            f"error: --resume: checkpoint {where} {why}" if why == "does not exist"
+            else f"error: --resume: {where} {why}"), r.stderr[-2000:]
+        assert "resolved config" not in r.stdout + r.stderr
+        assert not (tmp_path / "data").exists() and not (tmp_path / "run").exists()
     # bench with its synthetic tokens refuses the same.
     r = run_cli(["bench", "--preset", "tiny", "--device", "cpu", "--train.compile", "on",
                  "--train.recompute_dropout_masks", "true"], cwd=tmp_path)

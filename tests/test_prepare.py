@@ -583,6 +583,16 @@ def test_quiet_prepare_prints_nothing(tmp_path):
     assert load_meta(tmp_path / "out")["splits"]["train"]["tokens"] > 0
 
 
+def test_prepare_draws_no_bar_into_a_file(tmp_path):
+    """stderr not a terminal (a log file, a pipe): the log lines, no progress bar."""
+    src = write(tmp_path / "a.txt", "some text to tokenize\n" * 200)
+    r = run_cli(["prepare", str(src), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--workers", "1"],
+                cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "\r" not in r.stderr and "tokenize:" not in r.stderr, r.stderr
+    assert "(tail split): train " in r.stdout and ", 1 document, 1 shard; val " in r.stdout, r.stdout
+
+
 def test_an_up_to_date_output_is_reused_without_reading_its_inputs(tmp_path, monkeypatch):
     """Reuse is decided from the inputs' sizes and times: a big directory is not re-read (its text check
     included) at every `train --data DIR` start. A rebuild still checks every input."""

@@ -602,8 +602,8 @@ def test_quiet_train_prints_nothing_even_while_preparing(tmp_path):
     log_text = (tmp_path / "run" / "train.log").read_text()
     assert "step 2/2" in log_text and "time in this process" in log_text  # -q quiets the console, not the log
     # and the lines from before train.log opened are in it, once, first
-    assert log_text.count("preparing ") == log_text.count("resolved config") == 1
-    assert log_text.index("preparing ") < log_text.index("resolved config") < log_text.index("step 2/2")
+    assert log_text.count("data: ") == log_text.count("resolved config") == 1
+    assert log_text.index("data: ") < log_text.index("resolved config") < log_text.index("step 2/2")
 
 
 def test_quiet_run_logging_hands_on_warnings_only_and_restores_the_logger():

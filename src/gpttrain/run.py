@@ -60,7 +60,7 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         what = str(p)
     error = None
     if info.is_main:
-        log.info("preparing %s into %s (tokenizer %s)", what, out, cfg.data.tokenizer)
+        log.info("data: %s, tokenizer %s, in %s", what, cfg.data.tokenizer, out)
         try:
             prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
                     bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
@@ -98,6 +98,13 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
             log.info("%s", note)
 
         check_run_settings(cfg, info)  # refused settings: before any data is prepared
+        if cfg.run.resume not in (None, "auto"):  # a path that holds no checkpoint: said before the data too
+            from gpttrain.checkpoint import resolve_checkpoint
+
+            try:
+                resolve_checkpoint(cfg.run.resume)
+            except GpttrainError as e:
+                raise type(e)(f"--resume: {e}") from None
         data_dir = ensure_data(cfg, info)
         tokenizer = open_tokenizer(data_dir)
         vocab = resolve_vocab(cfg, tokenizer.vocab_size)

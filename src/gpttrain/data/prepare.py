@@ -192,8 +192,9 @@ def _ordered_results(tok: Tokenizer, tasks: Iterator[list], workers: int,
 def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, file=sys.stderr,
-                dynamic_ncols=True, leave=False)
+    # disable=None: tqdm draws only where stderr is a terminal; in a file or a pipe a bar is noise.
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=None if enabled else True,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
 
 
 def _train_bpe(keyed: list[tuple[Path, str]], text_field: str, vocab_size: int, total: int,
@@ -493,12 +494,15 @@ def _log_summary(out: Path, meta: dict, mode: str, seconds: float, seconds_encod
     tr, va = meta["splits"]["train"], meta["splits"]["val"]
     mb = meta["total_text_bytes"] / 1e6
     tokens = meta["total_tokens"]
+    def count(n: int, what: str) -> str:
+        return f"{n} {what}{'' if n == 1 else 's'}"
+
     logger.info(
-        "prepared %s (%s split): train %d tokens, %d documents, %d shards; val %d tokens (%.1f%%), %d documents, "
-        "%d shards; %.2f MB in %.1f s (tokenizing %.1f s: %.1f MB/s, %.0f tokens/s)",
-        out, mode, tr["tokens"], tr["documents"], len(tr["shards"]), va["tokens"], 100 * va["tokens"] / max(tokens, 1),
-        va["documents"], len(va["shards"]), mb, seconds, seconds_encode, mb / max(seconds_encode, 1e-9),
-        tokens / max(seconds_encode, 1e-9),
+        "prepared %s (%s split): train %d tokens, %s, %s; val %d tokens (%.1f%%), %s, %s; %.2f MB in %.1f s "
+        "(tokenizing %.1f s: %.1f MB/s, %.0f tokens/s)",
+        out, mode, tr["tokens"], count(tr["documents"], "document"), count(len(tr["shards"]), "shard"), va["tokens"],
+        100 * va["tokens"] / max(tokens, 1), count(va["documents"], "document"), count(len(va["shards"]), "shard"),
+        mb, seconds, seconds_encode, mb / max(seconds_encode, 1e-9), tokens / max(seconds_encode, 1e-9),
     )
 
 
