@@ -27,6 +27,27 @@ def test_each_command_documents_its_flags(cmd, capsys):
     assert "usage: gpttrain " + cmd in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["prepare", "x.txt", "--tokenizer", "gpt3"],
+     "error: argument --tokenizer: invalid choice: 'gpt3' (choose from 'gpt2', 'bpe', 'byte') "
+     "(see gpttrain prepare --help)"),
+    (["train", "--device", "gpu"], "error: argument --device: invalid choice: 'gpu'"),
+    (["generate", "--prompt", "x"], "error: the following arguments are required: --checkpoint "
+                                    "(see gpttrain generate --help)"),
+    (["frobnicate"], "error: argument COMMAND: invalid choice: 'frobnicate'"),
+    (["consolidate", "a", "--out", "b", "--extra"], "error: unrecognized arguments: --extra "
+                                                    "(see gpttrain consolidate --help)"),
+])
+def test_argument_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(message) and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())
+
+
 def test_info_of_the_original_model(capsys):
     assert main(["info", "--preset", "gpt-1.4b"]) == 0
     out = capsys.readouterr().out

@@ -64,10 +64,17 @@ def config_from_args(args: argparse.Namespace, rest: list[str],
     return resolve(default_preset, None, overrides), None
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's, with its errors in one line as ours are (its usage block would bury them): exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from gpttrain.data import prepare as prepare_mod
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="gpttrain",
         description="Train GPT-style language models from scratch: one CPU, one GPU, many GPUs (torchrun).",
     )
@@ -194,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     if rest and args.command not in CONFIG_COMMANDS:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        parser.exit(2, f"error: unrecognized arguments: {' '.join(rest)} (see gpttrain {args.command} --help)\n")
     try:
         if args.command == "prepare":
             from gpttrain.data.prepare import run_prepare

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import json
 import math
 import sys
@@ -320,10 +321,17 @@ def _convert(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
 
 
+def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+    """' (did you mean PREFIXX?)' for the choice closest to a misspelled `name`, or '' where none is close."""
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {prefix}{close[0]}?)" if close else ""
+
+
 def _apply(cfg: Config, section: str, values: dict[str, Any], *, source: str, from_text: bool) -> list[str]:
     """Set `values` on `cfg.<section>`; returns the dotted keys that were set."""
     if section not in SECTIONS:
-        raise ConfigError(f"{source}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+        raise ConfigError(f"{source}: unknown section {section!r}{_did_you_mean(section, SECTIONS)}; sections are "
+                          f"{', '.join(SECTIONS)}")
     obj = getattr(cfg, section)
     hints = _section_types(type(obj))
     set_keys = []
@@ -331,7 +339,8 @@ def _apply(cfg: Config, section: str, values: dict[str, Any], *, source: str, fr
         key = f"{section}.{name}"
         if name not in hints:
             valid = ", ".join(hints)
-            raise ConfigError(f"{source}: unknown key {key!r}; {section} has: {valid}")
+            raise ConfigError(f"{source}: unknown key {key!r}{_did_you_mean(name, hints, f'{section}.')}; "
+                              f"{section} has: {valid}")
         setattr(obj, name, _convert(f"{source}: {key}", value, hints[name], from_text=from_text))
         set_keys.append(key)
     return set_keys
@@ -409,11 +418,17 @@ def resolve(
     for key, value in overrides or []:
         section, _, name = key.partition(".")
         if section not in SECTIONS:
-            raise ConfigError(f"--{key}: unknown section {section!r}; sections are {', '.join(SECTIONS)}")
+            close = difflib.get_close_matches(section, SECTIONS, n=1, cutoff=0.6)
+            hint = f" (did you mean --{close[0]}.{name}?)" if close else ""
+            raise ConfigError(f"--{key}: unknown section {section!r}{hint}; sections are {', '.join(SECTIONS)}")
         hints = _section_types(type(getattr(cfg, section)))
         if name not in hints:
             valid = ", ".join(f"--{section}.{h}" for h in hints)
-            raise ConfigError(f"--{key}: no such setting; {section} has: {valid}")
+            hint = _did_you_mean(name, hints, f"--{section}.")
+            elsewhere = [f"--{other}.{name}" for other in SECTIONS if name in _section_types(type(getattr(cfg, other)))]
+            if elsewhere:  # the right name in the wrong section: --train.lr for --optim.lr
+                hint = f" (did you mean {' or '.join(elsewhere)}?)"
+            raise ConfigError(f"--{key}: no such setting{hint}; {section} has: {valid}")
         setattr(getattr(cfg, section), name, _convert(f"--{key}", value, hints[name], from_text=True))
         explicit.append(key)
     cfg.explicit = frozenset(explicit)
