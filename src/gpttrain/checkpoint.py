@@ -23,6 +23,7 @@ import platform
 import random
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -549,7 +550,10 @@ def _load_sharded(model: torch.nn.Module, optimizer: torch.optim.Optimizer | Non
 
     state = plain_fp8_state(state)  # fp8 all-gather weights are read as the plain tensors they wrap (no copy)
     try:
-        dcp.load(state, checkpoint_id=str(folder))
+        with warnings.catch_warnings():
+            # One process reading shards (generate, export, consolidate, a resume without FSDP) is what is meant.
+            warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninit")
+            dcp.load(state, checkpoint_id=str(folder))
     except Exception as e:  # CheckpointException and friends: a damaged or foreign folder
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"sharded checkpoint {folder} cannot be loaded ({type(e).__name__}: {first})") from None
