@@ -210,7 +210,7 @@ def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
     row = json.loads(r.stdout.strip().splitlines()[-1])
     assert row["matmul_peak_tflops"] > 10
     assert 0 < row["peak_ratio"] < 1
-    assert row["mem_peak_gib"] > 0
+    assert row["mem_peak_gib"] > 0 and row["mem_estimate_gib"] > 0
     prof = row["profile"]  # the CUDA kernels of two steps, by kind
     assert 0 < prof["busy_ms"] <= prof["step_ms"] * 1.01
     assert prof["ms_by_kind"]["matmul"] > 0 and prof["ms_by_kind"]["attention"] > 0, prof

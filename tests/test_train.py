@@ -352,6 +352,14 @@ def test_bench_cpu_reports_overhead(tmp_path):
         assert key in row
     assert row["reads"]["steps"] == 3 and row["reads"]["late_step_s"] > 0  # --steps 3 // 2, at least 3
     assert row["mfu"] is None and row["tok_per_s"] > 0
+    # The estimate of this layout on a GPU, as gpttrain info gives it (fp32: CPU's auto precision; eager).
+    from gpttrain.config import resolve
+    from gpttrain.memory import GIB, estimate_training_memory, run_layout
+
+    tiny = resolve("tiny")  # synthetic tokens: the preset's vocabulary
+    layout = run_layout(tiny.model, tiny.train, "fp32", False, 0)  # on a GPU, the loss it would pick there
+    assert row["mem_estimate_gib"] == pytest.approx(estimate_training_memory(
+        tiny.model, tiny.train.micro_batch_size, **layout).total / GIB)
 
 
 def test_bench_eval_times_evaluation_eager_and_compiled(tmp_path):

@@ -19,7 +19,7 @@ from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
-from gpttrain.memory import GIB
+from gpttrain.memory import GIB, estimate_training_memory
 from gpttrain.metrics import eval_time_share, flops_per_token, mfu, model_tflops
 from gpttrain.monitor import logging_levels
 from gpttrain.optim import build_optimizer
@@ -408,6 +408,10 @@ def _time_trainer(trainer, cfg: Config, info, warmup: int, steps: int, profile: 
         "flops_per_token": flops_per_token(cfg.model), "tflops": tflops,
         "mfu": mfu(per_gpu, cfg.model, trainer.peak_tflops),
         "mem_peak_gib": torch.cuda.max_memory_allocated(device) / GIB if device.type == "cuda" else None,
+        # What `gpttrain info` estimates for this run's layout on a GPU: each GPU row checks the estimate.
+        "mem_estimate_gib": estimate_training_memory(cfg.model, cfg.train.micro_batch_size,
+                                                     **trainer.memory_layout(recompute_casts=trainer.recast)).total
+                            / GIB,
     }
     if profile:  # after the timing and the memory reading, which the profiler must not disturb
         try:
