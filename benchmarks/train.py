@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         row = bench(preset, mb, accum, variant, args, None)
         print(json.dumps(row), flush=True)
         item = {k: row.get(k) for k in ("preset", "micro_batch_size", "grad_accum_steps", "variant", "tok_per_s",
-                                          "tflops", "peak_ratio", "mfu", "mem_peak_gib", "overhead", "wall_s",
-                                          "error")}
+                                          "tflops", "peak_ratio", "mfu", "mem_peak_gib", "mem_estimate_gib", "overhead",
+                                          "wall_s", "error")}
         if args.data and "error" not in row and not spent():
             real = bench(preset, mb, accum, variant, args, args.data)
             print(json.dumps(real), flush=True)
