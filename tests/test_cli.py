@@ -254,6 +254,20 @@ def test_resume_without_a_preset_continues_with_the_checkpoints_settings(tmp_pat
     log_text = (tmp_path / "runs/a/train.log").read_text()
     assert ("--resume without --preset or --config: the settings saved in "
             "runs/a/checkpoints/step-000000004/state.json, this command's flags on top") in log_text
+    # The files there are named (no samples.txt: --log.sample_every 0), one evaluation as one.
+    assert "outputs in runs/a: config.json, metrics.jsonl, train.log, loss.pdf, loss.png, checkpoints/\n" in log_text
+    assert ", 1 evaluation " in log_text
+
+    # An earlier checkpoint of run a, without --run-dir: continuing in run a would mix two histories.
+    before = sorted(p.name for p in (tmp_path / "runs/a/checkpoints").iterdir())
+    lines = (tmp_path / "runs/a/metrics.jsonl").read_text()
+    capsys.readouterr()
+    assert main(["train", "-q", "--resume", "runs/a/checkpoints/step-000000002", "--train.max_steps", "5"]) == 2
+    assert ("error: --resume runs/a/checkpoints/step-000000002: runs/a/checkpoints already holds checkpoints at or "
+            "past its step (step-000000004, step-000000006); continuing there would mix two histories; give another "
+            "--run-dir") in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs/a/checkpoints").iterdir()) == before
+    assert (tmp_path / "runs/a/metrics.jsonl").read_text() == lines
 
     # A checkpoint of run a, continued into run b.
     assert main(["train", "-q", "--resume", "runs/a/checkpoints/step-000000002", "--run-dir", "runs/b",
@@ -266,6 +280,87 @@ def test_resume_without_a_preset_continues_with_the_checkpoints_settings(tmp_pat
     assert main(["train", "-q", "--preset", "demo", "--data", str(data), "--run-dir", "runs/a", "--resume", "auto",
                  "--device", "cpu"]) == 2
     assert "does not fit this run" in capsys.readouterr().err
+
+
+def _fake_checkpoint(run_dir, step: int, config: dict, complete: bool = True):
+    """A checkpoint folder with a state.json of `config` (no weights: the settings are read without verifying)."""
+    folder = run_dir / "checkpoints" / f"step-{step:09d}"
+    folder.mkdir(parents=True)
+    (folder / "state.json").write_text(json.dumps({"config": config}))
+    if complete:
+        (folder / "COMPLETE").write_text("{}")
+    return folder
+
+
+def _resume_args(**kw):
+    import argparse
+
+    base = dict(preset=None, config=None, data=None, run_dir="runs/x", device=None, resume="auto", init_from=None)
+    return argparse.Namespace(**{**base, **kw})
+
+
+def test_resume_with_saved_settings_mends_and_refusals(tmp_path, monkeypatch):
+    """The saved settings, as resuming takes them: the Hugging Face folder the run started from is not read again;
+    the flags are applied before the settings are checked; a saved data path not there from this directory, or a
+    key this version does not know, is refused naming the file and what to do."""
+    from gpttrain.cli import config_from_args
+    from gpttrain.config import resolve
+    from gpttrain.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prepared").mkdir()
+    saved = resolve("tiny").to_dict()
+    saved["run"]["init_from"] = "hf-gone"
+    saved["data"]["path"] = "prepared"
+    saved["train"]["max_steps"] = 0  # no longer valid here: the flag below mends it
+    _fake_checkpoint(tmp_path / "runs/x", 4, saved)
+    cfg, note = config_from_args(_resume_args(), ["--train.max_steps", "9"], default_preset="demo")
+    assert cfg.preset == "tiny" and cfg.train.max_steps == 9 and cfg.run.init_from is None
+    assert note.endswith("runs/x/checkpoints/step-000000004/state.json, this command's flags on top")
+    cfg, _ = config_from_args(_resume_args(init_from="hf-new"), ["--train.max_steps", "9"], default_preset="demo")
+    assert cfg.run.init_from == "hf-new"
+    with pytest.raises(ConfigError, match=r"--train.max_steps: 0 must be at least 1"):
+        config_from_args(_resume_args(), [], default_preset="demo")
+
+    saved["train"]["max_steps"] = 5
+    saved["data"]["path"] = "elsewhere"
+    _fake_checkpoint(tmp_path / "runs/x", 5, saved)
+    with pytest.raises(ConfigError, match=r"runs/x/checkpoints/step-000000005/state.json: the run's data, 'elsewhere', "
+                                          r"is not there from this directory .*; run from the directory it was "
+                                          r"started in, or pass --data"):
+        config_from_args(_resume_args(), [], default_preset="demo")
+    cfg, _ = config_from_args(_resume_args(data="prepared"), [], default_preset="demo")
+    assert cfg.data.path == "prepared"
+
+    # A misspelled flag is said as it is (not as the saved file's).
+    with pytest.raises(ConfigError, match=r"^--train.max_step: no such setting \(did you mean --train.max_steps\?\)"):
+        config_from_args(_resume_args(data="prepared"), ["--train.max_step", "3"], default_preset="demo")
+    saved["train"]["old_knob"] = 1
+    _fake_checkpoint(tmp_path / "runs/x", 6, saved)
+    with pytest.raises(ConfigError, match=r"state.json: unknown key 'train.old_knob'; .*; or resume with settings "
+                                          r"given here: --preset or --config$"):
+        config_from_args(_resume_args(data="prepared"), [], default_preset="demo")
+
+
+@pytest.mark.parametrize("how", ["incomplete", "mistyped"])
+def test_a_resume_that_cannot_be_is_refused_before_any_data(tmp_path, monkeypatch, capsys, how):
+    """Without a preset, a run dir whose only checkpoint is incomplete, or a step path that is not there, is refused
+    before the demo's corpus is prepared or anything written."""
+    from gpttrain.config import resolve
+
+    monkeypatch.chdir(tmp_path)
+    _fake_checkpoint(tmp_path / "runs/x", 4, resolve("tiny").to_dict(), complete=False)
+    if how == "incomplete":
+        argv, said = ["--run-dir", "runs/x", "--resume", "auto"], (
+            "error: resume auto: runs/x/checkpoints holds checkpoint folders but none is complete (step-000000004: "
+            "no COMPLETE marker)")
+    else:
+        argv, said = ["--run-dir", "runs/y", "--resume", "runs/x/checkpoints/step-000000009"], (
+            "error: --resume: checkpoint runs/x/checkpoints/step-000000009 does not exist")
+    assert main(["train", "-q", "--device", "cpu", *argv]) == 2
+    assert capsys.readouterr().err.startswith(said)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["x"]
 
 
 def test_resume_auto_in_a_fresh_run_dir_is_still_the_demo(tmp_path, monkeypatch):

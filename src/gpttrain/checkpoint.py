@@ -318,7 +318,7 @@ def verify(path: Path) -> dict[str, Any]:
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
     """A checkpoint folder, or a run dir (its newest complete checkpoint)."""
     p = Path(path_or_run)
-    if (p / COMPLETE).is_file() or p.name.startswith(PREFIX):
+    if (p / COMPLETE).is_file() or (p.name.startswith(PREFIX) and p.is_dir()):
         return p
     if p.is_dir() and (p / "checkpoints").is_dir():
         found = list_checkpoints(p)
@@ -454,6 +454,42 @@ def refuse_unrequested_resume(run_dir: Path, resume: str | None) -> None:
                           "pass --resume auto to continue that run, or choose another --run-dir")
 
 
+def check_resume_request(run_dir: Path, resume: str | None) -> None:
+    """The checks of --resume that read no checkpoint's contents: what a run can refuse before any data is
+    prepared (`verify` reads the rest when the checkpoint is loaded).
+
+    A run dir with checkpoints is continued only on request. `auto` in a run dir whose checkpoint folders are all
+    incomplete does not start from scratch. A path must be a complete checkpoint, or a run dir with one; resumed
+    into a run dir that holds checkpoints at or past its step (another run's, or this run's later ones), it would
+    mix two histories (those folders' steps would not be saved again, and `auto` would pick them): refused."""
+    run_dir = Path(run_dir)
+    refuse_unrequested_resume(run_dir, resume)
+    if resume is None:
+        return
+    folders = _step_folders(run_dir)
+    if resume == "auto":
+        if folders and not any((p / COMPLETE).is_file() for p in folders):
+            raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
+                                  f"complete ({', '.join(p.name for p in folders)}: no {COMPLETE} marker); "
+                                  "not starting from scratch silently; move them away to start afresh")
+        return
+    try:
+        path = resolve_checkpoint(resume)
+        if not path.exists():
+            raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder "
+                                  "(RUN_DIR/checkpoints/step-...) or a run dir, or --resume auto")
+        if not (path / COMPLETE).is_file():
+            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker: the save was "
+                                  "interrupted); use an earlier checkpoint or --resume auto")
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}") from None
+    later = [p.name for p in folders if p.name >= path.name and p.resolve() != path.resolve()]
+    if later:
+        raise ConfigError(f"--resume {path}: {run_dir / 'checkpoints'} already holds checkpoints at or past its "
+                          f"step ({', '.join(later)}); continuing there would mix two histories; give another "
+                          "--run-dir (or move those folders away)")
+
+
 def maybe_resume(trainer) -> Path | None:
     """Apply --resume (auto or a path). Returns the checkpoint used, or None for a fresh start.
 
@@ -483,7 +519,7 @@ def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
     """The verified checkpoint --resume asks for and its state, or (None, None) to start fresh."""
     request = trainer.cfg.run.resume
     run_dir = trainer.run_dir
-    refuse_unrequested_resume(run_dir, request)
+    check_resume_request(run_dir, request)
     if request is None:
         return None, None
     if request != "auto":
@@ -492,11 +528,7 @@ def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
     folders = _step_folders(run_dir)  # listed once: complete ones (as list_checkpoints) and interrupted saves
     existing = [p for p in folders if (p / COMPLETE).is_file()]
     incomplete = [p for p in folders if p not in existing]
-    if not existing:
-        if incomplete:
-            raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
-                                  f"complete ({', '.join(p.name for p in incomplete)}: no {COMPLETE} marker); "
-                                  "not starting from scratch silently; move them away to start afresh")
+    if not existing:  # and none incomplete: check_resume_request refused that
         log.info("resume auto: no complete checkpoint in %s; starting fresh", run_dir / "checkpoints")
         return None, None
     for p in incomplete:

@@ -6,10 +6,11 @@ import argparse
 import json
 import logging
 import sys
+from pathlib import Path
 
 from gpttrain import __version__
 from gpttrain.config import PRESETS, Config, field_help, parse_dotted, resolve
-from gpttrain.errors import GpttrainError
+from gpttrain.errors import ConfigError, GpttrainError
 
 log = logging.getLogger("gpttrain")
 
@@ -58,9 +59,20 @@ def config_from_args(args: argparse.Namespace, rest: list[str],
         saved = saved_settings(run_dir, given["run.resume"])
         if saved is not None:
             config, source = saved
-            return (resolve(overrides=overrides, base=(config, str(source))),
-                    f"--resume without --preset or --config: the settings saved in {source}, this command's flags "
-                    "on top")
+            try:
+                cfg = resolve(overrides=overrides, base=(config, str(source)))
+            except ConfigError as e:
+                if not str(e).startswith(str(source)):
+                    raise
+                raise ConfigError(f"{e}; or resume with settings given here: --preset or --config") from None
+            if "run.init_from" not in given:
+                cfg.run.init_from = None  # the checkpoint's weights replace those it started from
+            data = cfg.data.path
+            if "data.path" not in given and data is not None and not Path(data).exists():
+                raise ConfigError(f"{source}: the run's data, {data!r}, is not there from this directory "
+                                  f"({Path.cwd()}); run from the directory it was started in, or pass --data")
+            return cfg, (f"--resume without --preset or --config: the settings saved in {source}, this command's "
+                         "flags on top")
     return resolve(default_preset, None, overrides), None
 
 

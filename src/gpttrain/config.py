@@ -397,10 +397,15 @@ def resolve(
     (`to_dict`'s, and where it was read) to start from instead of the defaults, every key of it explicit."""
     cfg = Config()
     explicit: list[str] = []
-    if base is not None:
-        cfg = from_dict(base[0], source=base[1])
-        explicit = [f"{section}.{key}" for section, values in base[0].items() if isinstance(values, dict)
-                    for key in values]
+    if base is not None:  # validated with the flags on top, below: they may mend what no longer validates
+        saved, source = base
+        for section, values in saved.items():
+            if section == "preset":
+                cfg.preset = values
+            elif section not in SECTIONS or not isinstance(values, dict):
+                raise ConfigError(f"{source}: unexpected entry {section!r}")
+            else:
+                explicit += _apply(cfg, section, values, source=source, from_text=False)
     toml = load_toml(config_file) if config_file is not None else {}
     preset = preset if preset is not None else toml.pop("preset", None)
     toml.pop("preset", None)
@@ -418,8 +423,10 @@ def resolve(
     for key, value in overrides or []:
         section, _, name = key.partition(".")
         if section not in SECTIONS:
-            close = difflib.get_close_matches(section, SECTIONS, n=1, cutoff=0.6)
-            hint = f" (did you mean --{close[0]}.{name}?)" if close else ""
+            # A misspelled section: the setting where it is (--trian.lr: --optim.lr), or the closest section.
+            where = [other for other in SECTIONS if name in _section_types(type(getattr(cfg, other)))]
+            hint = (f" (did you mean {' or '.join(f'--{c}.{name}' for c in where)}?)" if where
+                    else _did_you_mean(section, SECTIONS, "section "))
             raise ConfigError(f"--{key}: unknown section {section!r}{hint}; sections are {', '.join(SECTIONS)}")
         hints = _section_types(type(getattr(cfg, section)))
         if name not in hints:

@@ -76,6 +76,21 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
     return out
 
 
+def check_resume(cfg: Config, info: DistInfo) -> None:
+    """`checkpoint.check_resume_request` on rank 0, its verdict on every rank (as the resume itself decides)."""
+    from gpttrain.checkpoint import CheckpointError, check_resume_request
+
+    error = None
+    if info.is_main:
+        try:
+            check_resume_request(Path(cfg.run.dir), cfg.run.resume)
+        except GpttrainError as e:
+            error = (isinstance(e, ConfigError), str(e))
+    error = distmod.broadcast_object(error, info)
+    if error is not None:
+        raise (ConfigError if error[0] else CheckpointError)(error[1])
+
+
 def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
     from gpttrain.data.loader import WindowLoader
 
@@ -98,13 +113,7 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
             log.info("%s", note)
 
         check_run_settings(cfg, info)  # refused settings: before any data is prepared
-        if cfg.run.resume not in (None, "auto"):  # a path that holds no checkpoint: said before the data too
-            from gpttrain.checkpoint import resolve_checkpoint
-
-            try:
-                resolve_checkpoint(cfg.run.resume)
-            except GpttrainError as e:
-                raise type(e)(f"--resume: {e}") from None
+        check_resume(cfg, info)  # and a --resume that cannot be: before the data too
         data_dir = ensure_data(cfg, info)
         tokenizer = open_tokenizer(data_dir)
         vocab = resolve_vocab(cfg, tokenizer.vocab_size)

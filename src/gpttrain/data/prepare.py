@@ -559,7 +559,8 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: 0)")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, metavar="N",
                         help=f"tokens per shard file at most (default: {DEFAULT_SHARD_TOKENS})")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr (default: shown)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bar on stderr (default: shown where stderr is a terminal)")
 
 
 def run_prepare(args: argparse.Namespace) -> int:
