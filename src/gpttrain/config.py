@@ -445,16 +445,7 @@ def resolve(
 
 def from_dict(d: dict[str, Any], source: str = "saved config") -> Config:
     """Rebuild a Config saved by `to_dict` (checkpoints, run dirs); unknown keys are refused, naming `source`."""
-    cfg = Config()
-    for section, values in d.items():
-        if section == "preset":
-            cfg.preset = values
-            continue
-        if section not in SECTIONS or not isinstance(values, dict):
-            raise ConfigError(f"{source}: unexpected entry {section!r}")
-        _apply(cfg, section, values, source=source, from_text=False)
-    validate_config(cfg)
-    return cfg
+    return resolve(base=(d, source))
 
 
 def _flag(section: str, name: str) -> str:
