@@ -115,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p, preset_default="demo when neither --preset nor --config is given")
     p.add_argument("--resume", default=None, metavar="auto|PATH",
                    help="continue from the newest complete checkpoint in the run dir (auto) or from PATH "
-                        "(= --run.resume)")
+                        "(= --run.resume); without --preset or --config, with the settings that checkpoint was "
+                        "saved with, the flags given on top")
     p.add_argument("--init-from", default=None, metavar="HF_DIR",
                    help="start from a local Hugging Face GPT-2 layout model (= --run.init_from)")
 
