@@ -274,16 +274,21 @@ def prune(run_dir: Path, keep: int) -> None:
 # ---- load -------------------------------------------------------------------------------------
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check COMPLETE and every file's size and hash; returns the parsed state.json."""
-    path = Path(path)
+def _require_complete(path: Path) -> None:
+    """Refuse a checkpoint folder that is not there, or whose save never finished (no COMPLETE marker)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder "
                               "(RUN_DIR/checkpoints/step-...) or --resume auto")
-    marker = path / COMPLETE
-    if not marker.is_file():
+    if not (path / COMPLETE).is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker: the save was interrupted); "
                               "use an earlier checkpoint or --resume auto")
+
+
+def verify(path: Path) -> dict[str, Any]:
+    """Check COMPLETE and every file's size and hash; returns the parsed state.json."""
+    path = Path(path)
+    _require_complete(path)
+    marker = path / COMPLETE
     try:
         manifest = json.loads(marker.read_text(encoding="utf-8"))
         files = manifest["files"]
@@ -475,12 +480,7 @@ def check_resume_request(run_dir: Path, resume: str | None) -> None:
         return
     try:
         path = resolve_checkpoint(resume)
-        if not path.exists():
-            raise CheckpointError(f"checkpoint {path} does not exist; give a checkpoint folder "
-                                  "(RUN_DIR/checkpoints/step-...) or a run dir, or --resume auto")
-        if not (path / COMPLETE).is_file():
-            raise CheckpointError(f"checkpoint {path} is incomplete (no {COMPLETE} marker: the save was "
-                                  "interrupted); use an earlier checkpoint or --resume auto")
+        _require_complete(path)
     except CheckpointError as e:
         raise CheckpointError(f"--resume: {e}") from None
     later = [p.name for p in folders if p.name >= path.name and p.resolve() != path.resolve()]
@@ -496,23 +496,12 @@ def maybe_resume(trainer) -> Path | None:
     Rank 0 alone discovers and verifies (hashing a large checkpoint once, not once per rank) and
     broadcasts its choice or its refusal, so every rank loads the same step or raises the same error.
     """
-    info = trainer.info
-    choice: tuple = ("ok", None, None)
-    if info.is_main:
-        try:
-            path, state = _choose_checkpoint(trainer)
-            choice = ("ok", None if path is None else str(path), state)
-        except GpttrainError as e:
-            choice = ("error", "config" if isinstance(e, ConfigError) else "checkpoint", str(e))
-    choice = distmod.broadcast_object(choice, info)
-    if choice[0] == "error":
-        raise (ConfigError if choice[1] == "config" else CheckpointError)(choice[2])
-    _, path, state = choice
+    path, state = distmod.on_main(lambda: _choose_checkpoint(trainer), trainer.info)
     if path is None:
         return None
-    load_into(trainer, Path(path), state)
+    load_into(trainer, path, state)
     log.info("resumed from %s (step %d)", path, trainer.step)
-    return Path(path)
+    return path
 
 
 def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:

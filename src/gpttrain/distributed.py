@@ -10,13 +10,14 @@ import contextlib
 import datetime
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from gpttrain.errors import ConfigError
+from gpttrain.errors import ConfigError, GpttrainError
 
 
 @dataclass(frozen=True)
@@ -131,6 +132,21 @@ def broadcast_object(obj, info: DistInfo, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """`fn()` run on rank 0 alone, its result on every rank. A GpttrainError it raises is raised on every rank,
+    so the others neither wait at the next collective for a rank that failed nor go on without it."""
+    outcome: tuple[bool, Any] = (True, None)
+    if info.is_main:
+        try:
+            outcome = (True, fn())
+        except GpttrainError as e:
+            outcome = (False, e)
+    ok, value = broadcast_object(outcome, info)
+    if not ok:
+        raise value
+    return value
 
 
 def free_local_port(low: int = 20000, high: int = 32000) -> int:

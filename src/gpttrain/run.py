@@ -58,37 +58,27 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         out = Path("data") / f"{p.stem}-{cfg.data.tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         inputs = [str(p)]
         what = str(p)
-    error = None
-    if info.is_main:
+    def prepare_here() -> None:
         log.info("data: %s, tokenizer %s, in %s", what, cfg.data.tokenizer, out)
-        try:
-            prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
-                    bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
-                    val_fraction=cfg.data.val_fraction,
-                    text_field=cfg.data.text_field, workers=cfg.data.workers,
-                    progress=console_shows_info())  # -q: no progress bars either
-        except GpttrainError as e:
-            error = str(e)
+        prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
+                bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
+                val_fraction=cfg.data.val_fraction,
+                text_field=cfg.data.text_field, workers=cfg.data.workers,
+                progress=console_shows_info())  # -q: no progress bars either
+
     # The other ranks wait for rank 0's data and share its verdict rather than hang at a barrier.
-    error = distmod.broadcast_object(error, info)
-    if error is not None:
-        raise DataError(error)
+    try:
+        distmod.on_main(prepare_here, info)
+    except GpttrainError as e:
+        raise DataError(str(e)) from None
     return out
 
 
 def check_resume(cfg: Config, info: DistInfo) -> None:
     """`checkpoint.check_resume_request` on rank 0, its verdict on every rank (as the resume itself decides)."""
-    from gpttrain.checkpoint import CheckpointError, check_resume_request
+    from gpttrain.checkpoint import check_resume_request
 
-    error = None
-    if info.is_main:
-        try:
-            check_resume_request(Path(cfg.run.dir), cfg.run.resume)
-        except GpttrainError as e:
-            error = (isinstance(e, ConfigError), str(e))
-    error = distmod.broadcast_object(error, info)
-    if error is not None:
-        raise (ConfigError if error[0] else CheckpointError)(error[1])
+    distmod.on_main(lambda: check_resume_request(Path(cfg.run.dir), cfg.run.resume), info)
 
 
 def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
