@@ -327,6 +327,13 @@ def _did_you_mean(name: str, choices, prefix: str = "") -> str:
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
+def _setting_elsewhere(cfg: Config, name: str) -> str:
+    """' (did you mean --SECTION.NAME?)' naming each section with a setting called `name`, for a flag given under
+    the wrong or a misspelled section (--train.lr, --trian.lr: --optim.lr); '' where none has one."""
+    where = [f"--{section}.{name}" for section in SECTIONS if name in _section_types(type(getattr(cfg, section)))]
+    return f" (did you mean {' or '.join(where)}?)" if where else ""
+
+
 def _apply(cfg: Config, section: str, values: dict[str, Any], *, source: str, from_text: bool) -> list[str]:
     """Set `values` on `cfg.<section>`; returns the dotted keys that were set."""
     if section not in SECTIONS:
@@ -423,18 +430,12 @@ def resolve(
     for key, value in overrides or []:
         section, _, name = key.partition(".")
         if section not in SECTIONS:
-            # A misspelled section: the setting where it is (--trian.lr: --optim.lr), or the closest section.
-            where = [other for other in SECTIONS if name in _section_types(type(getattr(cfg, other)))]
-            hint = (f" (did you mean {' or '.join(f'--{c}.{name}' for c in where)}?)" if where
-                    else _did_you_mean(section, SECTIONS, "section "))
+            hint = _setting_elsewhere(cfg, name) or _did_you_mean(section, SECTIONS, "section ")
             raise ConfigError(f"--{key}: unknown section {section!r}{hint}; sections are {', '.join(SECTIONS)}")
         hints = _section_types(type(getattr(cfg, section)))
         if name not in hints:
             valid = ", ".join(f"--{section}.{h}" for h in hints)
-            hint = _did_you_mean(name, hints, f"--{section}.")
-            elsewhere = [f"--{other}.{name}" for other in SECTIONS if name in _section_types(type(getattr(cfg, other)))]
-            if elsewhere:  # the right name in the wrong section: --train.lr for --optim.lr
-                hint = f" (did you mean {' or '.join(elsewhere)}?)"
+            hint = _setting_elsewhere(cfg, name) or _did_you_mean(name, hints, f"--{section}.")
             raise ConfigError(f"--{key}: no such setting{hint}; {section} has: {valid}")
         setattr(getattr(cfg, section), name, _convert(f"--{key}", value, hints[name], from_text=True))
         explicit.append(key)
