@@ -26,6 +26,7 @@ from safetensors.torch import load_file
 from gpttrain import checkpoint as ckpt
 from gpttrain.checkpoint import CheckpointError
 from gpttrain.errors import ConfigError, GpttrainError
+from gpttrain.resume import maybe_resume
 from tests.helpers import (
     REPO,
     build_trainer,
@@ -395,7 +396,7 @@ def test_config_mismatch_lists_every_key(data_dir, run_copy, tmp_path):
 
 def test_changed_training_settings_are_allowed_and_logged(data_dir, run_copy, gt_log):
     trainer = resumer(data_dir, run_copy, "auto", "--optim.lr", "5e-4", "--train.max_steps", "6")
-    assert ckpt.maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(4)
+    assert maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(4)
     assert trainer.step == 4
     assert "resume: optim.lr changed from 0.001 to 0.0005" in gt_log.text
     assert "resume: train.max_steps changed from 4 to 6" in gt_log.text
@@ -439,7 +440,7 @@ def test_damaged_or_missing_checkpoint_fails_with_one_message(data_dir, run_copy
 def test_auto_falls_back_to_previous_complete_checkpoint(data_dir, run_copy, gt_log):
     flip_byte(run_copy / "checkpoints" / STEP.format(4) / "optimizer.pt")
     trainer = resumer(data_dir, run_copy, "auto")
-    assert ckpt.maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(2)
+    assert maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(2)
     assert trainer.step == 2 and trainer.train_loader.index == 2 * 4
     warnings = [r.getMessage() for r in gt_log.records if r.levelno == logging.WARNING]
     assert any(STEP.format(4) in w and "optimizer.pt is corrupt" in w for w in warnings), warnings
@@ -449,7 +450,7 @@ def test_auto_falls_back_to_previous_complete_checkpoint(data_dir, run_copy, gt_
 def test_auto_ignores_a_newer_folder_without_complete(data_dir, run_copy, gt_log):
     (run_copy / "checkpoints" / STEP.format(4) / ckpt.COMPLETE).unlink()
     trainer = resumer(data_dir, run_copy, "auto")
-    assert ckpt.maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(2)
+    assert maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(2)
     assert f"ignoring {run_copy / 'checkpoints' / STEP.format(4)}: no COMPLETE marker" in gt_log.text
 
 
@@ -457,7 +458,7 @@ def test_auto_refuses_when_every_checkpoint_is_damaged(data_dir, run_copy):
     truncate(run_copy / "checkpoints" / STEP.format(2) / "model.safetensors")
     flip_byte(run_copy / "checkpoints" / STEP.format(4) / "state.json")
     with pytest.raises(CheckpointError, match="every checkpoint in .* is damaged; not starting from scratch") as e:
-        ckpt.maybe_resume(resumer(data_dir, run_copy, "auto"))
+        maybe_resume(resumer(data_dir, run_copy, "auto"))
     assert STEP.format(2) in str(e.value) and STEP.format(4) in str(e.value)
 
 
@@ -465,12 +466,12 @@ def test_auto_refuses_when_no_folder_is_complete(data_dir, run_copy):
     for step in (2, 4):
         (run_copy / "checkpoints" / STEP.format(step) / ckpt.COMPLETE).unlink()
     with pytest.raises(CheckpointError, match="none is complete .*not starting from scratch"):
-        ckpt.maybe_resume(resumer(data_dir, run_copy, "auto"))
+        maybe_resume(resumer(data_dir, run_copy, "auto"))
 
 
 def test_auto_starts_fresh_when_there_is_no_checkpoint(data_dir, tmp_path, gt_log):
     trainer = resumer(data_dir, tmp_path / "new", "auto")
-    assert ckpt.maybe_resume(trainer) is None and trainer.step == 0
+    assert maybe_resume(trainer) is None and trainer.step == 0
     assert "no complete checkpoint" in gt_log.text and "starting fresh" in gt_log.text
 
 
@@ -482,7 +483,7 @@ def test_new_run_into_a_run_dir_with_checkpoints_is_refused(data_dir, run_copy, 
                                 "pass --resume auto to continue that run, or choose another --run-dir")
     assert (run_copy / "config.json").read_text() == '{"the": "first run"}\n'  # the first run's config is kept
     with pytest.raises(ConfigError, match="already holds checkpoints"):
-        ckpt.maybe_resume(build_trainer(tiny_config(data_dir, run_copy), single_info()))
+        maybe_resume(build_trainer(tiny_config(data_dir, run_copy), single_info()))
 
 
 # ---- a crafted checkpoint ---------------------------------------------------------------------------------
@@ -521,7 +522,7 @@ def test_crafted_optimizer_file_cannot_run_code(data_dir, run_copy, tmp_path):
     assert "never runs code" in lines[0]
     assert not marker.exists()
     with pytest.raises(CheckpointError, match="optimizer.pt was refused"):
-        ckpt.maybe_resume(resumer(data_dir, run_copy, str(target)))
+        maybe_resume(resumer(data_dir, run_copy, str(target)))
     assert not marker.exists()
 
 

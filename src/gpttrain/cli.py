@@ -42,7 +42,7 @@ def config_from_args(args: argparse.Namespace, rest: list[str],
     """The command's config, and a line saying where it came from where that is not the command line alone.
 
     `default_preset` where neither --preset nor --config is given; but `train --resume` without either continues
-    with the settings its checkpoint was saved with (`checkpoint.saved_settings`), the flags on top."""
+    with the settings its checkpoint was saved with (`resume.saved_settings`), the flags on top."""
     overrides = parse_dotted(rest)
     for attr, key in (("data", "data.path"), ("run_dir", "run.dir"), ("device", "run.device"),
                       ("resume", "run.resume"), ("init_from", "run.init_from")):
@@ -53,7 +53,7 @@ def config_from_args(args: argparse.Namespace, rest: list[str],
         return resolve(args.preset, args.config, overrides), None
     given = dict(overrides)
     if given.get("run.resume"):
-        from gpttrain.checkpoint import saved_settings
+        from gpttrain.resume import saved_settings
 
         run_dir = given.get("run.dir") or resolve(default_preset).run.dir
         saved = saved_settings(run_dir, given["run.resume"])

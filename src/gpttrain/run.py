@@ -75,8 +75,8 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
 
 
 def check_resume(cfg: Config, info: DistInfo) -> None:
-    """`checkpoint.check_resume_request` on rank 0, its verdict on every rank (as the resume itself decides)."""
-    from gpttrain.checkpoint import check_resume_request
+    """`resume.check_resume_request` on rank 0, its verdict on every rank (as the resume itself decides)."""
+    from gpttrain.resume import check_resume_request
 
     distmod.on_main(lambda: check_resume_request(Path(cfg.run.dir), cfg.run.resume), info)
 

@@ -348,9 +348,9 @@ class Trainer(Reporting):
     def fit(self) -> int:
         cfg = self.cfg
         info = self.info
-        from gpttrain import checkpoint as ckpt
+        from gpttrain.resume import maybe_resume
 
-        resumed = ckpt.maybe_resume(self)
+        resumed = maybe_resume(self)
         if self.fp8_all_gather:
             refresh_fsdp_scales(self.model)  # of the weights as initialised, set from --run.init_from or resumed
         if info.is_main:  # only now: a refused start or resume leaves the run dir as it was

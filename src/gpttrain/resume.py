@@ -1,0 +1,200 @@
+"""Resuming a run: which checkpoint `--resume` means, the checks before any data is prepared, and loading every
+piece of a verified checkpoint back into a trainer.
+
+`check_resume_request` refuses what needs no checkpoint contents (a run dir with checkpoints and no --resume, a
+missing or incomplete path, a rollback into a run dir holding later checkpoints); `maybe_resume` then chooses and
+verifies on rank 0 and every rank loads the same step. `saved_settings` gives `train --resume` without a preset
+the settings the checkpoint was saved with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpttrain import distributed as distmod
+from gpttrain.checkpoint import (
+    COMPLETE,
+    SHARDED_DIR,
+    CheckpointError,
+    is_sharded,
+    list_checkpoints,
+    load_model_state,
+    load_model_weights,
+    load_optimizer_state,
+    load_sharded,
+    require_complete,
+    resolve_checkpoint,
+    set_rng_state,
+    step_folders,
+    verify,
+)
+from gpttrain.errors import ConfigError, GpttrainError
+
+log = logging.getLogger("gpttrain")
+
+
+def saved_settings(run_dir: str | Path, resume: str) -> tuple[dict[str, Any], Path] | None:
+    """The settings of the checkpoint `--resume` (auto: the newest complete one in `run_dir`; else a checkpoint
+    or run dir) points at, from its state.json, and that file; None where it points at none or the file cannot
+    be read (the resume itself then says why). Read without verifying the checkpoint: resuming does that."""
+    try:
+        path = list_checkpoints(Path(run_dir))[-1] if resume == "auto" else resolve_checkpoint(resume)
+        state_file = path / "state.json"
+        return json.loads(state_file.read_text(encoding="utf-8"))["config"], state_file
+    except (IndexError, GpttrainError, OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+MODEL_KEYS_THAT_MUST_MATCH = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
+                              "tie_embeddings")
+LOGGED_SETTINGS = ("optim", "train")
+
+
+def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -> None:
+    """Refuse a checkpoint whose model or tokenizer differ from the run; log changed training settings."""
+    saved = state["config"]
+    problems = []
+    for key in MODEL_KEYS_THAT_MUST_MATCH:
+        was, now = saved["model"].get(key), getattr(trainer.cfg.model, key)
+        if was != now:
+            problems.append(f"model.{key}: checkpoint {was!r} vs requested {now!r}")
+    saved_tok = (state.get("tokenizer") or {}).get("spec") or {}
+    now_tok = trainer.tokenizer.spec() if trainer.tokenizer is not None else {}
+    for key in ("kind", "vocab_size", "eot_id", "sha256"):
+        if saved_tok.get(key) != now_tok.get(key):
+            problems.append(f"tokenizer.{key}: checkpoint {saved_tok.get(key)!r} vs data {now_tok.get(key)!r}")
+    if problems:
+        which = f"checkpoint {path}" if path is not None else "the checkpoint"
+        raise ConfigError(f"cannot resume: {which} does not fit this run:\n  " + "\n  ".join(problems)
+                          + "\nuse the checkpoint's settings, or start a new run with another --run-dir")
+    now_cfg = trainer.cfg.to_dict()
+    for section in LOGGED_SETTINGS:
+        for key, was in saved.get(section, {}).items():
+            if now_cfg[section].get(key) != was:
+                log.info("resume: %s.%s changed from %r to %r", section, key, was, now_cfg[section].get(key))
+
+
+def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
+    """Restore every piece of a verified checkpoint into the trainer (this rank's RNG included)."""
+    check_compatible(state, trainer, path)
+    if state.get("sharded"):
+        load_sharded(trainer.model, trainer.optimizer, path / SHARDED_DIR)  # any world size: DCP reshards
+    elif is_sharded(trainer):
+        raise CheckpointError(f"checkpoint {path} holds one full copy of the model (a DDP or one-process run); "
+                              "resume it with --dist.strategy ddp, or start the FSDP run from its weights "
+                              "with gpttrain export + --init-from")
+    else:
+        weights = load_model_weights(path)
+        opt = load_optimizer_state(path, trainer.device)
+        load_model_state(trainer.model, weights)
+        trainer.optimizer.load_state_dict(opt)
+    trainer.load_state_dict(state["trainer"])
+    if state.get("loader") is not None and trainer.train_loader is not None:
+        trainer.train_loader.load_state_dict(state["loader"])
+    if state.get("scaler") is not None and trainer.scaler.is_enabled():
+        trainer.scaler.load_state_dict(state["scaler"])
+    rng_file = path / f"rng-rank{trainer.info.rank:05d}.json"
+    if state.get("world_size") == trainer.info.world_size and rng_file.is_file():
+        try:
+            rng = json.loads(rng_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"checkpoint file {rng_file} is unreadable: {e}") from None
+        set_rng_state(rng, trainer.device)
+    else:
+        log.warning("resume: saved with %s ranks, now %d: data order continues exactly, random streams "
+                    "(dropout) are reseeded", state.get("world_size"), trainer.info.world_size)
+        torch.manual_seed(trainer.cfg.train.seed + 1000 * trainer.info.rank + trainer.step)
+
+
+def refuse_unrequested_resume(run_dir: Path, resume: str | None) -> None:
+    """A run dir that holds checkpoints is continued only on request, never overwritten by a new run."""
+    if resume is not None:
+        return
+    found = step_folders(run_dir)
+    if found:
+        raise ConfigError(f"--run-dir {run_dir} already holds checkpoints (newest: {found[-1].name}); "
+                          "pass --resume auto to continue that run, or choose another --run-dir")
+
+
+def check_resume_request(run_dir: Path, resume: str | None) -> None:
+    """The checks of --resume that read no checkpoint's contents: what a run can refuse before any data is
+    prepared (`verify` reads the rest when the checkpoint is loaded).
+
+    A run dir with checkpoints is continued only on request. `auto` in a run dir whose checkpoint folders are all
+    incomplete does not start from scratch. A path must be a complete checkpoint, or a run dir with one; resumed
+    into a run dir that holds checkpoints at or past its step (another run's, or this run's later ones), it would
+    mix two histories (those folders' steps would not be saved again, and `auto` would pick them): refused."""
+    run_dir = Path(run_dir)
+    refuse_unrequested_resume(run_dir, resume)
+    if resume is None:
+        return
+    folders = step_folders(run_dir)
+    if resume == "auto":
+        if folders and not any((p / COMPLETE).is_file() for p in folders):
+            raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
+                                  f"complete ({', '.join(p.name for p in folders)}: no {COMPLETE} marker); "
+                                  "not starting from scratch silently; move them away to start afresh")
+        return
+    try:
+        path = resolve_checkpoint(resume)
+        require_complete(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"--resume: {e}") from None
+    later = [p.name for p in folders if p.name >= path.name and p.resolve() != path.resolve()]
+    if later:
+        raise ConfigError(f"--resume {path}: {run_dir / 'checkpoints'} already holds checkpoints at or past its "
+                          f"step ({', '.join(later)}); continuing there would mix two histories; give another "
+                          "--run-dir (or move those folders away)")
+
+
+def maybe_resume(trainer) -> Path | None:
+    """Apply --resume (auto or a path). Returns the checkpoint used, or None for a fresh start.
+
+    Rank 0 alone discovers and verifies (hashing a large checkpoint once, not once per rank) and
+    broadcasts its choice or its refusal, so every rank loads the same step or raises the same error.
+    """
+    path, state = distmod.on_main(lambda: _choose_checkpoint(trainer), trainer.info)
+    if path is None:
+        return None
+    load_into(trainer, path, state)
+    log.info("resumed from %s (step %d)", path, trainer.step)
+    return path
+
+
+def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
+    """The verified checkpoint --resume asks for and its state, or (None, None) to start fresh."""
+    request = trainer.cfg.run.resume
+    run_dir = trainer.run_dir
+    check_resume_request(run_dir, request)
+    if request is None:
+        return None, None
+    if request != "auto":
+        path = resolve_checkpoint(request)
+        return path, verify(path)
+    folders = step_folders(run_dir)  # listed once: complete ones (as list_checkpoints) and interrupted saves
+    existing = [p for p in folders if (p / COMPLETE).is_file()]
+    incomplete = [p for p in folders if p not in existing]
+    if not existing:  # and none incomplete: check_resume_request refused that
+        log.info("resume auto: no complete checkpoint in %s; starting fresh", run_dir / "checkpoints")
+        return None, None
+    for p in incomplete:
+        if p.name > existing[-1].name:
+            log.warning("resume auto: ignoring %s: no %s marker (an interrupted save)", p, COMPLETE)
+    errors = []
+    for path in reversed(existing):
+        try:
+            state = verify(path)
+        except CheckpointError as e:
+            log.warning("resume auto: skipping %s: %s", path.name, e)
+            errors.append(str(e))
+            continue
+        if errors:
+            log.warning("resume auto: falling back to %s, the newest checkpoint that verifies", path.name)
+        return path, state
+    raise CheckpointError("resume auto: every checkpoint in " + str(run_dir / "checkpoints")
+                          + " is damaged; not starting from scratch silently:\n  " + "\n  ".join(errors))
