@@ -37,11 +37,13 @@ def test_each_command_documents_its_flags(cmd, capsys):
     (["frobnicate"], "error: argument COMMAND: invalid choice: 'frobnicate'"),
     (["consolidate", "a", "--out", "b", "--extra"], "error: unrecognized arguments: --extra "
                                                     "(see gpttrain consolidate --help)"),
+    (["info", "stray"], "error: unrecognized argument 'stray'; config flags look like --section.key VALUE "
+                        "(sections: model, data, optim, train, dist, log, run); see gpttrain info --help"),
 ])
 def test_argument_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as e:
-        main(argv)
+        sys.exit(main(argv))  # argparse's errors exit 2 themselves; gpttrain's own return 2
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith(message) and len(err.strip().splitlines()) == 1, err

@@ -43,7 +43,7 @@ def config_from_args(args: argparse.Namespace, rest: list[str],
 
     `default_preset` where neither --preset nor --config is given; but `train --resume` without either continues
     with the settings its checkpoint was saved with (`resume.saved_settings`), the flags on top."""
-    overrides = parse_dotted(rest)
+    overrides = parse_dotted(rest, getattr(args, "command", None))
     for attr, key in (("data", "data.path"), ("run_dir", "run.dir"), ("device", "run.device"),
                       ("resume", "run.resume"), ("init_from", "run.init_from")):
         value = getattr(args, attr, None)

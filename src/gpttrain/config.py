@@ -372,15 +372,17 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"--config: {p} is not valid TOML: {e}") from None
 
 
-def parse_dotted(args: list[str]) -> list[tuple[str, str]]:
-    """`["--model.n_layers", "6", "--optim.lr=3e-4"]` -> `[("model.n_layers", "6"), ("optim.lr", "3e-4")]`."""
+def parse_dotted(args: list[str], command: str | None = None) -> list[tuple[str, str]]:
+    """`["--model.n_layers", "6", "--optim.lr=3e-4"]` -> `[("model.n_layers", "6"), ("optim.lr", "3e-4")]`.
+    `command` names the help an error points to (`gpttrain COMMAND --help`)."""
+    help_hint = f"gpttrain {command} --help" if command else "--help"
     out = []
     i = 0
     while i < len(args):
         a = args[i]
         if not a.startswith("--") or "." not in a.split("=", 1)[0]:
             raise ConfigError(f"unrecognized argument {a!r}; config flags look like --section.key VALUE "
-                              f"(sections: {', '.join(SECTIONS)}); see --help")
+                              f"(sections: {', '.join(SECTIONS)}); see {help_hint}")
         if "=" in a:
             k, v = a[2:].split("=", 1)
             i += 1
