@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,33 @@ def take_steps(trainer, n: int) -> list:
 def steps_of(trainer, n: int) -> list[float]:
     """The losses of n training steps."""
     return [s.loss for s in take_steps(trainer, n)]
+
+
+def losses_and_norms(trainer, n: int) -> list[tuple[float, float]]:
+    """(loss, gradient norm) of n training steps. The norm is what tells a wrong gradient scale (a missing
+    average over micro-steps or ranks): clipping and Adam's per-parameter normalisation hide it in the weights."""
+    return [(s.loss, s.grad_norm) for s in take_steps(trainer, n)]
+
+
+def assert_same_steps(a: list[tuple[float, float]], b: list[tuple[float, float]], rel: float = 1e-6) -> None:
+    assert len(a) == len(b) > 0
+    for (loss_a, norm_a), (loss_b, norm_b) in zip(a, b):
+        assert math.isclose(loss_a, loss_b, rel_tol=rel, abs_tol=rel), (a, b)
+        assert math.isclose(norm_a, norm_b, rel_tol=rel * 10, abs_tol=rel), (a, b)
+
+
+def first_step_grads(trainer) -> dict[str, torch.Tensor]:
+    """The accumulated gradients the trainer's first optimizer step sees (copied as it is called)."""
+    grads: dict[str, torch.Tensor] = {}
+    step = trainer.optimizer.step
+
+    def copy_then_step(*args, **kwargs):
+        if not grads:
+            grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = copy_then_step
+    return grads
 
 
 @contextlib.contextmanager

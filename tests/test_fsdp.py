@@ -16,13 +16,14 @@ import torch.multiprocessing as mp
 from gpttrain.sampling import generate_ids
 from tests.helpers import (
     REPO,
+    assert_same_steps,
     build_trainer,
     free_port,
     gloo_rank,
+    losses_and_norms,
     make_data,
     nan_for_uninitialised_weights,
     run_cli,
-    steps_of,
     tiny_config,
     torchrun,
 )
@@ -41,7 +42,10 @@ def _rank(rank, world, port, data_dir, run_dir, strategy, out):
                           "--train.grad_accum_steps", "2", "--optim.eps", "1e-6")
         trainer = build_trainer(cfg, info)
         assert trainer.strategy == strategy
-        losses = steps_of(trainer, 5)
+        steps = losses_and_norms(trainer, 5)
+        # The full weights after the steps (gathered on every rank: full_tensor is collective).
+        params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().flatten().tolist()
+                  for n, p in trainer.model.named_parameters()}
         ev = trainer.evaluate()
         # Decoding with the KV cache, every rank along (FSDP gathers the weights in each forward).
         logits = []
@@ -49,7 +53,7 @@ def _rank(rank, world, port, data_dir, run_dir, strategy, out):
                            logits_hook=lambda step, start, lg: logits.append(lg[0].tolist()))
         if rank == 0:
             with open(out, "w") as f:
-                json.dump({"losses": losses, "eval": ev, "ids": ids, "logits": logits}, f)
+                json.dump({"steps": steps, "params": params, "eval": ev, "ids": ids, "logits": logits}, f)
         trainer.close()  # the wrappers must not outlive the process group
 
 
@@ -62,9 +66,12 @@ def run_two_ranks(data_dir, tmp_path, strategy):
 def test_fsdp_equals_ddp_with_accumulation(data_dir, tmp_path):
     ddp = run_two_ranks(data_dir, tmp_path, "ddp")
     fsdp = run_two_ranks(data_dir, tmp_path, "fsdp")
-    assert len(fsdp["losses"]) == 5
-    for a, b in zip(ddp["losses"], fsdp["losses"]):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-5)
+    assert len(fsdp["steps"]) == 5
+    # The gradient norms tell a reduce-scatter that sums where it should average (Adam hides that in the weights).
+    assert_same_steps(ddp["steps"], fsdp["steps"], rel=1e-5)
+    assert ddp["params"].keys() == fsdp["params"].keys()
+    for name, p in ddp["params"].items():
+        assert p == pytest.approx(fsdp["params"][name], rel=1e-4, abs=1e-5), name
     for key in ("train_loss", "val_loss"):
         assert ddp["eval"][key] == pytest.approx(fsdp["eval"][key], rel=1e-5)
     assert len(fsdp["logits"]) == 6

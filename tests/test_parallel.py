@@ -551,20 +551,6 @@ def _profiled_step(trainer) -> dict[str, int]:
     return Counter(e.name for e in prof.events())
 
 
-def _first_step_grads(trainer) -> dict[str, torch.Tensor]:
-    """The accumulated gradients the trainer's first optimizer step sees (copied as it is called)."""
-    grads: dict[str, torch.Tensor] = {}
-    step = trainer.optimizer.step
-
-    def copy_then_step(*args, **kwargs):
-        if not grads:
-            grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
-        return step(*args, **kwargs)
-
-    trainer.optimizer.step = copy_then_step
-    return grads
-
-
 @pytest.mark.parametrize("flags", [
     (),
     # What compiled autograd must trace through: recomputed blocks, dropout's masks, the 16-bit stream.
@@ -576,7 +562,7 @@ def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path, flags)
     accumulation (to fp32 rounding), two backward graphs for the whole run (the first micro-step's, whose .grad is
     unset, and the others'), and no eager accumulation: where autograd runs an AccumulateGrad for every parameter
     at every micro-step, with an aten::add_ each from the second on, the compiled backward runs neither."""
-    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
+    from tests.helpers import build_trainer, first_step_grads, make_data, single_info, steps_of, tiny_config
 
     data = make_data(tmp_path)
     runs = {}
@@ -584,7 +570,7 @@ def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path, flags)
         cfg = tiny_config(data, tmp_path / f"run-{on}", "--train.precision", "bf16-mixed", "--train.compile", "on",
                           "--train.grad_accum_steps", "3", "--train.compiled_autograd", str(on).lower(), *flags)
         trainer = build_trainer(cfg, single_info())
-        grads = _first_step_grads(trainer)
+        grads = first_step_grads(trainer)
         losses = steps_of(trainer, 3)
         events = _profiled_step(trainer)
         n_params = len(list(trainer.model.parameters()))
@@ -603,7 +589,7 @@ def test_compiled_autograd_folds_the_accumulation_into_backward(tmp_path, flags)
 
 
 def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
-    from tests.helpers import build_trainer, gloo_rank, steps_of, tiny_config
+    from tests.helpers import build_trainer, first_step_grads, gloo_rank, steps_of, tiny_config
 
     with gloo_rank(rank, world, port) as info:
         before = torch._dynamo.config.optimize_ddp
@@ -615,7 +601,7 @@ def _ddp_compiled_autograd_rank(rank, world, port, data_dir, run_dir, out):
             trainer = build_trainer(cfg, info)
             assert trainer.strategy == "ddp" and trainer.ddp._use_python_reducer == on
             assert torch._dynamo.config.optimize_ddp == before  # set for DDP's construction only
-            grads = _first_step_grads(trainer)
+            grads = first_step_grads(trainer)
             result[str(on)] = {"losses": steps_of(trainer, 3), "grads": {n: g.tolist() for n, g in grads.items()}}
             # The backward was compiled, not run by autograd with the Python reducer's hooks one by one.
             assert counters["compiled_autograd"]["captures"] == (2 if on else 0)
@@ -695,7 +681,7 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
     has no dropout either way."""
     from gpttrain.memory import estimate_training_memory
     from gpttrain.parallel import _recomputed_dropout_forward
-    from tests.helpers import build_trainer, make_data, single_info, steps_of, tiny_config
+    from tests.helpers import build_trainer, first_step_grads, make_data, single_info, steps_of, tiny_config
 
     data = make_data(tmp_path)
     runs = {}
@@ -715,7 +701,7 @@ def test_recompute_dropout_masks_keeps_the_numbers_and_drops_the_masks(tmp_path)
             saved[(t.data_ptr(), t.dtype, t.shape)] = t.nbytes
             return t
 
-        grads = _first_step_grads(trainer)
+        grads = first_step_grads(trainer)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             trainer.train_step()
         losses = steps_of(trainer, 3)

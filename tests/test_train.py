@@ -1,6 +1,5 @@
 import json
 import logging
-import math
 import os
 import re
 
@@ -12,9 +11,12 @@ from gpttrain.errors import ConfigError, DataError, GpttrainError
 from gpttrain.optim import lr_at, param_groups
 from gpttrain.settings import plan_steps, resolve_precision, round_up
 from tests.helpers import (
+    assert_same_steps,
     build_trainer,
+    first_step_grads,
     free_port,
     gloo_rank,
+    losses_and_norms,
     make_data,
     read_metrics,
     run_cli,
@@ -33,24 +35,11 @@ def data_dir(tmp_path_factory):
 def _rank_main(rank, world, port, data_dir, run_dir, flags, out):
     with gloo_rank(rank, world, port) as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, *flags), info)
-        losses = steps_of(trainer, 3)
+        grads = first_step_grads(trainer)
+        steps = losses_and_norms(trainer, 3)
         if rank == 0:
-            torch.save({"losses": losses, "params": trainer.model.state_dict()}, out)
+            torch.save({"steps": steps, "grads": grads, "params": trainer.model.state_dict()}, out)
         trainer.close()  # DDP must not outlive the process group
-
-
-def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):
-    out = tmp_path / "ddp.pt"
-    mp.spawn(_rank_main, args=(2, free_port(), data_dir, tmp_path / "r2", ["--train.micro_batch_size", "2", *STABLE],
-                               out), nprocs=2, join=True)
-    ddp = torch.load(out, weights_only=True)
-    single = build_trainer(tiny_config(data_dir, tmp_path / "r1", "--train.micro_batch_size", "4", *STABLE),
-                           single_info())
-    losses = steps_of(single, 3)
-    for a, b in zip(ddp["losses"], losses):
-        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6), (ddp["losses"], losses)
-    for name, p in single.model.state_dict().items():
-        torch.testing.assert_close(ddp["params"][name], p, rtol=1e-6, atol=1e-6)
 
 
 # AdamW's first steps divide each gradient by its own magnitude (+ eps): a component whose gradient is
@@ -59,16 +48,39 @@ def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path):
 STABLE = ("--optim.eps", "1e-6")
 
 
+def assert_same_training(a_steps, a_grads, a_params, b):
+    """Two runs took the same steps: losses, gradient norms, the first step's gradients (where a wrong scale
+    shows: clipping and Adam hide it in the weights) and the weights after."""
+    assert_same_steps(a_steps, losses_and_norms(b, 3))
+    for name, g in b.grads.items():
+        torch.testing.assert_close(a_grads[name], g, rtol=1e-5, atol=1e-7, msg=name)
+    for name, p in b.model.state_dict().items():
+        torch.testing.assert_close(a_params[name], p, rtol=1e-6, atol=1e-6, msg=name)
+
+
+def _compared(trainer):
+    trainer.grads = first_step_grads(trainer)
+    return trainer
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path, accum):
+    """2 ranks x micro-batch 2 x `accum` micro-steps = one process with micro-batch 4 x `accum`."""
+    out = tmp_path / "ddp.pt"
+    flags = ["--train.micro_batch_size", "2", "--train.grad_accum_steps", str(accum), *STABLE]
+    mp.spawn(_rank_main, args=(2, free_port(), data_dir, tmp_path / "r2", flags, out), nprocs=2, join=True)
+    ddp = torch.load(out, weights_only=True)
+    single = _compared(build_trainer(tiny_config(data_dir, tmp_path / "r1", "--train.micro_batch_size",
+                                                 str(4 * accum), *STABLE), single_info()))
+    assert_same_training(ddp["steps"], ddp["grads"], ddp["params"], single)
+
+
 def test_accumulation_equals_one_big_batch(data_dir, tmp_path):
-    acc = build_trainer(tiny_config(data_dir, tmp_path / "a", "--train.micro_batch_size", "2",
-                                    "--train.grad_accum_steps", "4", *STABLE), single_info())
-    big = build_trainer(tiny_config(data_dir, tmp_path / "b", "--train.micro_batch_size", "8", *STABLE),
-                        single_info())
-    la, lb = steps_of(acc, 3), steps_of(big, 3)
-    for a, b in zip(la, lb):
-        assert math.isclose(a, b, rel_tol=1e-6, abs_tol=1e-6)
-    for (name, p), q in zip(acc.model.state_dict().items(), big.model.state_dict().values()):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6, msg=name)
+    acc = _compared(build_trainer(tiny_config(data_dir, tmp_path / "a", "--train.micro_batch_size", "2",
+                                              "--train.grad_accum_steps", "4", *STABLE), single_info()))
+    big = _compared(build_trainer(tiny_config(data_dir, tmp_path / "b", "--train.micro_batch_size", "8", *STABLE),
+                                  single_info()))
+    assert_same_training(losses_and_norms(acc, 3), acc.grads, acc.model.state_dict(), big)
 
 
 def test_tiny_model_overfits_a_small_text(tmp_path):
