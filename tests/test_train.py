@@ -8,6 +8,7 @@ import torch
 import torch.multiprocessing as mp
 
 from gpttrain.errors import ConfigError, DataError, GpttrainError
+from gpttrain.metrics import flops_per_token
 from gpttrain.optim import lr_at, param_groups
 from gpttrain.settings import plan_steps, resolve_precision, round_up
 from tests.helpers import (
@@ -364,11 +365,15 @@ def test_bench_cpu_reports_overhead(tmp_path):
         assert key in row
     assert row["reads"]["steps"] == 3 and row["reads"]["late_step_s"] > 0  # --steps 3 // 2, at least 3
     assert row["mfu"] is None and row["tok_per_s"] > 0
+    tiny_tokens = 4 * 64  # tiny: micro-batch 4 x context 64, no accumulation
+    assert row["tok_per_s"] == pytest.approx(tiny_tokens / row["step_s"], rel=1e-9)
+    assert row["tflops"] == pytest.approx(row["tok_per_s_per_gpu"] * row["flops_per_token"] / 1e12, rel=1e-9)
     # The estimate of this layout on a GPU, as gpttrain info gives it (fp32: CPU's auto precision; eager).
     from gpttrain.config import resolve
     from gpttrain.memory import GIB, estimate_training_memory, run_layout
 
     tiny = resolve("tiny")  # synthetic tokens: the preset's vocabulary
+    assert row["flops_per_token"] == flops_per_token(tiny.model)
     layout = run_layout(tiny.model, tiny.train, "fp32", False, 0)  # on a GPU, the loss it would pick there
     assert row["mem_estimate_gib"] == pytest.approx(estimate_training_memory(
         tiny.model, tiny.train.micro_batch_size, **layout).total / GIB)
@@ -582,19 +587,29 @@ def test_records_read_a_step_late_equal_those_read_at_once(data_dir, tmp_path):
 def test_each_train_record_times_its_own_steps_on_cpu(data_dir, tmp_path, monkeypatch, read_late):
     """Steps of 10 ms on a fake clock, a record at each: on CPU (the default) every record after the untimed first
     says 10 ms a step. Read late, as on CUDA, a record would count the next step's time, run on the CPU before the
-    read, as its own (so they differ: that is why CPU reads at once)."""
-    trainer = _clocked_trainer(data_dir, tmp_path / "run", monkeypatch, eval_s=0.0, step_s=0.01)
+    read, as its own (so they differ: that is why CPU reads at once). The model TFLOP/s and MFU follow from the
+    rate: FLOPs per token (checked against the issue's figures in test_metrics) and --log.peak_tflops."""
+    trainer = _clocked_trainer(data_dir, tmp_path / "run", monkeypatch, "--log.peak_tflops", "0.5",
+                               eval_s=0.0, step_s=0.01)
     trainer.cfg.train.log_every = 1
     assert trainer.read_late is False
     trainer.read_late = read_late
     assert trainer.fit() == 0
-    rates = [r["tok_per_s"] for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    records = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    rates = [r["tok_per_s"] for r in records]
     assert len(rates) == 8 and rates[0] is None
+    assert records[0]["tflops"] is None and records[0]["mfu"] is None
     want = trainer.tokens_per_step / 0.01
     if read_late:
         assert rates[1:] != pytest.approx([want] * 7)
     else:
         assert rates[1:] == pytest.approx([want] * 7)
+    timed = [r for r in records if r["tok_per_s"] is not None]  # read late, a step may time none
+    assert len(timed) >= 4
+    for r in timed:
+        assert r["tok_per_s_per_gpu"] == r["tok_per_s"]  # one process
+        assert r["tflops"] == pytest.approx(r["tok_per_s"] * flops_per_token(trainer.cfg.model) / 1e12, rel=1e-9)
+        assert r["mfu"] == pytest.approx(r["tflops"] / 0.5, rel=1e-9)
 
 
 def test_a_bad_step_is_skipped_without_a_fused_optimizer(data_dir, tmp_path):
@@ -728,14 +743,14 @@ def _plotting_trainer(data_dir, run_dir, monkeypatch, *, steps: int, eval_every:
     return trainer, drawn
 
 
-def _clocked_trainer(data_dir, run_dir, monkeypatch, *, eval_s: float, step_s: float, steps: int = 8):
+def _clocked_trainer(data_dir, run_dir, monkeypatch, *flags, eval_s: float, step_s: float, steps: int = 8):
     """A tiny trainer, evaluating every 2 steps, whose loop reads a fake clock that each evaluation moves by
     `eval_s` and each step by `step_s` seconds (nothing else moves it): the shares are exact."""
     import time
     import types
 
     trainer = build_trainer(tiny_config(data_dir, run_dir, "--train.max_steps", str(steps), "--train.eval_every", "2",
-                                        "--log.sample_every", "0"), single_info())
+                                        "--log.sample_every", "0", *flags), single_info())
     now = [0.0]
     clock = types.SimpleNamespace(perf_counter=lambda: now[0], time=time.time)
     monkeypatch.setattr("gpttrain.trainer.time", clock)
