@@ -1,9 +1,15 @@
-"""Shared fixtures. Reference data comes from ../shared/data through `shared_data` only."""
+"""Shared fixtures. Reference data comes from ../shared/data through `shared_data` only.
+
+GPTTRAIN_STRICT=1 (set by .ci/run and the device session) turns the skips for what is missing into failures:
+the reference data, and the optional packages the `[dev]` extra installs (`tests.helpers.optional`). There
+these are always present, and a broken install must not pass as skipped tests."""
 
 import logging
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import STRICT
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -15,7 +21,10 @@ def shared_data():
     def get(name: str) -> Path:
         path = SHARED_DATA / name
         if not path.is_file():
-            pytest.skip(f"reference data {path} is absent (../shared/data not beside this checkout)")
+            why = f"reference data {path} is absent (../shared/data not beside this checkout)"
+            if STRICT:
+                pytest.fail(f"{why}; GPTTRAIN_STRICT=1 refuses to skip")
+            pytest.skip(why)
         return path
 
     return get

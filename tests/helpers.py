@@ -16,6 +16,19 @@ import torch
 from gpttrain.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
+STRICT = os.environ.get("GPTTRAIN_STRICT") == "1"  # see conftest: no skips for what should be installed
+
+
+def optional(module: str):
+    """An optional package the `[dev]` extra installs (torchao, transformers): the module, or skip the test where
+    it cannot be imported; under GPTTRAIN_STRICT=1 the import error fails it instead."""
+    import importlib
+
+    import pytest
+
+    if STRICT:
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
 
 TEXT = "".join(
     f"Line {i}: every effort moves you {'forward' if i % 3 else 'onward'}, said painter number {i % 17}.\n"
@@ -244,11 +257,17 @@ CORPUS = ["def f(x):\n    return x * 2\n", "The quick brown fox jumps over the l
           "Every effort moves you forward, said the painter.\n" * 10]
 
 
-def make_tokenizers(gpt2_file):
-    """One tokenizer of each kind: byte, gpt2 (from a ranks file), bpe (trained on CORPUS)."""
+TOKENIZER_KINDS = ("byte", "gpt2", "bpe")
+
+
+def make_tokenizer(kind: str, shared_data):
+    """A tokenizer of `kind`: byte, gpt2 (from ../shared/data's ranks file, through the `shared_data` fixture:
+    only this kind needs it) or bpe (trained on CORPUS)."""
     from gpttrain.tokenizer import BPETokenizer, ByteTokenizer, GPT2Tokenizer
 
-    return [ByteTokenizer(), GPT2Tokenizer(gpt2_file), BPETokenizer.train(CORPUS, 300)]
+    if kind == "gpt2":
+        return GPT2Tokenizer(shared_data("gpt2.tiktoken"))
+    return ByteTokenizer() if kind == "byte" else BPETokenizer.train(CORPUS, 300)
 
 
 def nan_for_uninitialised_weights(monkeypatch) -> None:

@@ -7,7 +7,7 @@ import torch
 
 import gpttrain
 from gpttrain.run import run_training
-from tests.helpers import make_data, nan_for_uninitialised_weights, run_cli, tiny_config
+from tests.helpers import make_data, nan_for_uninitialised_weights, optional, run_cli, tiny_config
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +91,7 @@ def test_generate_missing_or_incomplete_checkpoint(run_dir, tmp_path):
 
 
 def test_export_hf_loads_in_transformers_with_the_same_logits(run_dir, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    transformers = optional("transformers")
     out = tmp_path / "hf"
     r = run_cli(["export", str(run_dir), "--format", "hf", "--out", str(out)], cwd=tmp_path)
     assert r.returncode == 0, r.stderr

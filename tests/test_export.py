@@ -18,6 +18,7 @@ from gpttrain.export import (
     to_hf_state_dict,
 )
 from gpttrain.model import GPT
+from tests.helpers import optional
 
 
 def tiny_cfg(**kw) -> ModelConfig:
@@ -101,7 +102,7 @@ def test_check_hf_compatible():
 @pytest.mark.parametrize("tie", [True, False])
 @pytest.mark.parametrize("qkv_bias", [True, False])
 def test_round_trip_through_transformers(tmp_path, tie, qkv_bias):
-    transformers = pytest.importorskip("transformers")
+    transformers = optional("transformers")
     cfg = tiny_cfg(tie_embeddings=tie, qkv_bias=qkv_bias)
     model = tiny_model(tie_embeddings=tie, qkv_bias=qkv_bias)
     out = tmp_path / "hf"
@@ -128,7 +129,7 @@ def test_round_trip_through_transformers(tmp_path, tie, qkv_bias):
 
 def test_transformers_save_pretrained_directory_loads(tmp_path):
     """A directory written by transformers itself (not by us) loads into our model with equal logits."""
-    transformers = pytest.importorskip("transformers")
+    transformers = optional("transformers")
     hf_cfg = transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2, n_head=4,
                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)

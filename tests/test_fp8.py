@@ -12,7 +12,9 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
-pytest.importorskip("torchao")
+from tests.helpers import optional
+
+optional("torchao")
 
 from gpttrain.checkpoint import load_model_state, load_model_weights, model_state_for_saving  # noqa: E402
 from gpttrain.config import ModelConfig  # noqa: E402

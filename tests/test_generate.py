@@ -10,6 +10,7 @@ from gpttrain.errors import ConfigError
 from gpttrain.model import GPT
 from gpttrain.sampling import filter_logits, generate_ids, generate_text, sample_next
 from gpttrain.tokenizer import ByteTokenizer
+from tests.helpers import TOKENIZER_KINDS
 
 # The sampling module by path (`gpttrain.generate` is the high-level API function).
 gen = importlib.import_module("gpttrain.sampling")
@@ -237,31 +238,32 @@ def test_stream_pieces_join_to_the_text_and_keep_multibyte_characters_whole():
     assert len(pieces) == len(target)
 
 
-def test_stream_joins_to_the_text_for_every_tokenizer(shared_data):
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_stream_joins_to_the_text_for_every_tokenizer(shared_data, kind):
     """Byte, gpt2 and bpe ids of mixed scripts and emoji: the pieces (decoded since the last whole character,
     not from the start) join to the decode of all ids, and no piece holds a half character."""
-    from tests.helpers import UNICODE, make_tokenizers
+    from tests.helpers import UNICODE, make_tokenizer
 
     text = UNICODE * 3
-    for tok in make_tokenizers(shared_data("gpt2.tiktoken")):
-        assert tok.decodes_bytes, tok.kind
-        script = tok.encode(text) + [tok.eot_id]
-        prompt_len = len(tok.encode("> "))
-        model = ScriptedModel(script, prompt_len, vocab_size=tok.vocab_size, ctx=len(script) + prompt_len + 1)
-        pieces, decoded = [], []
-        real_decode = tok.decode
+    tok = make_tokenizer(kind, shared_data)
+    assert tok.decodes_bytes
+    script = tok.encode(text) + [tok.eot_id]
+    prompt_len = len(tok.encode("> "))
+    model = ScriptedModel(script, prompt_len, vocab_size=tok.vocab_size, ctx=len(script) + prompt_len + 1)
+    pieces, decoded = [], []
+    real_decode = tok.decode
 
-        def counting_decode(ids, real_decode=real_decode, decoded=decoded):
-            ids = list(ids)
-            decoded.append(len(ids))
-            return real_decode(ids)
+    def counting_decode(ids):
+        ids = list(ids)
+        decoded.append(len(ids))
+        return real_decode(ids)
 
-        tok.decode = counting_decode
-        out = generate_text(model, tok, "> ", len(script), temperature=0.0, stream=pieces.append)
-        assert out == [text] and "".join(pieces) == text, tok.kind
-        assert all("\ufffd" not in p for p in pieces), tok.kind
-        # A streamed token decodes the few ids since the last whole character, not the whole list.
-        assert max(decoded[:-1]) <= 4, tok.kind
+    tok.decode = counting_decode
+    out = generate_text(model, tok, "> ", len(script), temperature=0.0, stream=pieces.append)
+    assert out == [text] and "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+    # A streamed token decodes the few ids since the last whole character, not the whole list.
+    assert max(decoded[:-1]) <= 4
 
 
 def test_stream_of_a_tokenizer_that_does_not_decode_bytes_keeps_its_spaces():

@@ -2,7 +2,7 @@ import pytest
 
 from gpttrain.errors import TokenizerError
 from gpttrain.tokenizer import EOT_TEXT, BPETokenizer, ByteTokenizer, GPT2Tokenizer, from_spec, payload_of
-from tests.helpers import CORPUS, UNICODE, make_tokenizers
+from tests.helpers import CORPUS, TOKENIZER_KINDS, UNICODE, make_tokenizer
 
 
 @pytest.fixture
@@ -17,14 +17,15 @@ def test_gpt2_known_ids(gpt2):
     assert gpt2.decode([15496, 995, 50256]) == "Hello world" + EOT_TEXT
 
 
-def test_end_of_text_in_text_is_ordinary(gpt2):
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_end_of_text_in_text_is_ordinary(shared_data, kind):
     text = "a <|endoftext|> b<|endoftext|>"
-    for tok in (gpt2, BPETokenizer.train(CORPUS, 300), ByteTokenizer()):
-        ids = tok.encode(text)
-        assert tok.eot_id not in ids, tok.kind
-        assert tok.decode(ids) == text, tok.kind
-        if hasattr(tok, "encode_batch"):
-            assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
+    tok = make_tokenizer(kind, shared_data)
+    ids = tok.encode(text)
+    assert tok.eot_id not in ids
+    assert tok.decode(ids) == text
+    if hasattr(tok, "encode_batch"):
+        assert tok.encode_batch([text, "x"]) == [ids, tok.encode("x")]
 
 
 def test_gpt2_rebuilt_from_its_payload(gpt2):
@@ -52,13 +53,14 @@ def test_gpt2_missing_and_bad_files(tmp_path):
         GPT2Tokenizer(bad)
 
 
-def test_round_trip_every_kind(shared_data):
-    for tok in make_tokenizers(shared_data("gpt2.tiktoken")):
-        ids = tok.encode(UNICODE)
-        assert all(0 <= i < tok.vocab_size for i in ids), tok.kind
-        assert tok.eot_id not in ids
-        assert tok.decode(ids) == UNICODE, tok.kind
-        assert tok.decode(ids + [tok.eot_id]) == UNICODE + EOT_TEXT, tok.kind
+@pytest.mark.parametrize("kind", TOKENIZER_KINDS)
+def test_round_trip_every_kind(shared_data, kind):
+    tok = make_tokenizer(kind, shared_data)
+    ids = tok.encode(UNICODE)
+    assert all(0 <= i < tok.vocab_size for i in ids)
+    assert tok.eot_id not in ids
+    assert tok.decode(ids) == UNICODE
+    assert tok.decode(ids + [tok.eot_id]) == UNICODE + EOT_TEXT
 
 
 def test_round_trip_random_unicode():
