@@ -34,7 +34,7 @@ def test_mfu_and_tflops():
 
 
 @pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0),
+    ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10G", 70.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0),
     ("NVIDIA GeForce RTX 4090", 165.2), ("cpu", None), (None, None), ("Some Future GPU", None),
 ])

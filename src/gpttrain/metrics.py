@@ -11,6 +11,7 @@ from gpttrain.config import ModelConfig, TrainConfig
 # Matched against torch.cuda.get_device_name() by substring, most specific first.
 GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989.0),
+    ("H200 NVL", 835.0),  # the PCIe card, lower clocks and power than the SXM H200
     ("H200", 989.0),
     ("H100 PCIe", 756.0),
     ("H100 NVL", 835.0),
