@@ -104,6 +104,31 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(run_dir, tmp_path)
     assert again.returncode == 2 and "--out" in again.stderr
 
 
+@pytest.mark.parametrize("where", ["run", "above", "checkpoint", "inside"])
+def test_export_never_overwrites_its_own_checkpoint(run_dir, tmp_path, where):
+    """--out --overwrite replaces --out as a whole: the run (or a folder holding it, or the checkpoint, or a
+    folder inside it) is refused, and the run is left as it was."""
+    run = tmp_path / "copy" / "run"
+    shutil.copytree(run_dir, run)
+    ckpt = run / "checkpoints" / "step-000000040"
+    out = {"run": run, "above": run.parent, "checkpoint": ckpt, "inside": ckpt / "hf"}[where]
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    r = run_cli(["export", str(run), "--out", str(out), "--overwrite"], cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith("error: --out: ") and "is or holds the checkpoint being exported" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_export_into_the_current_directory_is_refused(run_dir, tmp_path):
+    (tmp_path / "here").mkdir()
+    (tmp_path / "here" / "notes.txt").write_text("mine")
+    r = run_cli(["export", str(run_dir), "--out", ".", "--overwrite"], cwd=tmp_path / "here")
+    assert r.returncode == 2 and "is the current directory or holds it" in r.stderr, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary folder left beside it
+    assert [p.name for p in (tmp_path / "here").iterdir()] == ["notes.txt"]
+
+
 def test_export_safetensors_and_init_from(run_dir, tmp_path):
     out = tmp_path / "st"
     r = run_cli(["export", str(run_dir), "--format", "safetensors", "--out", str(out)], cwd=tmp_path)

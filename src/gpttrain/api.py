@@ -151,9 +151,14 @@ def add_export_arguments(p) -> None:
 
 
 def run_export(args) -> int:
+    from gpttrain import checkpoint as ckpt
     from gpttrain.export import export_hf, export_safetensors
     from gpttrain.tokenizer import payload_of
 
+    source, out = ckpt.resolve_checkpoint(args.checkpoint).resolve(), Path(args.out).resolve()
+    if out == source or out in source.parents or source in out.parents:
+        raise ConfigError(f"--out: {args.out} is or holds the checkpoint being exported ({source}), or lies inside "
+                          "it; --out is replaced as a whole: give a directory outside the run")
     loaded = load(args.checkpoint, device="cpu")
     tok = loaded.tokenizer
     if args.format == "hf":

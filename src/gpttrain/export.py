@@ -322,6 +322,10 @@ def _write_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Pat
     """Run `write(tmp_dir)` and move the result to `out_dir` in one rename; nothing half-written is left."""
     out = Path(out_dir)
     if out.exists():
+        here = Path.cwd().resolve()
+        if out.resolve() == here or out.resolve() in here.parents:
+            raise ConfigError(f"--out: {str(out)!r} is the current directory or holds it; it is replaced as a "
+                              "whole, so give a new directory")
         if not out.is_dir():
             raise ConfigError(f"--out: {str(out)!r} exists and is not a directory; choose another path")
         if any(out.iterdir()) and not overwrite:
