@@ -447,6 +447,37 @@ def test_auto_falls_back_to_previous_complete_checkpoint(data_dir, run_copy, gt_
     assert any("falling back to " + STEP.format(2) in w for w in warnings), warnings
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.json"])
+def test_auto_past_a_damaged_checkpoint_saves_over_it(data_dir, run_copy, tmp_path, damaged):
+    """`train --resume auto` (the saved settings, no preset) past a damaged step-4: the settings come from the
+    checkpoint it resumes (a damaged state.json is not read for them), steps 3-4 are trained again, and step-4's
+    folder is replaced by their save, not taken for it (before, those steps were lost and step-4 stayed damaged)."""
+    truncate(run_copy / "checkpoints" / STEP.format(4) / damaged)
+    r = run_cli(["train", "--run-dir", str(run_copy), "--resume", "auto", "--device", "cpu", "--log.progress",
+                 "lines", "--data", str(data_dir)], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    settings_from = STEP.format(2) if damaged == "state.json" else STEP.format(4)
+    assert f"the settings saved in {run_copy / 'checkpoints' / settings_from / 'state.json'}" in out, out[:2000]
+    assert "falling back to " + STEP.format(2) in out
+    assert f"replacing {run_copy / 'checkpoints' / STEP.format(4)}, which this run did not save" in out
+    state = ckpt.verify(run_copy / "checkpoints" / STEP.format(4))
+    assert state["trainer"]["step"] == 4
+    assert [p.name for p in ckpt.list_checkpoints(run_copy)] == [STEP.format(2), STEP.format(4)]
+
+
+def test_resume_with_a_damaged_state_json_is_refused_before_any_data(run_copy, tmp_path):
+    """--resume PATH without a preset: the settings' file is checked against the manifest first."""
+    target = run_copy / "checkpoints" / STEP.format(4)
+    flip_byte(target / "state.json")
+    r = run_cli(["train", "--run-dir", str(tmp_path / "new"), "--resume", str(target), "--device", "cpu"],
+                cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip() == (f"error: --resume: checkpoint file {target / 'state.json'} is corrupt: its SHA-256 "
+                                "differs from the one saved"), r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no data prepared, no run dir
+
+
 def test_auto_ignores_a_newer_folder_without_complete(data_dir, run_copy, gt_log):
     (run_copy / "checkpoints" / STEP.format(4) / ckpt.COMPLETE).unlink()
     trainer = resumer(data_dir, run_copy, "auto")

@@ -285,12 +285,18 @@ def test_resume_without_a_preset_continues_with_the_checkpoints_settings(tmp_pat
 
 
 def _fake_checkpoint(run_dir, step: int, config: dict, complete: bool = True):
-    """A checkpoint folder with a state.json of `config` (no weights: the settings are read without verifying)."""
+    """A checkpoint folder with a state.json of `config` and a manifest that covers it (no weights: only the
+    settings' file is verified when they are read)."""
+    from gpttrain.data.shards import file_sha256
+
     folder = run_dir / "checkpoints" / f"step-{step:09d}"
     folder.mkdir(parents=True)
-    (folder / "state.json").write_text(json.dumps({"config": config}))
+    state = folder / "state.json"
+    state.write_text(json.dumps({"config": config}))
     if complete:
-        (folder / "COMPLETE").write_text("{}")
+        files = {name: {"size": 0, "sha256": ""} for name in ("model.safetensors", "optimizer.pt")}
+        files["state.json"] = {"size": state.stat().st_size, "sha256": file_sha256(state)}
+        (folder / "COMPLETE").write_text(json.dumps({"format_version": 1, "files": files}))
     return folder
 
 

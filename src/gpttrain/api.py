@@ -49,7 +49,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
     path = ckpt.resolve_checkpoint(path)
-    state = ckpt.verify(path)
+    state = ckpt.verify(path, skip=("optimizer.pt",))  # inference reads no optimizer state
     cfg = from_dict(state["config"])
     dev = resolve_device(device)
     model = build_model(cfg.model, dev, init=False)  # every weight comes from the checkpoint
@@ -112,8 +112,10 @@ def _read_prompt(args) -> str:
     return args.prompt or ""
 
 
-def run_generate(args, out=sys.stdout) -> int:
+def run_generate(args, out=None) -> int:
     from gpttrain.sampling import check_sampling_args
+
+    out = out if out is not None else sys.stdout  # looked up now: a default bound at import keeps a stale stream
 
     check_sampling_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, num_samples=args.num_samples)

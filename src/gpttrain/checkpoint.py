@@ -161,14 +161,18 @@ def save(trainer, reason: str = "periodic") -> Path:
     root = trainer.run_dir / "checkpoints"
     name = f"{PREFIX}{trainer.step:09d}"
     final, tmp = root / name, root / f".tmp-{name}"
-    # Rank 0 decides whether this step is already saved (e.g. a signal right after a periodic save),
-    # so no rank skips a collective that the others enter.
+    # Rank 0 decides whether this step is already saved (a signal right after a periodic save, a stop at the
+    # step resumed from), so no rank skips a collective that the others enter. A folder of this step that this
+    # process neither saved nor resumed from is another history's: one `--resume auto` skipped as damaged, or an
+    # interrupted save. It is replaced (by `_commit`), never taken for this save.
     status = torch.zeros(2, device=trainer.device)  # [failed, already saved]
     error: BaseException | None = None
     if info.is_main:
-        if (final / COMPLETE).is_file():
+        if trainer.saved_step == trainer.step and (final / COMPLETE).is_file():
             status[1] = 1
         else:
+            if final.exists():
+                log.warning("checkpoint: replacing %s, which this run did not save (damaged or interrupted)", final)
             try:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
@@ -198,6 +202,7 @@ def save(trainer, reason: str = "periodic") -> Path:
             error = e
     if not _agree(error is None, trainer):
         _save_failed(trainer, tmp, error)
+    trainer.saved_step = trainer.step
     if info.is_main:
         log.info("checkpoint saved: %s (%s)", final, reason)
         prune(trainer.run_dir, trainer.cfg.train.keep_checkpoints)
@@ -216,8 +221,8 @@ def _commit(tmp: Path, final: Path) -> None:
     _write_json(tmp / COMPLETE, {"format_version": FORMAT_VERSION, "files": files})
     fsync_dir(tmp)
     if final.exists():
-        # A folder under the final name without COMPLETE (an interrupted prune, an older gpttrain):
-        # discovery ignores it, but it would block the rename.
+        # A folder under the final name that is not this run's save (no COMPLETE: an interrupted prune or save;
+        # or one `--resume auto` skipped as damaged): discovery ignores or skips it, but it would block the rename.
         shutil.rmtree(final)
     os.replace(tmp, final)
     fsync_dir(final.parent)
@@ -292,8 +297,10 @@ def require_complete(path: Path) -> None:
                               "use an earlier checkpoint or --resume auto")
 
 
-def verify(path: Path) -> dict[str, Any]:
-    """Check COMPLETE and every file's size and hash; returns the parsed state.json."""
+def verify(path: Path, only: tuple[str, ...] | None = None, skip: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Check COMPLETE and each file's size and hash; returns the parsed state.json. `only`: check just these
+    files (the settings of a checkpoint: `("state.json",)`); `skip`: files the caller does not read (inference
+    needs no `optimizer.pt`: 11 GB to hash at 1.42B), which may then be missing too."""
     path = Path(path)
     require_complete(path)
     marker = path / COMPLETE
@@ -307,9 +314,11 @@ def verify(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint file {marker} is corrupt (not the manifest gpttrain writes)") from None
     required = SHARDED_REQUIRED_FILES if SHARDED_REQUIRED_FILES[0] in files else REQUIRED_FILES
     for name in required:
-        if name not in files:
+        if name not in files and name not in skip:
             raise CheckpointError(f"checkpoint file {marker} does not cover {name}: the checkpoint is corrupt")
     for name, want in files.items():
+        if name in skip or (only is not None and name not in only):
+            continue
         p = path / name
         # Plain names, or one level under sharded/: a manifest cannot point outside the folder.
         parts = name.split("/")

@@ -33,21 +33,37 @@ from gpttrain.checkpoint import (
     step_folders,
     verify,
 )
-from gpttrain.errors import ConfigError, GpttrainError
+from gpttrain.errors import ConfigError
 
 log = logging.getLogger("gpttrain")
 
 
 def saved_settings(run_dir: str | Path, resume: str) -> tuple[dict[str, Any], Path] | None:
-    """The settings of the checkpoint `--resume` (auto: the newest complete one in `run_dir`; else a checkpoint
-    or run dir) points at, from its state.json, and that file; None where it points at none or the file cannot
-    be read (the resume itself then says why). Read without verifying the checkpoint: resuming does that."""
-    try:
-        path = list_checkpoints(Path(run_dir))[-1] if resume == "auto" else resolve_checkpoint(resume)
-        state_file = path / "state.json"
-        return json.loads(state_file.read_text(encoding="utf-8"))["config"], state_file
-    except (IndexError, GpttrainError, OSError, ValueError, KeyError, TypeError):
-        return None
+    """The settings of the checkpoint `--resume` points at (auto: the newest complete one in `run_dir` whose
+    state.json is intact, as the resume then takes it; else a checkpoint or run dir), from its state.json, and
+    that file; None where it points at none (the resume itself then says why). Only state.json is hashed here,
+    against the checkpoint's manifest: the resume verifies the rest, and falls back past a damaged model to an
+    older checkpoint of the same run. A damaged state.json is refused here, before any data is prepared."""
+    if resume == "auto":
+        found = list_checkpoints(Path(run_dir))
+    else:
+        try:
+            found = [resolve_checkpoint(resume)]
+        except CheckpointError:
+            return None
+    errors = []
+    for path in reversed(found):
+        try:
+            state = verify(path, only=("state.json",))
+            return state["config"], path / "state.json"
+        except CheckpointError as e:
+            errors.append(str(e))
+        except (KeyError, TypeError):
+            errors.append(f"checkpoint file {path / 'state.json'} holds no settings")
+    if errors:
+        raise CheckpointError(("--resume: " if resume != "auto" else "--resume auto: no checkpoint's settings can "
+                               "be read: ") + "; ".join(errors))
+    return None
 
 
 MODEL_KEYS_THAT_MUST_MATCH = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
@@ -94,6 +110,7 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
         load_model_state(trainer.model, weights)
         trainer.optimizer.load_state_dict(opt)
     trainer.load_state_dict(state["trainer"])
+    trainer.saved_step = trainer.step  # a stop before the next step needs no save of its own
     if state.get("loader") is not None and trainer.train_loader is not None:
         trainer.train_loader.load_state_dict(state["loader"])
     if state.get("scaler") is not None and trainer.scaler.is_enabled():

@@ -64,6 +64,7 @@ class Trainer(Reporting):
         self.tokens = 0
         self.skipped_steps = 0
         self.evals_done = 0
+        self.saved_step: int | None = None  # the step of the checkpoint this process saved or resumed last
         self._bar_rates: dict[str, str] = {}
         self.train_time = 0.0  # seconds of training steps, excluding each process's first (compile) step
         self.timed_steps = 0  # the steps train_time covers
