@@ -80,6 +80,24 @@ def test_generate_bad_flags(run_dir, tmp_path, flags, message):
     assert r.stderr.startswith("error: ") and message in r.stderr
 
 
+@pytest.mark.parametrize("how", ["latin1-file", "latin1-stdin", "directory"])
+def test_generate_refuses_a_prompt_it_cannot_read(run_dir, tmp_path, how):
+    """A prompt that is not UTF-8 text, from a file or standard input, or a directory: one line, exit 2, before
+    anything is printed (before, a traceback after the prompt was echoed)."""
+    import subprocess
+    import sys
+
+    (tmp_path / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    flags = {"latin1-file": ["--prompt-file", "latin1.txt"], "latin1-stdin": ["--prompt", "-"],
+             "directory": ["--prompt-file", "."]}[how]
+    r = subprocess.run([sys.executable, "-m", "gpttrain", "generate", "--checkpoint", str(run_dir), *flags],
+                       input=b"\xe9\xff", capture_output=True, cwd=tmp_path, timeout=120)
+    err = r.stderr.decode()
+    assert r.returncode == 2 and r.stdout == b"", err
+    want = "is a directory; give a text file" if how == "directory" else "is not UTF-8 text"
+    assert err.startswith("error: --prompt") and want in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_generate_missing_or_incomplete_checkpoint(run_dir, tmp_path):
     r = run_cli(["generate", "--checkpoint", str(tmp_path / "nowhere"), "--prompt", "x"], cwd=tmp_path)
     assert r.returncode == 2 and "nowhere" in r.stderr and "does not exist" in r.stderr

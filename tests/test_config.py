@@ -66,6 +66,10 @@ def test_round_trip_through_dict():
         ("tiny", None, ["--log.sample_every_epochs", "-2"],
          r"--log.sample_every_epochs: -2.0 must be >= 0 \(0 = off\)"),
         ("tiny", None, ["--model.n_layers"], r"--model.n_layers: missing value"),
+        ("tiny", None, ["--train.seed", "1e30"], r"--train.seed: 10+19884624838656 must be in \[0, 4294967295\]"),
+        ("tiny", None, ["--train.seed", "-1"], r"--train.seed: -1 must be in \[0, 4294967295\]"),
+        ("tiny", None, ["--log.sample_temperature", "1e300"],
+         r"--log.sample_temperature: 1e\+300 must be 0 \(greedy\) or between 1e-06 and 1e\+06"),
         ("tiny", None, ["stray"], r"unrecognized argument 'stray'"),
         (None, "[model]\nn_layer = 3\n", [],
          r"unknown key 'model.n_layer' \(did you mean model.n_layers\?\); model has: vocab_size"),
@@ -94,6 +98,11 @@ def test_bad_config_is_refused_with_a_message(tmp_path, preset, toml_text, flags
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match=r"--config: file '.*missing.toml' does not exist"):
         resolve(None, tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"--config: '.*' is a directory; give the path of a TOML file"):
+        resolve(None, tmp_path)
+    (tmp_path / "utf16.toml").write_bytes("[model]\nn_layers = 2\n".encode("utf-16"))
+    with pytest.raises(ConfigError, match=r"--config: .*utf16.toml is not UTF-8 text \(invalid start byte at byte 0\)"):
+        resolve(None, tmp_path / "utf16.toml")
 
 
 def test_toml_cannot_execute_anything(tmp_path):

@@ -342,6 +342,10 @@ def test_vocab_limit_and_empty_prompt():
     (dict(top_p=1.5), "--top-p"),
     (dict(top_p=float("nan")), "--top-p"),
     (dict(temperature=-0.1), "--temperature"),
+    (dict(temperature=1e300), "--temperature"),  # -inf / inf: NaN probabilities
+    (dict(temperature=1e-300), "--temperature"),  # logits / 1e-300 overflow
+    (dict(seed=2**70), "--seed"),
+    (dict(seed=-1), "--seed"),
     (dict(max_new_tokens=0), "--max-new-tokens"),
     (dict(top_k=0), "--top-k"),
     (dict(num_samples=0), "--num-samples"),

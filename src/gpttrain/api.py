@@ -104,12 +104,24 @@ def _read_prompt(args) -> str:
         raise ConfigError("--prompt and --prompt-file: give one of them, not both")
     if args.prompt_file is not None:
         p = Path(args.prompt_file)
+        if p.is_dir():
+            raise ConfigError(f"--prompt-file: {str(p)!r} is a directory; give a text file")
         if not p.is_file():
             raise ConfigError(f"--prompt-file: {str(p)!r} does not exist")
-        return p.read_text(encoding="utf-8")
+        return _utf8(p.read_bytes(), f"--prompt-file: {p}")
     if args.prompt == "-":
-        return sys.stdin.read()
+        if not hasattr(sys.stdin, "buffer"):  # a text stream put in its place (tests, embedding)
+            return sys.stdin.read()
+        return _utf8(sys.stdin.buffer.read(), "--prompt - (standard input)")
     return args.prompt or ""
+
+
+def _utf8(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8, e.g. "
+                          "iconv -f latin1 -t utf-8") from None
 
 
 def run_generate(args, out=None) -> int:
@@ -118,7 +130,7 @@ def run_generate(args, out=None) -> int:
     out = out if out is not None else sys.stdout  # looked up now: a default bound at import keeps a stale stream
 
     check_sampling_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, num_samples=args.num_samples)
+                        top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
     prompt = _read_prompt(args)
     loaded = load(args.checkpoint, device=args.device, dtype=args.dtype)
     log.info("loaded %s (%s parameters%s)", loaded.checkpoint, f"{loaded.model.num_params():,}",

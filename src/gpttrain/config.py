@@ -363,6 +363,8 @@ def apply_preset(cfg: Config, name: str) -> None:
 
 def load_toml(path: str | Path) -> dict[str, Any]:
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--config: {str(p)!r} is a directory; give the path of a TOML file (see configs/)")
     if not p.is_file():
         raise ConfigError(f"--config: file {str(p)!r} does not exist; give the path of a TOML file (see configs/)")
     try:
@@ -370,6 +372,9 @@ def load_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"--config: {p} is not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"--config: {p} is not UTF-8 text ({e.reason} at byte {e.start}); TOML files are "
+                          "UTF-8") from None
 
 
 def parse_dotted(args: list[str], command: str | None = None) -> list[tuple[str, str]]:
@@ -455,6 +460,11 @@ def _flag(section: str, name: str) -> str:
     return f"--{section}.{name}"
 
 
+MAX_SEED = 2**32 - 1  # a seed every generator takes (numpy's legacy one, torch's, Python's), plus ranks and steps
+# Sampling temperatures other than 0 (greedy): past these, logits / temperature overflow or turn -inf into NaN.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
 def validate_config(cfg: Config) -> None:
     """Refuse impossible values with one message naming the flag, the value and what is allowed."""
     m = cfg.model
@@ -509,13 +519,16 @@ def validate_config(cfg: Config) -> None:
         v = getattr(t, name)
         if v < 0:
             raise ConfigError(f"{_flag('train', name)}: {v} must be >= 0")
+    if not 0 <= t.seed <= MAX_SEED:
+        raise ConfigError(f"--train.seed: {t.seed} must be in [0, {MAX_SEED}]")
     if cfg.dist.timeout_s < 1:
         raise ConfigError(f"--dist.timeout_s: {cfg.dist.timeout_s} must be at least 1")
     lg = cfg.log
     if lg.sample_tokens < 1:
         raise ConfigError(f"--log.sample_tokens: {lg.sample_tokens} must be at least 1")
-    if lg.sample_temperature < 0:
-        raise ConfigError(f"--log.sample_temperature: {lg.sample_temperature} must be >= 0 (0 = greedy)")
+    if lg.sample_temperature != 0 and not MIN_TEMPERATURE <= lg.sample_temperature <= MAX_TEMPERATURE:
+        raise ConfigError(f"--log.sample_temperature: {lg.sample_temperature} must be 0 (greedy) or between "
+                          f"{MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}")
     if lg.sample_top_k is not None and lg.sample_top_k < 1:
         raise ConfigError(f"--log.sample_top_k: {lg.sample_top_k} must be at least 1 (or none)")
     if lg.sample_every < 0:

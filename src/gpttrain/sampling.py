@@ -56,20 +56,27 @@ def check_sampling_args(
     top_k: int | None = None,
     top_p: float | None = None,
     num_samples: int = 1,
+    seed: int | None = None,
 ) -> None:
     """Refuse impossible sampling settings with a message naming the command-line flag."""
+    from gpttrain.config import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
+
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: {max_new_tokens!r} must be an integer of at least 1")
     if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
         raise ConfigError(f"--temperature: {temperature!r} must be >= 0 (0 = greedy, 1 = the model's distribution)")
-    if math.isinf(temperature):
-        raise ConfigError(f"--temperature: {temperature!r} must be finite")
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        # Past these, logits / temperature overflow (inf - inf) or -inf / inf is NaN: no distribution is left.
+        raise ConfigError(f"--temperature: {temperature!r} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                          f"{MAX_TEMPERATURE:g} (below that it is greedy decoding in effect)")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"--top-k: {top_k!r} must be an integer of at least 1 (or none to disable)")
     if top_p is not None and (not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1] (or none to disable)")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"--num-samples: {num_samples!r} must be an integer of at least 1")
+    if seed is not None and not 0 <= seed <= MAX_SEED - (num_samples - 1):
+        raise ConfigError(f"--seed: {seed} must be in [0, {MAX_SEED - (num_samples - 1)}] (sample i uses seed + i)")
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -182,7 +189,8 @@ def generate_ids(
     forcing), so cached and recomputed logits can be compared along the same sequence.
     """
     global _warned_long_prompt
-    check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
+    check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                        seed=seed)
     cfg = model.cfg
     ctx = cfg.context_length
     device, dtype = _model_device_dtype(model)
@@ -315,7 +323,7 @@ def generate_text(
     join to the returned first string.
     """
     check_sampling_args(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                        num_samples=num_samples)
+                        num_samples=num_samples, seed=seed)
     ids = tokenizer.encode(prompt)
     if not ids:
         ids = [tokenizer.eot_id]
