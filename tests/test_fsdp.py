@@ -158,6 +158,11 @@ def test_generate_and_export_from_a_sharded_checkpoint(sharded_run, tmp_path):
     _, sd = load_hf(out, loaded.config.model)
     for name, p in loaded.model.state_dict().items():
         assert torch.equal(sd[name], p), name
+    (tmp_path / "afile").write_text("mine")
+    r = run_cli(["consolidate", str(sharded_run), "--out", str(tmp_path / "afile")], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.strip() == (f"error: --out: {tmp_path / 'afile'} exists and is not a "
+                                                      "directory; choose a new folder"), r.stderr
+    assert (tmp_path / "afile").read_text() == "mine"
     r = run_cli(["consolidate", str(sharded_run), "--out", str(tmp_path / "one")], cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     one = gpttrain.load(tmp_path / "one")

@@ -20,6 +20,7 @@ from tests.helpers import (
     losses_and_norms,
     make_data,
     read_metrics,
+    refused_train,
     run_cli,
     single_info,
     steps_of,
@@ -82,6 +83,34 @@ def test_accumulation_equals_one_big_batch(data_dir, tmp_path):
     big = _compared(build_trainer(tiny_config(data_dir, tmp_path / "b", "--train.micro_batch_size", "8", *STABLE),
                                   single_info()))
     assert_same_training(losses_and_norms(acc, 3), acc.grads, acc.model.state_dict(), big)
+
+
+def test_a_tokenizer_flag_that_contradicts_the_prepared_data_is_refused(tmp_path):
+    """--data.tokenizer gpt2 on data prepared with byte: refused (before, ignored, and config.json said gpt2)."""
+    line = refused_train(tmp_path, "--data.tokenizer", "gpt2")
+    assert line == (f"error: --data.tokenizer gpt2: {tmp_path / 'prepared'} was prepared with the byte tokenizer; "
+                    "drop the flag to train with it, or prepare the text again with --tokenizer gpt2 into another "
+                    "--out"), line
+
+
+def test_the_run_records_the_tokenizer_it_trains_with(tmp_path):
+    """The demo preset names bpe; on data prepared with byte the run's config says byte."""
+    r = run_cli(["train", "--preset", "demo", "--data", str(make_data(tmp_path)), "--run-dir", str(tmp_path / "r"),
+                 "--device", "cpu", "--model.n_layers", "1", "--model.emb_dim", "32", "--model.n_heads", "2",
+                 "--model.context_length", "32", "--train.micro_batch_size", "2", "--train.max_steps", "1",
+                 "--log.sample_every", "0"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["tokenizer"] == "byte"
+
+
+def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "afile").write_text("mine")
+    r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir",
+                 str(tmp_path / "afile"), "--device", "cpu"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == (f"error: --run-dir: '{tmp_path / 'afile'}' exists and is not a "
+                                                 "directory; give a directory"), r.stderr[-2000:]
+    assert (tmp_path / "afile").read_text() == "mine"
 
 
 def test_tiny_model_overfits_a_small_text(tmp_path):

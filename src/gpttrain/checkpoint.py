@@ -451,6 +451,8 @@ def consolidate(src: str | Path, out: str | Path) -> Path:
     out = Path(out)
     if not state.get("sharded"):
         raise CheckpointError(f"checkpoint {path} is already one file per part (not sharded); use it as it is")
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"--out: {out} exists and is not a directory; choose a new folder")
     if out.exists() and any(out.iterdir()):
         raise CheckpointError(f"--out: {out} exists and is not empty; choose a new folder")
     cfg = from_dict(state["config"])

@@ -408,7 +408,8 @@ def resolve(
     base: tuple[dict[str, Any], str] | None = None,
 ) -> Config:
     """Build a Config from defaults < preset < TOML < dotted overrides, then validate it. `base`: a saved config
-    (`to_dict`'s, and where it was read) to start from instead of the defaults, every key of it explicit."""
+    (`to_dict`'s, and where it was read) to start from instead of the defaults, its keys explicit (bar one: see
+    below)."""
     cfg = Config()
     explicit: list[str] = []
     if base is not None:  # validated with the flags on top, below: they may mend what no longer validates
@@ -419,7 +420,10 @@ def resolve(
             elif section not in SECTIONS or not isinstance(values, dict):
                 raise ConfigError(f"{source}: unexpected entry {section!r}")
             else:
-                explicit += _apply(cfg, section, values, source=source, from_text=False)
+                # Explicit, as given, except the tokenizer's name: a record of what the data was prepared with
+                # (the data decides it), not a request to check the data against.
+                explicit += [k for k in _apply(cfg, section, values, source=source, from_text=False)
+                             if k != "data.tokenizer"]
     toml = load_toml(config_file) if config_file is not None else {}
     preset = preset if preset is not None else toml.pop("preset", None)
     toml.pop("preset", None)

@@ -8,6 +8,7 @@ attention (no T^2 term), adjusted for what PyTorch's autocast saves (LayerNorm i
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
@@ -232,12 +233,18 @@ def compiled_loss_bytes(tokens: int, vocab: int, width: int, precision: str) -> 
     return tokens * vocab * cdt + vocab * width * (4 + cast) + tokens * width * (h + cast)
 
 
+def _divisors(n: int) -> list[int]:
+    """The divisors of n, largest first (pairs up to its square root: instant even for an absurd batch)."""
+    small = [d for d in range(1, math.isqrt(n) + 1) if n % d == 0]
+    return sorted({*small, *(n // d for d in small)}, reverse=True)
+
+
 def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: int, **kw) -> tuple[int, int] | None:
     """The largest micro-batch dividing `global_per_rank` (sequences per rank per step) that fits
     `budget_bytes`, with the accumulation steps that keep the global batch; None if even 1 does not fit. With
     `fp8`, only micro-batches whose tokens fp8 matmuls take (a multiple of 16: `fp8.check_fp8_settings`)."""
     tokens = cfg.context_length if kw.get("seq_len") is None else kw["seq_len"]
-    for mb in sorted((m for m in range(1, global_per_rank + 1) if global_per_rank % m == 0), reverse=True):
+    for mb in _divisors(global_per_rank):
         if kw.get("fp8") and mb * tokens % FP8_DIM_MULTIPLE:
             continue
         if estimate_training_memory(cfg, mb, **kw).total <= budget_bytes:

@@ -147,6 +147,8 @@ def check_resume_request(run_dir: Path, resume: str | None) -> None:
     into a run dir that holds checkpoints at or past its step (another run's, or this run's later ones), it would
     mix two histories (those folders' steps would not be saved again, and `auto` would pick them): refused."""
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--run-dir: {str(run_dir)!r} exists and is not a directory; give a directory")
     refuse_unrequested_resume(run_dir, resume)
     if resume is None:
         return

@@ -106,10 +106,15 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
         check_resume(cfg, info)  # and a --resume that cannot be: before the data too
         data_dir = ensure_data(cfg, info)
         tokenizer = open_tokenizer(data_dir)
+        if "data.tokenizer" in cfg.explicit and tokenizer.kind != cfg.data.tokenizer:
+            raise ConfigError(f"--data.tokenizer {cfg.data.tokenizer}: {data_dir} was prepared with the "
+                              f"{tokenizer.kind} tokenizer; drop the flag to train with it, or prepare the text "
+                              f"again with --tokenizer {cfg.data.tokenizer} into another --out")
         vocab = resolve_vocab(cfg, tokenizer.vocab_size)
         cfg = copy.deepcopy(cfg)
         cfg.model.vocab_size = vocab
         cfg.data.path = str(data_dir)
+        cfg.data.tokenizer = tokenizer.kind  # the run records the tokenizer it trains with
         train_loader, val_loader = build_loaders(cfg, info, data_dir)
         log.info("resolved config:\n%s", cfg.to_json())
         trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer)
