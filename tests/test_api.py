@@ -46,6 +46,34 @@ def test_a_renamed_checkpoint_says_its_step(run_dir, tmp_path, caplog):
     assert any(r.getMessage().endswith("parameters, step 20)") for r in caplog.records), caplog.text
 
 
+def test_a_tied_checkpoint_loads_tied(tmp_path):
+    """A run with --model.tie_embeddings true (the fixture's tiny run is untied): gpttrain.load gives one tensor
+    for the embedding and the head, with the trained values (stored once in the checkpoint)."""
+    data = make_data(tmp_path)
+    cfg = tiny_config(data, tmp_path / "tied", "--model.tie_embeddings", "true", "--train.max_steps", "2",
+                      "--log.sample_every", "0")
+    assert run_training(cfg, quiet=True) == 0
+    loaded = gpttrain.load(tmp_path / "tied")
+    assert loaded.model.out_head.weight is loaded.model.tok_emb.weight
+    from safetensors.torch import load_file
+
+    saved = load_file(str(loaded.checkpoint / "model.safetensors"))
+    assert "out_head.weight" not in saved
+    assert torch.equal(loaded.model.tok_emb.weight, saved["tok_emb.weight"])
+
+
+def test_inference_reads_no_optimizer_state(run_dir, tmp_path):
+    """load (generate, export) neither hashes nor needs optimizer.pt (11 GB at 1.42B); resuming still does."""
+    copy = tmp_path / "ckpt"
+    shutil.copytree(run_dir / "checkpoints" / "step-000000040", copy)
+    (copy / "optimizer.pt").unlink()
+    assert gpttrain.load(copy).step == 40
+    from gpttrain.checkpoint import CheckpointError, verify
+
+    with pytest.raises(CheckpointError, match="optimizer.pt is missing"):
+        verify(copy)
+
+
 def test_load_fills_every_weight_from_the_checkpoint(run_dir, monkeypatch):
     """gpttrain.load skips the random init (init=False): every weight must come from the checkpoint."""
     nan_for_uninitialised_weights(monkeypatch)

@@ -149,6 +149,10 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
     assert _kept(filter_logits(logits, top_p=0.97)) == {0, 1, 2, 3}
     assert _kept(filter_logits(logits, top_p=1.0)) == {0, 1, 2, 3}
     assert _kept(filter_logits(logits, top_p=1e-9)) == {1}  # always at least the most probable
+    # Exactly at p (powers of two: the sums are exact): the set that reaches it, not one token more.
+    exact = torch.tensor([[0.5, 0.25, 0.125, 0.125]]).log()
+    assert _kept(filter_logits(exact, top_p=0.75)) == {0, 1}
+    assert _kept(filter_logits(exact, top_p=0.5)) == {0}
     assert _kept(filter_logits(logits, top_k=2)) == {1, 3}
     assert _kept(filter_logits(logits, top_k=10)) == {0, 1, 2, 3}
     # top-k first, then top-p on the renormalised rest: 0.5/0.95, 0.3/0.95, 0.15/0.95.
@@ -168,6 +172,10 @@ def test_sample_next_draws_only_from_the_kept_set():
     frac1 = (draws == 1).float().mean().item()
     assert abs(frac1 - 0.5 / 0.8) < 0.05
     assert sample_next(probs.log(), temperature=0.0).tolist() == [1] * 2000
+    # Temperature 2 on [0.8, 0.2]: p0 = 0.8^0.5 / (0.8^0.5 + 0.2^0.5) = 2/3 (applied twice it would be 0.58).
+    two = torch.tensor([[0.8, 0.2]]).log().expand(20_000, -1)
+    draws = sample_next(two, temperature=2.0, generator=torch.Generator().manual_seed(1))
+    assert abs((draws == 0).float().mean().item() - 2 / 3) < 0.015
 
 
 # ---- stopping, streaming, modes --------------------------------------------------------------------

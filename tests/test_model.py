@@ -127,6 +127,8 @@ def test_tied_head_shares_the_embedding():
     assert model.out_head.weight is model.tok_emb.weight
     built = build_model(cfg)
     assert built.out_head.weight is built.tok_emb.weight
+    unloaded = build_model(cfg, init=False)  # what load, consolidate and resume fill: tied before any weight comes
+    assert unloaded.out_head.weight is unloaded.tok_emb.weight
     assert built.tok_emb.weight.std().item() == pytest.approx(0.02, rel=0.1)
     assert count_params(cfg) == model.num_params()
     assert count_params(cfg) == count_params(tiny_cfg()) - cfg.vocab_size * cfg.emb_dim

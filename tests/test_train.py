@@ -24,6 +24,7 @@ from tests.helpers import (
     run_cli,
     single_info,
     steps_of,
+    take_steps,
     tiny_config,
     torchrun,
 )
@@ -218,6 +219,74 @@ def test_weight_decay_groups():
         assert all(p.ndim == 2 and "emb" not in names[id(p)] for p in decay["params"])
         assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == model.num_params()
         assert ("out_head.weight" in {names[id(p)] for p in decay["params"]}) == (not tie)
+        # Both ways: every matrix but the embeddings decays, at the configured rate; the rest does not.
+        assert {names[id(p)] for p in decay["params"]} == {n for n, p in model.named_parameters()
+                                                          if p.ndim == 2 and "emb" not in n}
+        assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+
+
+def _seen_at_optimizer_step(trainer) -> list[tuple[float, float]]:
+    """(learning rate, total gradient norm) as each optimizer step is called: what the update uses."""
+    seen = []
+    step = trainer.optimizer.step
+
+    def spy(*args, **kwargs):
+        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
+        seen.append((trainer.optimizer.param_groups[0]["lr"], torch.nn.utils.get_total_norm(grads).item()))
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = spy
+    return seen
+
+
+def test_each_update_uses_its_steps_lr_and_the_clipped_gradients(data_dir, tmp_path):
+    """Update k (0-based) takes lr_at(k): with 4 warmup steps, a quarter of the rate first, the full rate at the
+    fourth. The gradients it sees are clipped to --optim.grad_clip, and the log keeps the norm before clipping."""
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "r", "--optim.warmup_steps", "4", "--optim.grad_clip",
+                                        "0.05", "--train.max_steps", "50"), single_info())
+    seen = _seen_at_optimizer_step(trainer)
+    stats = take_steps(trainer, 5)
+    base = trainer.cfg.optim.lr
+    assert [lr for lr, _ in seen[:4]] == pytest.approx([base / 4, base / 2, 3 * base / 4, base], rel=1e-12)
+    assert seen[4][0] == pytest.approx(lr_at(4, base_lr=base, total_steps=50, warmup_steps=4), rel=1e-12)
+    for (_, clipped), s in zip(seen, stats):
+        assert s.grad_norm > 0.05 and clipped == pytest.approx(0.05, rel=1e-4), (clipped, s.grad_norm)
+
+
+def test_gradients_are_clipped_after_the_loss_scale_is_taken_off(data_dir, tmp_path):
+    """fp16's loss scale (here on CPU, scale 1024): the logged norm and the clipped gradients are those of the
+    unscaled run (clipping before unscaling would clip scaled gradients and log a norm 1024 times too big)."""
+    runs = []
+    for scaled in (False, True):
+        trainer = build_trainer(tiny_config(data_dir, tmp_path / f"r{scaled}", "--optim.grad_clip", "0.05",
+                                            *STABLE), single_info())
+        if scaled:
+            trainer.scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        seen = _seen_at_optimizer_step(trainer)
+        runs.append((take_steps(trainer, 2), seen))
+    (plain, plain_seen), (scaled, scaled_seen) = runs
+    for a, b in zip(plain, scaled):
+        assert b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+    assert [n for _, n in scaled_seen] == pytest.approx([n for _, n in plain_seen], rel=1e-4)
+
+
+def test_validation_loss_is_the_mean_over_every_window(data_dir, tmp_path):
+    """The val loss of evaluate() against a reference computed here, window by window, with a short last batch
+    (micro-batch 7): a wrong average, an unweighted mean of batch means or the wrong split would show."""
+    from gpttrain.data.loader import WindowLoader
+
+    trainer = build_trainer(tiny_config(data_dir, tmp_path / "r", "--train.micro_batch_size", "7",
+                                        "--train.eval_batches", "1000"), single_info())
+    take_steps(trainer, 2)
+    ref = WindowLoader(data_dir, "val", context_length=trainer.cfg.model.context_length, micro_batch_size=1,
+                       shuffle=False)
+    losses = []
+    model = trainer.model.eval()
+    with torch.no_grad():
+        for x, y in ref.eval_batches(10_000):
+            losses.append(model(x, y).item())
+    assert len(losses) % 7 != 0  # the trainer's last batch is short
+    assert trainer.evaluate()["val_loss"] == pytest.approx(sum(losses) / len(losses), rel=1e-5)
 
 
 def test_plan_steps_and_vocab_rounding(data_dir, tmp_path):
