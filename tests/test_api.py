@@ -74,6 +74,21 @@ def test_inference_reads_no_optimizer_state(run_dir, tmp_path):
         verify(copy)
 
 
+def test_checkpoints_and_exports_get_the_umasks_modes(run_dir, tmp_path):
+    """Every file and folder of a checkpoint and of an export has the mode the umask gives (before, safetensors'
+    0600 and mkdtemp's 0700 hid them from the other users of a shared run dir)."""
+    import os
+    import stat
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert run_cli(["export", str(run_dir), "--out", str(tmp_path / "hf")], cwd=tmp_path).returncode == 0
+    for root in (run_dir / "checkpoints" / "step-000000040", tmp_path / "hf"):
+        for p in (root, *root.rglob("*")):
+            want = (0o777 if p.is_dir() else 0o666) & ~umask
+            assert stat.S_IMODE(p.stat().st_mode) == want, (p, oct(p.stat().st_mode))
+
+
 def test_load_fills_every_weight_from_the_checkpoint(run_dir, monkeypatch):
     """gpttrain.load skips the random init (init=False): every weight must come from the checkpoint."""
     nan_for_uninitialised_weights(monkeypatch)

@@ -50,6 +50,15 @@ def test_argument_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("flags, message", [(["--steps", "0"], "error: --steps: 0 must be at least 1"),
+                                           (["--warmup", "-1"], "error: --warmup: -1 must be >= 0")])
+def test_bench_names_the_count_that_is_wrong(flags, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["bench", "--preset", "tiny", "--device", "cpu", *flags]) == 2
+    assert capsys.readouterr().err.strip() == message
+    assert not any(tmp_path.iterdir())
+
+
 def test_info_answers_at_once_for_an_absurd_micro_batch(capsys):
     """The suggested micro-batch searches the divisors of the batch in pairs: 1e12 answered in well under a
     second (before, every number up to it was tried: no answer in a minute)."""

@@ -84,6 +84,7 @@ def test_round_trip_through_dict():
         (None, "[trainer]\nx = 1\n", [], r"unknown section 'trainer' \(did you mean train\?\); sections are model"),
         (None, "lr = 1\n", [], r"unknown key 'lr'; top-level keys are preset"),
         (None, "[model\n", [], r"is not valid TOML"),
+        (None, "preset = \"tinyy\"\n", [], r"^--config: .*bad.toml: preset = unknown preset 'tinyy'; choose one of"),
     ],
 )
 def test_bad_config_is_refused_with_a_message(tmp_path, preset, toml_text, flags, pattern):

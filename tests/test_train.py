@@ -104,6 +104,17 @@ def test_the_run_records_the_tokenizer_it_trains_with(tmp_path):
     assert json.loads((tmp_path / "r" / "config.json").read_text())["data"]["tokenizer"] == "byte"
 
 
+def test_settings_that_cannot_take_effect_are_said(tmp_path):
+    """A warmup longer than the run, and --dist settings in one process: trained, with a warning each."""
+    r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir", str(tmp_path / "r"),
+                 "--device", "cpu", "--train.max_steps", "3", "--optim.warmup_steps", "10", "--dist.strategy", "fsdp",
+                 "--log.sample_every", "0"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = r.stdout + r.stderr
+    assert "--optim.warmup_steps 10 covers the whole run (3 steps): the learning rate never reaches" in out
+    assert "--dist.strategy fsdp: one process (not started by torchrun), so nothing to distribute" in out
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("mine")
     r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir",

@@ -305,8 +305,10 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     from gpttrain.run import build_loaders, ensure_data, resolve_vocab
     from gpttrain.settings import check_run_settings
 
-    if warmup < 0 or steps < 1:
-        raise ConfigError(f"--steps: {steps} must be >= 1 and --warmup: {warmup} >= 0")
+    if steps < 1:
+        raise ConfigError(f"--steps: {steps} must be at least 1")
+    if warmup < 0:
+        raise ConfigError(f"--warmup: {warmup} must be >= 0")
     with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
           logging_levels(info.is_main, quiet=True)):
         cfg = copy.deepcopy(cfg)

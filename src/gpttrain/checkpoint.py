@@ -32,7 +32,7 @@ import torch
 
 from gpttrain import __version__
 from gpttrain import distributed as distmod
-from gpttrain.data.shards import file_sha256, fsync_dir
+from gpttrain.data.shards import default_modes, file_sha256, fsync_dir
 from gpttrain.errors import GpttrainError
 
 log = logging.getLogger("gpttrain")
@@ -212,6 +212,7 @@ def save(trainer, reason: str = "periodic") -> Path:
 
 def _commit(tmp: Path, final: Path) -> None:
     """Fsync every file, write COMPLETE (their sizes and hashes) last, then rename tmp -> final."""
+    default_modes(tmp)
     files = {}
     for p in sorted(q for q in tmp.rglob("*") if q.is_file()):
         _fsync_file(p)

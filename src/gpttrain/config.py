@@ -425,12 +425,18 @@ def resolve(
                 explicit += [k for k in _apply(cfg, section, values, source=source, from_text=False)
                              if k != "data.tokenizer"]
     toml = load_toml(config_file) if config_file is not None else {}
+    from_file = preset is None and "preset" in toml
     preset = preset if preset is not None else toml.pop("preset", None)
     toml.pop("preset", None)
     if preset is not None:
         if not isinstance(preset, str):
             raise ConfigError(f"--config: {config_file}: 'preset' must be a string, got {preset!r}")
-        apply_preset(cfg, preset)
+        try:
+            apply_preset(cfg, preset)
+        except ConfigError as e:
+            if from_file:  # said as the file says it, not as a flag the user did not give
+                raise ConfigError(str(e).replace("--preset: ", f"--config: {config_file}: preset = ", 1)) from None
+            raise
     for section, values in toml.items():
         if not isinstance(values, dict):
             if section in SECTIONS:

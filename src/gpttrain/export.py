@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from gpttrain.config import ModelConfig
+from gpttrain.data.shards import default_modes
 from gpttrain.errors import ConfigError
 
 log = logging.getLogger("gpttrain")
@@ -335,6 +336,7 @@ def _write_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Pat
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         write(tmp)
+        default_modes(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.replace(out, old / "d")

@@ -103,6 +103,11 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
             log.info("%s", note)
 
         check_run_settings(cfg, info)  # refused settings: before any data is prepared
+        ignored = [f"--dist.{k} {getattr(cfg.dist, k)}" for k in ("strategy", "backend")
+                   if getattr(cfg.dist, k) != "auto"]
+        if ignored and not info.distributed:
+            log.warning("%s: one process (not started by torchrun), so nothing to distribute; launch with "
+                        "torchrun --nproc_per_node N to use them", " and ".join(ignored))
         check_resume(cfg, info)  # and a --resume that cannot be: before the data too
         data_dir = ensure_data(cfg, info)
         tokenizer = open_tokenizer(data_dir)

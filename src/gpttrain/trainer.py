@@ -119,6 +119,9 @@ class Trainer(Reporting):
         self.tokens_per_step = self.tokens_per_micro * cfg.train.grad_accum_steps
         batches_per_epoch = train_loader.batches_per_epoch if train_loader is not None else 1
         self.total_steps = plan_steps(cfg, batches_per_epoch, self.tokens_per_step)
+        if cfg.optim.warmup_steps > self.total_steps and info.is_main:
+            log.warning("--optim.warmup_steps %d covers the whole run (%d steps): the learning rate never reaches "
+                        "--optim.lr %g", cfg.optim.warmup_steps, self.total_steps, cfg.optim.lr)
         self.peak_tflops = cfg.log.peak_tflops
         if self.peak_tflops is None and self.device.type == "cuda":
             self.peak_tflops = lookup_peak_tflops(torch.cuda.get_device_name(self.device))

@@ -85,6 +85,17 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
 
 
+def default_modes(root: Path) -> None:
+    """Give `root` and everything under it the modes the umask gives new files and folders: safetensors writes
+    its file 0600 and tempfile.mkdtemp makes 0700, which would hide a checkpoint or an export from the other
+    users of a shared run dir (a multi-node run's)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for p in Path(root).rglob("*"):
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename or a new file in `path` durable (a no-op where directories cannot be opened)."""
     try:
