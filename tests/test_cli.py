@@ -70,6 +70,22 @@ def test_info_answers_at_once_for_an_absurd_micro_batch(capsys):
     assert "verdict:" in capsys.readouterr().out
 
 
+def test_info_verdicts_say_one_thing(caplog):
+    """A smaller micro-batch that fits is the answer, not also 'no layout fits'; where not even micro-batch 1
+    fits, the card size is not offered back as the remedy."""
+    with caplog.at_level("INFO", logger="gpttrain"):
+        assert main(["info", "--preset", "tiny", "--gpu-mem", "24", "--train.micro_batch_size", "100000"]) == 0
+    verdict = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verdict:")][-1]
+    assert verdict.endswith("DDP fits at micro-batch 50000 x 2 accumulation steps (same global batch).")
+    caplog.clear()
+    with caplog.at_level("INFO", logger="gpttrain"):
+        assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "4", "--gpus", "1"]) == 0
+    verdict = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verdict:")][-1]
+    assert verdict.endswith("No listed layout fits, even at micro-batch 1; try more GPUs (--gpus) or GPUs with "
+                            "more than 4 GiB.")
+    assert main(["info", "--preset", "tiny", "--gpu-mem", "nan"]) == 2
+
+
 def test_info_of_the_original_model(capsys):
     assert main(["info", "--preset", "gpt-1.4b"]) == 0
     out = capsys.readouterr().out

@@ -64,7 +64,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     goes to `emit` (the CLI prints it to stdout, so `-q` does not swallow it)."""
     if gpus < 1:
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
-    if gpu_mem_gib <= 0:
+    if not 0 < gpu_mem_gib < float("inf"):  # NaN too
         raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a positive number of GiB")
     # Refused as a GPU run of this config would refuse it.
     gpu_precision = "bf16-mixed" if cfg.train.precision == "auto" else cfg.train.precision
@@ -184,7 +184,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         if best["activation_checkpointing"]:
             how += " with activation checkpointing (--train.activation_checkpointing true)"
         msg += f" It fits with {how}: {best['total']:.1f} GiB per GPU (--dist.strategy {best['strategy']})."
-    else:
-        msg += f" No listed layout fits; try more GPUs (--gpus), a smaller micro-batch or {gpu_mem_gib:g}+ GiB GPUs."
+    elif fit is None:  # not even micro-batch 1 under DDP
+        msg += (f" No listed layout fits, even at micro-batch 1; try more GPUs (--gpus) or GPUs with more than "
+                f"{gpu_mem_gib:g} GiB.")
     log.info(msg)
     return 0
