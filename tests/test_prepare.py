@@ -518,6 +518,61 @@ def test_a_script_without_a_main_guard_gets_the_error_not_a_hang(tmp_path, token
     assert "__main__" in r.stderr and not (tmp_path / "out" / "meta.json").exists()
 
 
+def _spawned_workers(pid: int) -> list[int]:
+    """The pids of `pid`'s multiprocessing spawn children (its resource tracker left out), from /proc."""
+    found = []
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        try:
+            if b"--multiprocessing-fork" in Path(f"/proc/{child}/cmdline").read_bytes():
+                found.append(int(child))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("target, when", [("process", "encoding"), ("group", "encoding"), ("group", "start")])
+def test_ctrl_c_exits_130_at_once_and_leaves_nothing(tmp_path, target, when):
+    """SIGINT to the process alone (`timeout -s INT`) or to its process group (Ctrl-C in a terminal, which reaches
+    the workers too), while the workers encode or while they start (import numpy and the rest). It hung at times
+    after printing "interrupted" (multiprocessing's exit joined the pool's queue feeder thread, blocked writing a
+    task to workers that were gone), and a Ctrl-C while workers started printed their tracebacks
+    (KeyboardInterrupt in a worker's imports), once an InvalidStateError from the pool's manager thread."""
+    import signal
+    import time
+
+    line = "".join(f"Line {i}: every effort moves you {'forward' if i % 3 else 'onward'}, said painter {i % 97}.\n"
+                   for i in range(4000))
+    src = write(tmp_path / "big.txt", line * 36)  # 8.5 MB: seconds of bpe encoding on 2 workers
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gpttrain", "prepare", "-q", str(src), "--out", str(out), "--tokenizer", "bpe",
+         "--vocab-size", "300", "--bpe-train-mb", "0.2", "--workers", "2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (_spawned_workers(proc.pid) if when == "start"  # in their imports: they take ~0.5 s
+                   # mid-encoding: the first results are in the temp dir's train shard, more are on their way
+                   else any(f.stat().st_size > 4096 for f in tmp_path.glob(".out.tmp-*/train-*.bin"))):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline, f"nothing to interrupt after 60 s ({when})"
+            time.sleep(0.005)
+        (os.killpg if target == "group" else os.kill)(proc.pid, signal.SIGINT)
+        sent = time.monotonic()
+        stdout, stderr = proc.communicate(timeout=20)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert (proc.returncode, stderr, stdout) == (130, "interrupted\n", "")
+    assert took < 15, f"{took:.1f} s from SIGINT to exit"  # a hang was for good; an exit takes under 1 s
+    assert not out.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]  # no temp dir left either
+
+
 def test_load_meta_names_the_dir(tmp_path):
     with pytest.raises(DataError, match="has no meta.json; run `gpttrain prepare"):
         load_meta(tmp_path)
