@@ -115,6 +115,18 @@ def test_settings_that_cannot_take_effect_are_said(tmp_path):
     assert "--dist.strategy fsdp: one process (not started by torchrun), so nothing to distribute" in out
 
 
+def test_data_too_small_is_said_with_trains_flags(tmp_path):
+    """prepare's refusal, met through `train --data FILE`: names the file and the flag as train spells it."""
+    (tmp_path / "empty.txt").write_text("")
+    r = run_cli(["train", "--preset", "tiny", "--data", "empty.txt", "--run-dir", str(tmp_path / "r"), "--device",
+                 "cpu"], cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == ("error: --data empty.txt: the train split would hold 0 tokens, each "
+                                                 "split needs at least 2: give more text or another "
+                                                 "--data.val_fraction (now 0.1)"), r.stderr[-2000:]
+    assert not (tmp_path / "r").exists() and not any((tmp_path / "data").glob("*"))
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("mine")
     r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir",

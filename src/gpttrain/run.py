@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import re
 from pathlib import Path
 
 from gpttrain import distributed as distmod
@@ -70,8 +71,16 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
     try:
         distmod.on_main(prepare_here, info)
     except GpttrainError as e:
-        raise DataError(str(e)) from None
+        msg = _PREPARE_FLAG.sub(lambda m: TRAIN_FLAG_OF[m.group(1)], str(e))  # the flags `train` takes
+        raise DataError(msg if path is None or msg.startswith("--") else f"--data {path}: {msg}") from None
     return out
+
+
+# `gpttrain prepare`'s flags, as `gpttrain train` spells them: prepare's messages name them.
+TRAIN_FLAG_OF = {"val-fraction": "--data.val_fraction", "tokenizer-file": "--data.tokenizer_file",
+                 "tokenizer": "--data.tokenizer", "vocab-size": "--data.bpe_vocab_size",
+                 "bpe-train-mb": "--data.bpe_train_mb", "text-field": "--data.text_field", "workers": "--data.workers"}
+_PREPARE_FLAG = re.compile(r"--(" + "|".join(sorted(TRAIN_FLAG_OF, key=len, reverse=True)) + r")(?![\w-])")
 
 
 def check_resume(cfg: Config, info: DistInfo) -> None:
