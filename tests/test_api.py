@@ -116,6 +116,8 @@ def test_generate_cli_streams_the_same_text(run_dir, tmp_path):
     (["--top-p", "0"], "--top-p"),
     (["--temperature", "-1"], "--temperature"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--seed", "4294967295", "--num-samples", "2"], "--seed: 4294967295 must be at most 4294967294 with "
+                                                     "--num-samples 2 (sample i uses seed + i)"),
 ])
 def test_generate_bad_flags(run_dir, tmp_path, flags, message):
     r = run_cli(["generate", "--checkpoint", str(run_dir), "--prompt", "x", *flags], cwd=tmp_path)
@@ -176,7 +178,7 @@ def test_export_never_overwrites_its_own_checkpoint(run_dir, tmp_path, where):
     before = sorted(p.relative_to(run) for p in run.rglob("*"))
     r = run_cli(["export", str(run), "--out", str(out), "--overwrite"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: --out: ") and "is or holds the checkpoint being exported" in r.stderr
+    assert r.stderr.startswith("error: --out: ") and "is or holds the checkpoint being read" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
 
@@ -188,6 +190,13 @@ def test_export_into_the_current_directory_is_refused(run_dir, tmp_path):
     assert r.returncode == 2 and "is the current directory or holds it" in r.stderr, r.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["here"]  # no temporary folder left beside it
     assert [p.name for p in (tmp_path / "here").iterdir()] == ["notes.txt"]
+
+
+def test_consolidate_never_writes_into_its_source(run_dir, tmp_path):
+    ckpt = run_dir / "checkpoints" / "step-000000040"
+    r = run_cli(["consolidate", str(ckpt), "--out", str(ckpt / "one")], cwd=tmp_path)
+    assert r.returncode == 2 and "is or holds the checkpoint being read" in r.stderr, r.stderr
+    assert not (ckpt / "one").exists()
 
 
 def test_export_safetensors_and_init_from(run_dir, tmp_path):

@@ -478,6 +478,20 @@ def test_resume_with_a_damaged_state_json_is_refused_before_any_data(run_copy, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no data prepared, no run dir
 
 
+def test_prune_leaves_the_damaged_folders_ahead_of_the_run_alone(tmp_path):
+    """After --resume auto fell back past damaged step-4 and step-5, a save at step 3 with keep 1 keeps itself: the
+    folders past it are neither counted (they pruned the new save before) nor deleted (the run replaces them as
+    it reaches their steps)."""
+    for step in (2, 3, 4, 5):
+        folder = tmp_path / "checkpoints" / STEP.format(step)
+        folder.mkdir(parents=True)
+        (folder / ckpt.COMPLETE).write_text("{}")
+    ckpt.prune(tmp_path, keep=1, upto=tmp_path / "checkpoints" / STEP.format(3))
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [STEP.format(s) for s in (3, 4, 5)]
+    ckpt.prune(tmp_path, keep=1)  # without `upto`: the newest only
+    assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [STEP.format(5)]
+
+
 def test_auto_ignores_a_newer_folder_without_complete(data_dir, run_copy, gt_log):
     (run_copy / "checkpoints" / STEP.format(4) / ckpt.COMPLETE).unlink()
     trainer = resumer(data_dir, run_copy, "auto")

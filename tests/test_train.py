@@ -127,6 +127,15 @@ def test_data_too_small_is_said_with_trains_flags(tmp_path):
     assert not (tmp_path / "r").exists() and not any((tmp_path / "data").glob("*"))
 
 
+def test_the_largest_seed_trains_and_samples(tmp_path):
+    """--train.seed 2^32-1: the evaluation's sample seeds with seed + step, kept in range (it stopped the run)."""
+    r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir", str(tmp_path / "r"),
+                 "--device", "cpu", "--train.seed", "4294967295", "--train.max_steps", "2", "--train.eval_every", "1",
+                 "--log.sample_every", "1", "--log.sample_tokens", "4"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (tmp_path / "r" / "samples.txt").is_file()
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("mine")
     r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir",

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpttrain.config import Config, from_dict
+from gpttrain.config import MAX_SEED, Config, from_dict
 from gpttrain.errors import ConfigError
 
 log = logging.getLogger("gpttrain")
@@ -131,6 +131,9 @@ def run_generate(args, out=None) -> int:
 
     check_sampling_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                         top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+    if args.seed is not None and args.seed + args.num_samples - 1 > MAX_SEED:
+        raise ConfigError(f"--seed: {args.seed} must be at most {MAX_SEED - args.num_samples + 1} with "
+                          f"--num-samples {args.num_samples} (sample i uses seed + i)")
     prompt = _read_prompt(args)
     loaded = load(args.checkpoint, device=args.device, dtype=args.dtype)
     log.info("loaded %s (%s parameters%s)", loaded.checkpoint, f"{loaded.model.num_params():,}",
@@ -166,13 +169,10 @@ def add_export_arguments(p) -> None:
 
 def run_export(args) -> int:
     from gpttrain import checkpoint as ckpt
-    from gpttrain.export import export_hf, export_safetensors
+    from gpttrain.export import export_hf, export_safetensors, refuse_overlap
     from gpttrain.tokenizer import payload_of
 
-    source, out = ckpt.resolve_checkpoint(args.checkpoint).resolve(), Path(args.out).resolve()
-    if out == source or out in source.parents or source in out.parents:
-        raise ConfigError(f"--out: {args.out} is or holds the checkpoint being exported ({source}), or lies inside "
-                          "it; --out is replaced as a whole: give a directory outside the run")
+    refuse_overlap(args.out, ckpt.resolve_checkpoint(args.checkpoint))
     loaded = load(args.checkpoint, device="cpu")
     tok = loaded.tokenizer
     if args.format == "hf":

@@ -205,7 +205,7 @@ def save(trainer, reason: str = "periodic") -> Path:
     trainer.saved_step = trainer.step
     if info.is_main:
         log.info("checkpoint saved: %s (%s)", final, reason)
-        prune(trainer.run_dir, trainer.cfg.train.keep_checkpoints)
+        prune(trainer.run_dir, trainer.cfg.train.keep_checkpoints, upto=final)
     distmod.barrier(info)
     return final
 
@@ -273,9 +273,11 @@ def _write_rank0_files(trainer, tmp: Path, reason: str) -> None:
     _write_json(tmp / "state.json", state)
 
 
-def prune(run_dir: Path, keep: int) -> None:
-    """Delete all but the newest `keep` complete checkpoints (and stale temporary folders)."""
-    complete = list_checkpoints(run_dir)
+def prune(run_dir: Path, keep: int, upto: Path | None = None) -> None:
+    """Delete all but the newest `keep` complete checkpoints (and stale temporary folders). With `upto` (the save
+    just made), folders past it are neither counted nor deleted: they are those `--resume auto` skipped as
+    damaged, which this run replaces as it reaches their steps (counted, they would prune its own new saves)."""
+    complete = [p for p in list_checkpoints(run_dir) if upto is None or p.name <= upto.name]
     for old in complete[:-keep] if keep > 0 else []:
         # Remove COMPLETE first: a crash mid-delete leaves a folder discovery ignores.
         (old / COMPLETE).unlink(missing_ok=True)
@@ -444,12 +446,14 @@ def consolidate(src: str | Path, out: str | Path) -> Path:
     """Write a sharded (FSDP) checkpoint as one ordinary checkpoint folder: full model.safetensors and
     optimizer.pt, resumable without FSDP and readable by tools that want one file."""
     from gpttrain.config import from_dict
+    from gpttrain.export import refuse_overlap
     from gpttrain.model import build_model
     from gpttrain.optim import build_optimizer
 
     path = resolve_checkpoint(src)
-    state = verify(path)
     out = Path(out)
+    refuse_overlap(out, path)
+    state = verify(path)
     if not state.get("sharded"):
         raise CheckpointError(f"checkpoint {path} is already one file per part (not sharded); use it as it is")
     if out.exists() and not out.is_dir():

@@ -319,14 +319,25 @@ def _hf_to_ours(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 # Writing
 
 
+def refuse_overlap(out: str | Path, source: str | Path | None = None) -> None:
+    """An --out that is replaced as a whole (export, consolidate) may not be the current directory or a folder
+    holding it, nor the checkpoint `source` being read, a folder holding it or one inside it."""
+    o, here = Path(out).resolve(), Path.cwd().resolve()
+    if o == here or o in here.parents:
+        raise ConfigError(f"--out: {str(out)!r} is the current directory or holds it; it is replaced as a whole, "
+                          "so give a new directory")
+    if source is not None:
+        src = Path(source).resolve()
+        if o == src or o in src.parents or src in o.parents:
+            raise ConfigError(f"--out: {out} is or holds the checkpoint being read ({src}), or lies inside it; "
+                              "--out is replaced as a whole: give a directory outside the run")
+
+
 def _write_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Run `write(tmp_dir)` and move the result to `out_dir` in one rename; nothing half-written is left."""
     out = Path(out_dir)
+    refuse_overlap(out)
     if out.exists():
-        here = Path.cwd().resolve()
-        if out.resolve() == here or out.resolve() in here.parents:
-            raise ConfigError(f"--out: {str(out)!r} is the current directory or holds it; it is replaced as a "
-                              "whole, so give a new directory")
         if not out.is_dir():
             raise ConfigError(f"--out: {str(out)!r} exists and is not a directory; choose another path")
         if any(out.iterdir()) and not overwrite:

@@ -15,6 +15,7 @@ import time
 import torch
 
 from gpttrain import distributed as distmod
+from gpttrain.config import MAX_SEED
 from gpttrain.metrics import EVAL_SHARE_HINT, eval_time_share, mfu, model_tflops
 from gpttrain.monitor import Monitor, gpu_utilization, memory_stats
 from gpttrain.steps import StepMark, StepStats
@@ -45,7 +46,8 @@ class Reporting:
         with self.autocast():
             texts = generate_text(self.model, self.tokenizer, lg.sample_prompt, lg.sample_tokens,
                                   temperature=lg.sample_temperature, top_k=lg.sample_top_k,
-                                  seed=self.cfg.train.seed + self.step)  # a private generator: resumes stay exact
+                                  # a private generator (resumes stay exact), its seed kept in range
+                                  seed=(self.cfg.train.seed + self.step) % (MAX_SEED + 1))
         return lg.sample_prompt + texts[0] if self.info.is_main else None
 
     def _memory(self) -> dict[str, float | None]:

@@ -75,8 +75,8 @@ def check_sampling_args(
         raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1] (or none to disable)")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"--num-samples: {num_samples!r} must be an integer of at least 1")
-    if seed is not None and not 0 <= seed <= MAX_SEED - (num_samples - 1):
-        raise ConfigError(f"--seed: {seed} must be in [0, {MAX_SEED - (num_samples - 1)}] (sample i uses seed + i)")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"--seed: {seed} must be in [0, {MAX_SEED}]")
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
