@@ -16,7 +16,7 @@ import torch
 from gpttrain.config import resolve
 
 REPO = Path(__file__).resolve().parents[1]
-STRICT = os.environ.get("GPTTRAIN_STRICT") == "1"  # see conftest: no skips for what should be installed
+STRICT = os.environ.get("GPTTRAIN_STRICT") == "1"  # see conftest: no skips for packages [dev] installs
 
 
 def optional(module: str):

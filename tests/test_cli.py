@@ -81,8 +81,8 @@ def test_info_verdicts_say_one_thing(caplog):
     with caplog.at_level("INFO", logger="gpttrain"):
         assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "4", "--gpus", "1"]) == 0
     verdict = [r.getMessage() for r in caplog.records if r.getMessage().startswith("verdict:")][-1]
-    assert verdict.endswith("No listed layout fits, even at micro-batch 1; try more GPUs (--gpus) or GPUs with "
-                            "more than 4 GiB.")
+    assert verdict.endswith("No listed layout fits, even at a smaller micro-batch; try more GPUs (--gpus) or GPUs "
+                            "with more than 4 GiB.")
     assert main(["info", "--preset", "tiny", "--gpu-mem", "nan"]) == 2
 
 

@@ -185,7 +185,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
             how += " with activation checkpointing (--train.activation_checkpointing true)"
         msg += f" It fits with {how}: {best['total']:.1f} GiB per GPU (--dist.strategy {best['strategy']})."
     elif fit is None:  # not even micro-batch 1 under DDP
-        msg += (f" No listed layout fits, even at micro-batch 1; try more GPUs (--gpus) or GPUs with more than "
-                f"{gpu_mem_gib:g} GiB.")
+        msg += (f" No listed layout fits, even at a smaller micro-batch; try more GPUs (--gpus) or GPUs with more "
+                f"than {gpu_mem_gib:g} GiB.")
     log.info(msg)
     return 0

@@ -80,7 +80,9 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
 TRAIN_FLAG_OF = {"val-fraction": "--data.val_fraction", "tokenizer-file": "--data.tokenizer_file",
                  "tokenizer": "--data.tokenizer", "vocab-size": "--data.bpe_vocab_size",
                  "bpe-train-mb": "--data.bpe_train_mb", "text-field": "--data.text_field", "workers": "--data.workers"}
-_PREPARE_FLAG = re.compile(r"--(" + "|".join(sorted(TRAIN_FLAG_OF, key=len, reverse=True)) + r")(?![\w-])")
+# Not within a word or path, and not where a message quotes a `gpttrain prepare --...` command.
+_PREPARE_FLAG = re.compile(r"(?<![\w-])(?<!prepare )--(" + "|".join(sorted(TRAIN_FLAG_OF, key=len, reverse=True))
+                           + r")(?![\w-])")
 
 
 def check_resume(cfg: Config, info: DistInfo) -> None:

@@ -85,15 +85,32 @@ def read_shard(path: str | Path) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_SIZE, shape=(count,))
 
 
+def _umask() -> int:
+    """This process's umask, read without changing it where /proc says it (os.umask can only set it, and a
+    moment at 0 would make another thread's new files world-writable)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def default_modes(root: Path) -> None:
     """Give `root` and everything under it the modes the umask gives new files and folders: safetensors writes
     its file 0600 and tempfile.mkdtemp makes 0700, which would hide a checkpoint or an export from the other
-    users of a shared run dir (a multi-node run's)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(root, 0o777 & ~umask)
-    for p in Path(root).rglob("*"):
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    users of a shared run dir (a multi-node run's). Best effort: a filesystem that refuses chmod (another user's
+    files, some network mounts) leaves the modes as they are, with a warning, and the save goes on."""
+    umask = _umask()
+    try:
+        os.chmod(root, 0o777 & ~umask)
+        for p in Path(root).rglob("*"):
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~umask)
+    except OSError as e:
+        logger.warning("could not set the usual permissions under %s (%s); other users may not read it", root, e)
 
 
 def fsync_dir(path: str | Path) -> None:
