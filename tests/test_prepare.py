@@ -16,6 +16,7 @@ import pytest
 
 from gpttrain.data import prepare as prep
 from gpttrain.data import shards, sources
+from gpttrain.data.encode import Encoder
 from gpttrain.data.loader import open_split
 from gpttrain.data.prepare import default_corpus_files, load_meta, open_tokenizer, prepare, resolve_inputs
 from gpttrain.errors import ConfigError, DataError
@@ -86,14 +87,14 @@ def test_pieces_tokenize_exactly_as_the_whole(shared_data, kind):
     else:
         tok = BPETokenizer.train([text], 2000)
     chunks = [text[i:i + 777] for i in range(0, len(text), 777)]
-    pieces = list(prep._cut_pieces(chunks, 2048))
+    pieces = list(sources._cut_pieces(chunks, 2048))
     assert "".join(p for p, _ in pieces) == text
     assert [last for _, last in pieces] == [False] * (len(pieces) - 1) + [True]
     assert len(pieces) > 50
     assert np.median([len(p) for p, _ in pieces]) <= 2048  # about the target: under it where a safe point allows
     ids = [i for p, _ in pieces for i in tok.encode(p)]
     assert ids == tok.encode(text)
-    assert prep._Encoder(tok)([(0, text, True)])[0][1].tolist() == tok.encode(text) + [tok.eot_id]
+    assert Encoder(tok)([(0, text, True)])[0][1].tolist() == tok.encode(text) + [tok.eot_id]
 
 
 # ---- the embedded default corpus -------------------------------------------------------------------------
@@ -253,8 +254,8 @@ def test_big_file_streams_in_pieces(tmp_path, monkeypatch):
     monkeypatch.setattr(prep, "PIECE_CHARS", 3000)
     text = "".join(f"line {i} of the text\n" for i in range(5000))
     tasks = []
-    real = prep._Encoder.__call__
-    monkeypatch.setattr(prep._Encoder, "__call__", lambda self, task: tasks.append(task) or real(self, task))
+    real = Encoder.__call__
+    monkeypatch.setattr(Encoder, "__call__", lambda self, task: tasks.append(task) or real(self, task))
     run([write(tmp_path / "big.txt", text)], tmp_path / "out", val_fraction=0.25)
     assert len(tasks) > 20 and max(sum(len(text) for _, text, _ in t) for t in tasks) <= 3000  # bounded pieces
     assert sum(last for t in tasks for _, _, last in t) == 2  # one end of each split's side, no EOT in between
