@@ -100,17 +100,26 @@ def assert_same_steps(a: list[tuple[float, float]], b: list[tuple[float, float]]
         assert math.isclose(norm_a, norm_b, rel_tol=rel * 10, abs_tol=rel), (a, b)
 
 
+def watch_optimizer_step(trainer, look) -> None:
+    """Call `look()` as each optimizer step is called: the gradients and learning rate the update uses."""
+    step = trainer.optimizer.step
+
+    def watched(*args, **kwargs):
+        look()
+        return step(*args, **kwargs)
+
+    trainer.optimizer.step = watched
+
+
 def first_step_grads(trainer) -> dict[str, torch.Tensor]:
     """The accumulated gradients the trainer's first optimizer step sees (copied as it is called)."""
     grads: dict[str, torch.Tensor] = {}
-    step = trainer.optimizer.step
 
-    def copy_then_step(*args, **kwargs):
+    def copy_first():
         if not grads:
             grads.update({n: p.grad.detach().clone() for n, p in trainer.model.named_parameters()})
-        return step(*args, **kwargs)
 
-    trainer.optimizer.step = copy_then_step
+    watch_optimizer_step(trainer, copy_first)
     return grads
 
 

@@ -27,6 +27,7 @@ from tests.helpers import (
     take_steps,
     tiny_config,
     torchrun,
+    watch_optimizer_step,
 )
 
 
@@ -260,14 +261,12 @@ def test_weight_decay_groups():
 def _seen_at_optimizer_step(trainer) -> list[tuple[float, float]]:
     """(learning rate, total gradient norm) as each optimizer step is called: what the update uses."""
     seen = []
-    step = trainer.optimizer.step
 
-    def spy(*args, **kwargs):
+    def record():
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
         seen.append((trainer.optimizer.param_groups[0]["lr"], torch.nn.utils.get_total_norm(grads).item()))
-        return step(*args, **kwargs)
 
-    trainer.optimizer.step = spy
+    watch_optimizer_step(trainer, record)
     return seen
 
 
