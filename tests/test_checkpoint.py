@@ -492,6 +492,26 @@ def test_prune_leaves_the_damaged_folders_ahead_of_the_run_alone(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [STEP.format(5)]
 
 
+def test_the_start_line_predicts_where_a_resumed_run_ends(data_dir, run_copy):
+    """Resumed with a bigger global batch (as another world size gives): the epochs the start line announces are
+    where the last step leaves the data (before, all steps were counted at the new batch)."""
+    trainer = resumer(data_dir, run_copy, "auto", "--train.micro_batch_size", "8", "--train.max_steps", "6",
+                      "--log.sample_every", "0", "--train.eval_every", "100")
+    announced = []
+    log_start = trainer._log_start
+
+    def log_start_noting_the_epochs():
+        announced.append(trainer._epochs_at_end())
+        log_start()
+
+    trainer._log_start = log_start_noting_the_epochs
+    assert trainer.fit() == 0
+    # To within the partial last batch an epoch drops (the steps to go are counted in whole batches per epoch).
+    assert trainer.step == 6 and trainer.epoch_progress() == pytest.approx(announced[0], rel=0.01)
+    all_at_this_batch = 6 * trainer.cfg.train.grad_accum_steps / trainer.train_loader.batches_per_epoch
+    assert announced[0] != pytest.approx(all_at_this_batch)  # what the start line said before
+
+
 def test_auto_ignores_a_newer_folder_without_complete(data_dir, run_copy, gt_log):
     (run_copy / "checkpoints" / STEP.format(4) / ckpt.COMPLETE).unlink()
     trainer = resumer(data_dir, run_copy, "auto")
@@ -705,6 +725,13 @@ def test_nonfinite_policy_stop_saves_then_fails(data_dir, tmp_path):
     assert ckpt.verify(saved)["reason"] == "nonfinite"
     assert all(torch.isfinite(t).all() for t in load_file(str(saved / "model.safetensors")).values())
     assert {float(s["step"]) for s in trainer.optimizer.state.values()} == {1.0}  # steps 2 and 3 were skipped
+    # metrics.jsonl stays strict JSON: the NaN step's numbers are null, named under "nonfinite".
+    def refuse(constant):
+        raise ValueError(f"{constant} in metrics.jsonl")
+
+    records = [json.loads(line, parse_constant=refuse) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    step2 = next(r for r in records if r["kind"] == "train" and r["step"] == 2)
+    assert step2["loss"] is None and "loss" in step2["nonfinite"]
 
 
 def test_nonfinite_found_at_the_next_log_step(data_dir, tmp_path):

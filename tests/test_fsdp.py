@@ -142,6 +142,24 @@ def test_sharded_checkpoint_resumes_on_one_rank(sharded_run, tmp_path):
         assert c[s] == pytest.approx(a[s], rel=1e-5)
 
 
+def test_an_fsdp_run_continued_on_one_process_resumes_under_torchrun_again(sharded_run, tmp_path):
+    """The saved settings say fsdp; one process continues the run (no warning about a flag the user did not give)
+    and records that it ran unsharded, so a later 2-rank `--resume auto` takes its full checkpoint as DDP (before,
+    it was refused as FSDP: "holds one full copy of the model")."""
+    run = tmp_path / "D"
+    shutil.copytree(sharded_run, run)
+    r = run_cli(["train", "--run-dir", str(run), "--resume", "auto", "--train.max_steps", "10", "--device", "cpu"],
+                cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = r.stdout + r.stderr
+    assert "nothing to distribute" not in out
+    assert "resume: dist.strategy changed from 'fsdp' to 'auto'" in out
+    r = torchrun(["train", "--run-dir", str(run), "--resume", "auto", "--train.max_steps", "12", "--device", "cpu"],
+                 cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert max(losses_by_step(run)) == 12
+
+
 def test_generate_and_export_from_a_sharded_checkpoint(sharded_run, tmp_path):
     import gpttrain
 

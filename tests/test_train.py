@@ -137,6 +137,16 @@ def test_the_largest_seed_trains_and_samples(tmp_path):
     assert (tmp_path / "r" / "samples.txt").is_file()
 
 
+def test_a_refusal_under_torchrun_is_said_once(tmp_path):
+    """Every rank refuses the same settings; rank 0 alone prints the line (before: once per rank)."""
+    r = torchrun(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir", str(tmp_path / "r"),
+                  "--device", "cpu", "--model.n_heads", "3"], cwd=tmp_path)
+    assert r.returncode != 0
+    lines = [line for line in (r.stdout + r.stderr).splitlines() if line.startswith("error: --model.n_heads")]
+    assert len(lines) == 1, r.stderr[-3000:]
+    assert not (tmp_path / "r").exists()
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("mine")
     r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir",

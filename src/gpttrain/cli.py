@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -252,7 +253,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_info(config_from_args(args, rest)[0], gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
                             as_json=args.json, emit=_print_json)
     except GpttrainError as e:
-        print(f"error: {e}", file=sys.stderr)
+        # Said by rank 0 alone: a GpttrainError is a verdict every rank shares (the same settings refused the same
+        # way, or rank 0's decision broadcast), so each other rank would print the same line again.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -420,10 +420,10 @@ def resolve(
             elif section not in SECTIONS or not isinstance(values, dict):
                 raise ConfigError(f"{source}: unexpected entry {section!r}")
             else:
-                # Explicit, as given, except the tokenizer's name: a record of what the data was prepared with
-                # (the data decides it), not a request to check the data against.
+                # Explicit, as given, except records of how the run went: the tokenizer's name (the data decides
+                # it) and how it was launched (torchrun decides that): not requests to check the data or warn about.
                 explicit += [k for k in _apply(cfg, section, values, source=source, from_text=False)
-                             if k != "data.tokenizer"]
+                             if k not in ("data.tokenizer", "dist.strategy", "dist.backend")]
     toml = load_toml(config_file) if config_file is not None else {}
     from_file = preset is None and "preset" in toml
     preset = preset if preset is not None else toml.pop("preset", None)

@@ -9,6 +9,7 @@ import collections
 import contextlib
 import json
 import logging
+import math
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -223,7 +224,11 @@ class Monitor:
         """One metrics.jsonl line (plus TensorBoard / W&B scalars)."""
         if not self.is_main:
             return
-        self._metrics.write(json.dumps(rec) + "\n")
+        # Strict JSON: a non-finite number (a NaN loss) is written as null, its key listed under "nonfinite".
+        bad = [k for k, v in rec.items() if isinstance(v, float) and not math.isfinite(v)]
+        if bad:
+            rec = {**{k: (None if k in bad else v) for k, v in rec.items()}, "nonfinite": bad}
+        self._metrics.write(json.dumps(rec, allow_nan=False) + "\n")
         self._metrics.flush()
         step = rec.get("step", 0)
         scalars = {f"{rec['kind']}/{k}": v for k, v in rec.items()

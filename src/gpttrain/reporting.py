@@ -59,6 +59,13 @@ class Reporting:
             stats = dict(zip(("mem_alloc_gib", "mem_reserved_gib", "mem_peak_gib"), t.tolist()))
         return stats
 
+    def _epochs_at_end(self) -> float:
+        """Where the last step leaves the data: where a resumed run stands (its steps so far may have had another
+        global batch, another world size), plus the steps to go at this run's batch."""
+        steps_left = self.total_steps - self.step
+        return self.epoch_progress() + steps_left * self.cfg.train.grad_accum_steps / max(
+            self.train_loader.batches_per_epoch, 1)
+
     def _log_start(self) -> None:
         cfg, info = self.cfg, self.info
         t = cfg.train
@@ -72,8 +79,7 @@ class Reporting:
         log.info("batch: micro-batch %d x %d accumulation x %d ranks = %d sequences = %s tokens per step; "
                  "%d steps (%.2f epochs of %d windows)", t.micro_batch_size, t.grad_accum_steps, info.world_size,
                  t.micro_batch_size * t.grad_accum_steps * info.world_size, f"{self.tokens_per_step:,}",
-                 self.total_steps, self.total_steps * t.grad_accum_steps / max(self.train_loader.batches_per_epoch, 1),
-                 self.train_loader.windows_per_epoch)
+                 self.total_steps, self._epochs_at_end(), self.train_loader.windows_per_epoch)
         log.info("optimizer: AdamW lr %.3g (%s%s), weight decay %g, clip %s", self.base_lr, cfg.optim.schedule,
                  f", warmup {cfg.optim.warmup_steps}" if cfg.optim.warmup_steps else "",
                  cfg.optim.weight_decay, cfg.optim.grad_clip or "off")

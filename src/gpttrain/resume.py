@@ -68,7 +68,7 @@ def saved_settings(run_dir: str | Path, resume: str) -> tuple[dict[str, Any], Pa
 
 MODEL_KEYS_THAT_MUST_MATCH = ("vocab_size", "context_length", "emb_dim", "n_heads", "n_layers", "qkv_bias",
                               "tie_embeddings")
-LOGGED_SETTINGS = ("optim", "train")
+LOGGED_SETTINGS = ("optim", "train", "dist")
 
 
 def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -> None:
@@ -123,8 +123,9 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
             raise CheckpointError(f"checkpoint file {rng_file} is unreadable: {e}") from None
         set_rng_state(rng, trainer.device)
     else:
-        log.warning("resume: saved with %s ranks, now %d: data order continues exactly, random streams "
-                    "(dropout) are reseeded", state.get("world_size"), trainer.info.world_size)
+        if trainer.info.is_main:
+            log.warning("resume: saved with %s ranks, now %d: data order continues exactly, random streams "
+                        "(dropout) are reseeded", state.get("world_size"), trainer.info.world_size)
         torch.manual_seed(trainer.cfg.train.seed + 1000 * trainer.info.rank + trainer.step)
 
 

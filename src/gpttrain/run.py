@@ -115,7 +115,7 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
 
         check_run_settings(cfg, info)  # refused settings: before any data is prepared
         ignored = [f"--dist.{k} {getattr(cfg.dist, k)}" for k in ("strategy", "backend")
-                   if getattr(cfg.dist, k) != "auto"]
+                   if getattr(cfg.dist, k) != "auto" and f"dist.{k}" in cfg.explicit]
         if ignored and not info.distributed:
             log.warning("%s: one process (not started by torchrun), so nothing to distribute; launch with "
                         "torchrun --nproc_per_node N to use them", " and ".join(ignored))
@@ -131,6 +131,8 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
         cfg.model.vocab_size = vocab
         cfg.data.path = str(data_dir)
         cfg.data.tokenizer = tokenizer.kind  # the run records the tokenizer it trains with
+        if not info.distributed:  # and how it ran: one process shards nothing, its checkpoints hold the full model
+            cfg.dist.strategy = "auto"
         train_loader, val_loader = build_loaders(cfg, info, data_dir)
         log.info("resolved config:\n%s", cfg.to_json())
         trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer)

@@ -458,6 +458,10 @@ class Trainer(Reporting):
                 return 0
             if ckpt_now:
                 self._save(reason="periodic")
+            if self.info.distributed and (eval_now or sample_now):
+                # Rank 0 alone plots and logs here (and samples, under DDP): the others would start the next step
+                # meanwhile, off its clock, and its next record would count their head start as throughput.
+                distmod.barrier(self.info)
             t_mark = time.perf_counter()  # evaluation and checkpoint time is not training throughput
         self._save(reason="final")
         self._report_time(monitor)
@@ -481,12 +485,14 @@ class Trainer(Reporting):
         t = self.cfg.train
         if t.nonfinite == "skip" and self.skipped_steps < t.max_skipped_steps:
             self.skipped_steps += 1
-            log.warning("step %d: non-finite loss %s or grad norm %s; step skipped (%d of at most %d)",
-                        step, res.loss, res.grad_norm, self.skipped_steps, t.max_skipped_steps)
+            if self.info.is_main:  # every rank has the same verdict: said once
+                log.warning("step %d: non-finite loss %s or grad norm %s; step skipped (%d of at most %d)",
+                            step, res.loss, res.grad_norm, self.skipped_steps, t.max_skipped_steps)
             return
         why = "policy stop" if t.nonfinite == "stop" else f"more than {t.max_skipped_steps} skipped"
-        log.error("step %d: non-finite loss %s or grad norm %s (%s); its update was not applied; saving and "
-                  "stopping at step %d", step, res.loss, res.grad_norm, why, self.step)
+        if self.info.is_main:
+            log.error("step %d: non-finite loss %s or grad norm %s (%s); its update was not applied; saving and "
+                      "stopping at step %d", step, res.loss, res.grad_norm, why, self.step)
         self._save(reason="nonfinite")
         self._plot(force=True)
         more = "set --train.nonfinite skip" if t.nonfinite == "stop" else "raise --train.max_skipped_steps"
