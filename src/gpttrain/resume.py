@@ -129,37 +129,30 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
         torch.manual_seed(trainer.cfg.train.seed + 1000 * trainer.info.rank + trainer.step)
 
 
-def refuse_unrequested_resume(run_dir: Path, resume: str | None) -> None:
-    """A run dir that holds checkpoints is continued only on request, never overwritten by a new run."""
-    if resume is not None:
-        return
-    found = step_folders(run_dir)
-    if found:
-        raise ConfigError(f"--run-dir {run_dir} already holds checkpoints (newest: {found[-1].name}); "
-                          "pass --resume auto to continue that run, or choose another --run-dir")
-
-
-def check_resume_request(run_dir: Path, resume: str | None) -> None:
+def check_resume_request(run_dir: Path, resume: str | None) -> list[Path]:
     """The checks of --resume that read no checkpoint's contents: what a run can refuse before any data is
     prepared (`verify` reads the rest when the checkpoint is loaded).
 
     A run dir with checkpoints is continued only on request. `auto` in a run dir whose checkpoint folders are all
     incomplete does not start from scratch. A path must be a complete checkpoint, or a run dir with one; resumed
     into a run dir that holds checkpoints at or past its step (another run's, or this run's later ones), it would
-    mix two histories (those folders' steps would not be saved again, and `auto` would pick them): refused."""
+    mix two histories (those folders' steps would not be saved again, and `auto` would pick them): refused.
+    Returns the run dir's checkpoint folders (`step_folders`), for the caller that chooses among them."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise ConfigError(f"--run-dir: {str(run_dir)!r} exists and is not a directory; give a directory")
-    refuse_unrequested_resume(run_dir, resume)
+    folders = step_folders(run_dir)  # listed once, for every check below
     if resume is None:
-        return
-    folders = step_folders(run_dir)
+        if folders:  # continued only on request, never overwritten by a new run
+            raise ConfigError(f"--run-dir {run_dir} already holds checkpoints (newest: {folders[-1].name}); "
+                              "pass --resume auto to continue that run, or choose another --run-dir")
+        return folders
     if resume == "auto":
         if folders and not any((p / COMPLETE).is_file() for p in folders):
             raise CheckpointError(f"resume auto: {run_dir / 'checkpoints'} holds checkpoint folders but none is "
                                   f"complete ({', '.join(p.name for p in folders)}: no {COMPLETE} marker); "
                                   "not starting from scratch silently; move them away to start afresh")
-        return
+        return folders
     try:
         path = resolve_checkpoint(resume)
         require_complete(path)
@@ -170,6 +163,7 @@ def check_resume_request(run_dir: Path, resume: str | None) -> None:
         raise ConfigError(f"--resume {path}: {run_dir / 'checkpoints'} already holds checkpoints at or past its "
                           f"step ({', '.join(later)}); continuing there would mix two histories; give another "
                           "--run-dir (or move those folders away)")
+    return folders
 
 
 def maybe_resume(trainer) -> Path | None:
@@ -190,13 +184,12 @@ def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
     """The verified checkpoint --resume asks for and its state, or (None, None) to start fresh."""
     request = trainer.cfg.run.resume
     run_dir = trainer.run_dir
-    check_resume_request(run_dir, request)
+    folders = check_resume_request(run_dir, request)  # complete ones (as list_checkpoints) and interrupted saves
     if request is None:
         return None, None
     if request != "auto":
         path = resolve_checkpoint(request)
         return path, verify(path)
-    folders = step_folders(run_dir)  # listed once: complete ones (as list_checkpoints) and interrupted saves
     existing = [p for p in folders if (p / COMPLETE).is_file()]
     incomplete = [p for p in folders if p not in existing]
     if not existing:  # and none incomplete: check_resume_request refused that
