@@ -56,9 +56,14 @@ def _import_float8() -> tuple[Any, Callable[..., nn.Module], type[nn.Linear]]:
     return Float8LinearConfig, convert_to_float8_training, Float8Linear
 
 
+def takes_tokens(tokens_per_micro_batch: int) -> bool:
+    """Whether fp8 matmuls take a micro-batch of this many tokens (the weight gradient's contracts over them)."""
+    return tokens_per_micro_batch % FP8_DIM_MULTIPLE == 0
+
+
 def check_fp8_settings(precision: str, tokens_per_micro_batch: int | None = None) -> None:
     """`check_fp8`'s refusals that need neither a device nor torchao (what `gpttrain info` checks)."""
-    if tokens_per_micro_batch is not None and tokens_per_micro_batch % FP8_DIM_MULTIPLE:
+    if tokens_per_micro_batch is not None and not takes_tokens(tokens_per_micro_batch):
         # The weight gradient's fp8 matmul contracts over the tokens: CUDA's _scaled_mm wants a multiple of 16.
         raise ConfigError(f"--train.fp8: a micro-batch of {tokens_per_micro_batch} tokens (--train.micro_batch_size "
                           f"x --model.context_length) is not a multiple of {FP8_DIM_MULTIPLE}, which fp8 matmuls "

@@ -12,7 +12,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from gpttrain.config import ModelConfig
-from gpttrain.fp8 import FP8_DIM_MULTIPLE, FP8_PRECISIONS, converts, gathers_in_fp8
+from gpttrain.fp8 import FP8_PRECISIONS, converts, gathers_in_fp8, takes_tokens
 from gpttrain.loss import chunk_rows_for, chunked_loss_wanted, compiles_head
 from gpttrain.metrics import matmul_params
 from gpttrain.model import count_params
@@ -245,7 +245,7 @@ def suggest_micro_batch(cfg: ModelConfig, budget_bytes: float, global_per_rank: 
     `fp8`, only micro-batches whose tokens fp8 matmuls take (a multiple of 16: `fp8.check_fp8_settings`)."""
     tokens = cfg.context_length if kw.get("seq_len") is None else kw["seq_len"]
     for mb in _divisors(global_per_rank):
-        if kw.get("fp8") and mb * tokens % FP8_DIM_MULTIPLE:
+        if kw.get("fp8") and not takes_tokens(mb * tokens):
             continue
         if estimate_training_memory(cfg, mb, **kw).total <= budget_bytes:
             return mb, global_per_rank // mb
