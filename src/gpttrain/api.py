@@ -172,8 +172,9 @@ def run_export(args) -> int:
     from gpttrain.export import export_hf, export_safetensors, refuse_overlap
     from gpttrain.tokenizer import payload_of
 
-    refuse_overlap(args.out, ckpt.resolve_checkpoint(args.checkpoint))
-    loaded = load(args.checkpoint, device="cpu")
+    path = ckpt.resolve_checkpoint(args.checkpoint)
+    refuse_overlap(args.out, path)
+    loaded = load(path, device="cpu")
     tok = loaded.tokenizer
     if args.format == "hf":
         out = export_hf(loaded.model, loaded.config.model, args.out, overwrite=args.overwrite,
