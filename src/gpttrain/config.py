@@ -353,9 +353,10 @@ def _apply(cfg: Config, section: str, values: dict[str, Any], *, source: str, fr
     return set_keys
 
 
-def apply_preset(cfg: Config, name: str) -> None:
+def apply_preset(cfg: Config, name: str, given_as: str = "--preset:") -> None:
+    """The preset's settings into `cfg`; `given_as` names where the name came from in a refusal."""
     if name not in PRESETS:
-        raise ConfigError(f"--preset: unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"{given_as} unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     for section, values in PRESETS[name].items():
         _apply(cfg, section, values, source=f"preset {name}", from_text=False)
     cfg.preset = name
@@ -431,12 +432,8 @@ def resolve(
     if preset is not None:
         if not isinstance(preset, str):
             raise ConfigError(f"--config: {config_file}: 'preset' must be a string, got {preset!r}")
-        try:
-            apply_preset(cfg, preset)
-        except ConfigError as e:
-            if from_file:  # said as the file says it, not as a flag the user did not give
-                raise ConfigError(str(e).replace("--preset: ", f"--config: {config_file}: preset = ", 1)) from None
-            raise
+        # Said as the file says it, not as a flag the user did not give.
+        apply_preset(cfg, preset, f"--config: {config_file}: preset =" if from_file else "--preset:")
     for section, values in toml.items():
         if not isinstance(values, dict):
             if section in SECTIONS:
@@ -473,6 +470,18 @@ def _flag(section: str, name: str) -> str:
 MAX_SEED = 2**32 - 1  # a seed every generator takes (numpy's legacy one, torch's, Python's), plus ranks and steps
 # Sampling temperatures other than 0 (greedy): past these, logits / temperature overflow or turn -inf into NaN.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
+
+
+def check_seed(flag: str, seed: int) -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{flag}: {seed} must be in [0, {MAX_SEED}]")
+
+
+def check_temperature(flag: str, temperature: float) -> None:
+    """0 (greedy) or a range where logits / temperature stays finite (NaN and negatives fall outside)."""
+    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        raise ConfigError(f"{flag}: {temperature!r} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+                          f"{MAX_TEMPERATURE:g} (below that it is greedy decoding in effect)")
 
 
 def validate_config(cfg: Config) -> None:
@@ -529,16 +538,13 @@ def validate_config(cfg: Config) -> None:
         v = getattr(t, name)
         if v < 0:
             raise ConfigError(f"{_flag('train', name)}: {v} must be >= 0")
-    if not 0 <= t.seed <= MAX_SEED:
-        raise ConfigError(f"--train.seed: {t.seed} must be in [0, {MAX_SEED}]")
+    check_seed("--train.seed", t.seed)
     if cfg.dist.timeout_s < 1:
         raise ConfigError(f"--dist.timeout_s: {cfg.dist.timeout_s} must be at least 1")
     lg = cfg.log
     if lg.sample_tokens < 1:
         raise ConfigError(f"--log.sample_tokens: {lg.sample_tokens} must be at least 1")
-    if lg.sample_temperature != 0 and not MIN_TEMPERATURE <= lg.sample_temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"--log.sample_temperature: {lg.sample_temperature} must be 0 (greedy) or between "
-                          f"{MIN_TEMPERATURE:g} and {MAX_TEMPERATURE:g}")
+    check_temperature("--log.sample_temperature", lg.sample_temperature)
     if lg.sample_top_k is not None and lg.sample_top_k < 1:
         raise ConfigError(f"--log.sample_top_k: {lg.sample_top_k} must be at least 1 (or none)")
     if lg.sample_every < 0:

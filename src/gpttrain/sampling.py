@@ -59,24 +59,21 @@ def check_sampling_args(
     seed: int | None = None,
 ) -> None:
     """Refuse impossible sampling settings with a message naming the command-line flag."""
-    from gpttrain.config import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
+    from gpttrain.config import check_seed, check_temperature
 
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: {max_new_tokens!r} must be an integer of at least 1")
     if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
         raise ConfigError(f"--temperature: {temperature!r} must be >= 0 (0 = greedy, 1 = the model's distribution)")
-    if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        # Past these, logits / temperature overflow (inf - inf) or -inf / inf is NaN: no distribution is left.
-        raise ConfigError(f"--temperature: {temperature!r} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
-                          f"{MAX_TEMPERATURE:g} (below that it is greedy decoding in effect)")
+    check_temperature("--temperature", temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ConfigError(f"--top-k: {top_k!r} must be an integer of at least 1 (or none to disable)")
     if top_p is not None and (not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0.0 < top_p <= 1.0):
         raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1] (or none to disable)")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"--num-samples: {num_samples!r} must be an integer of at least 1")
-    if seed is not None and not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"--seed: {seed} must be in [0, {MAX_SEED}]")
+    if seed is not None:
+        check_seed("--seed", seed)
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
