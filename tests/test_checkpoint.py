@@ -464,6 +464,7 @@ def test_auto_past_a_damaged_checkpoint_saves_over_it(data_dir, run_copy, tmp_pa
     state = ckpt.verify(run_copy / "checkpoints" / STEP.format(4))
     assert state["trainer"]["step"] == 4
     assert [p.name for p in ckpt.list_checkpoints(run_copy)] == [STEP.format(2), STEP.format(4)]
+    assert not list((run_copy / "checkpoints").glob(".tmp-*"))  # the replaced folder, set aside, is gone
 
 
 def test_resume_with_a_damaged_state_json_is_refused_before_any_data(run_copy, tmp_path):

@@ -221,12 +221,20 @@ def _commit(tmp: Path, final: Path) -> None:
         fsync_dir(tmp / SHARDED_DIR)
     _write_json(tmp / COMPLETE, {"format_version": FORMAT_VERSION, "files": files})
     fsync_dir(tmp)
+    old = None
     if final.exists():
         # A folder under the final name that is not this run's save (no COMPLETE: an interrupted prune or save;
         # or one `--resume auto` skipped as damaged): discovery ignores or skips it, but it would block the rename.
-        shutil.rmtree(final)
+        # Renamed aside, and deleted only after the commit: deleting it first (gigabytes at 1.42B) would keep the
+        # finished save out of its final name for as long as that takes, and a crash then would lose it. A crash
+        # now leaves the old folder as a `.tmp-` one, which the next prune removes.
+        old = final.with_name(f".tmp-replaced-{final.name}")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _save_failed(trainer, tmp: Path, error: BaseException | None) -> None:
