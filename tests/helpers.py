@@ -8,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -200,6 +201,32 @@ def torchrun_popen(args: list[str], cwd: Path, log_path: Path, nproc: int = 2, e
     with open(log_path, "w") as out:
         return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *launcher, "-m", "gpttrain", *args],
                                 cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+
+
+def torchrun_nodes(args: list[str], cwds: list[Path], timeout: int = 120) -> list[subprocess.CompletedProcess]:
+    """A job of one rank per "node", each node a torchrun agent of its own in its own directory (as on machines
+    that do not share one), all on this machine; one CompletedProcess per node, stdout and stderr together."""
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    with contextlib.ExitStack() as stack:
+        # Output to files, not pipes: a node blocked on a full pipe would stall the other in a collective.
+        logs = [stack.enter_context(tempfile.TemporaryFile("w+")) for _ in cwds]
+        jobs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", str(len(cwds)),
+                                  "--node_rank", str(i), "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+                                  "--master_port", str(port), "-m", "gpttrain", *args],
+                                 cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+                for i, (cwd, out) in enumerate(zip(cwds, logs))]
+        try:
+            codes = [job.wait(timeout) for job in jobs]
+        finally:
+            for job in jobs:
+                if job.poll() is None:
+                    job.kill()
+        said = []
+        for out in logs:
+            out.seek(0)
+            said.append(out.read())
+        return [subprocess.CompletedProcess(job.args, rc, out, "") for job, rc, out in zip(jobs, codes, said)]
 
 
 def child_pids(pid: int) -> list[int]:

@@ -629,6 +629,45 @@ def test_full_disk_fails_loudly_and_keeps_previous(data_dir, tmp_path, monkeypat
     ckpt.verify(first)
 
 
+def _save_fails_on_rank1_main(rank, world, port, data_dir, run_dir, out_dir):
+    with gloo_rank(rank, world, port) as info:
+        trainer = build_trainer(tiny_config(data_dir, run_dir), info)
+        trainer.train_step()
+        trainer.step = 1
+        first = ckpt.save(trainer)
+        trainer.train_step()
+        trainer.step = 2
+        if rank == 1:  # rank 1's disk fills up as it writes its own file; rank 0's write goes through
+            real = ckpt._write_json
+
+            def full(path, obj):
+                if Path(path).name.startswith("rng-rank"):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+                real(path, obj)
+
+            ckpt._write_json = full
+        try:
+            ckpt.save(trainer)
+            said = "saved"
+        except CheckpointError as e:
+            said = str(e)
+        (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps([said, str(first)]))
+        trainer.close()
+
+
+def test_a_save_that_fails_on_one_rank_names_it_on_every_rank(data_dir, tmp_path):
+    """Every rank raises the same verdict with the failing rank's cause (before: rank 0, which prints, said only
+    "it failed on another rank")."""
+    mp.spawn(_save_fails_on_rank1_main, args=(2, free_port(), data_dir, tmp_path / "run", tmp_path), nprocs=2,
+             join=True)
+    (said0, first), (said1, _) = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert said0 == said1, (said0, said1)
+    assert said0.startswith(f"checkpoint save at step 2 into {tmp_path / 'run' / 'checkpoints'} failed (rank 1: "
+                            "OSError: [Errno 28] No space left on device)"), said0
+    assert f"the previous checkpoint {first} is intact" in said0
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [Path(first).name]
+
+
 # ---- pruning and commit ---------------------------------------------------------------------------------------
 
 

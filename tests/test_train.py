@@ -2,6 +2,8 @@ import json
 import logging
 import os
 import re
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,7 @@ from tests.helpers import (
     take_steps,
     tiny_config,
     torchrun,
+    torchrun_nodes,
     watch_optimizer_step,
 )
 
@@ -147,6 +150,71 @@ def test_a_refusal_under_torchrun_is_said_once(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_a_rank_that_cannot_read_its_data_is_named_once(tmp_path):
+    """Two nodes without a shared disk, the second's copy of the data with a truncated shard: every rank stops at
+    once with the same verdict, which rank 0 prints, naming rank 1 and its file (before: rank 1 said nothing, rank 0
+    died in its next collective with gloo's "Connection closed by peer")."""
+    node_a, node_b = tmp_path / "a", tmp_path / "b"
+    node_a.mkdir()
+    make_data(node_a)
+    shutil.copytree(node_a / "prepared", node_b / "prepared")
+    shard = node_b / "prepared" / "train-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:-2])
+    runs = torchrun_nodes(["train", "--preset", "tiny", "--data", "prepared", "--run-dir", "r", "--device", "cpu",
+                           "--dist.timeout_s", "60"], [node_a, node_b])
+    assert [r.returncode for r in runs] == [1, 1], runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    said = [line for r in runs for line in r.stdout.splitlines() if "error:" in line]
+    assert len(said) == 1, runs[0].stdout[-3000:] + runs[1].stdout[-3000:]
+    assert said[0].startswith(f"error: rank 1: shard {Path('prepared') / 'train-00000.bin'}: ")
+    assert "truncated" in said[0] and "Connection closed" not in runs[0].stdout
+    assert not (node_a / "r").exists()
+
+
+def test_a_rank_local_error_is_said_by_its_rank(monkeypatch, capsys):
+    """Under torchrun an error is printed by rank 0 alone, unless it is marked as the rank's own (rank_local)."""
+    from gpttrain import cli, run
+    from gpttrain.errors import rank_local
+
+    def fails(error):
+        def run_training(*args, **kwargs):
+            raise error
+        return run_training
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, error, said in [("0", DataError("shared"), "error: shared\n"), ("1", DataError("shared"), ""),
+                              ("1", rank_local(DataError("mine")), "[rank 1] error: mine\n"),
+                              ("0", rank_local(DataError("mine")), "[rank 0] error: mine\n")]:
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setattr(run, "run_training", fails(error))
+        assert cli.main(["train", "--preset", "tiny"]) == 2
+        assert capsys.readouterr().err == said
+
+
+def _on_every_rank(rank, world, port, out):
+    from gpttrain import distributed as distmod
+
+    def raises(message):
+        raise DataError(message)
+
+    said = []
+    with gloo_rank(rank, world, port) as info:
+        for fn in (lambda: rank, lambda: raises("bad") if rank == 1 else rank, lambda: raises(f"bad on {rank}"),
+                   lambda: raises("alike")):
+            try:
+                said.append(["ok", distmod.on_every(fn, info)])
+            except GpttrainError as e:
+                said.append([type(e).__name__, str(e)])
+    (out / f"rank{rank}.json").write_text(json.dumps(said))
+
+
+def test_on_every_raises_one_verdict_on_every_rank(tmp_path):
+    mp.spawn(_on_every_rank, args=(2, free_port(), tmp_path), nprocs=2, join=True)
+    said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    both = ["DataError", "rank 0: bad on 0; rank 1: bad on 1"]
+    assert said[0] == [["ok", 0], ["GpttrainError", "rank 1: bad"], both, ["DataError", "alike"]]
+    assert said[1] == [["ok", 1], ["DataError", "rank 1: bad"], both, ["DataError", "alike"]]
+
+
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "afile").write_text("mine")
     r = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir",
@@ -216,23 +284,11 @@ def test_torchrun_two_ranks_end_to_end(data_dir, tmp_path):
 
 @pytest.mark.slow
 def test_two_node_job_on_loopback(data_dir, tmp_path):
-    import subprocess
-    import sys
-
-    port = free_port()
     run = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    procs = []
-    for node in range(2):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1",
-               "--node_rank", str(node), "--master_addr", "127.0.0.1", "--master_port", str(port),
-               "-m", "gpttrain", "train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
-               "--train.max_steps", "6", "--train.eval_every", "6"]
-        procs.append(subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outs = [p.communicate(timeout=300) for p in procs]
-    assert all(p.returncode == 0 for p in procs), outs
-    assert "world: 2 process(es)" in outs[0][0]
+    runs = torchrun_nodes(["train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run),
+                           "--train.max_steps", "6", "--train.eval_every", "6"], [tmp_path, tmp_path], timeout=300)
+    assert [r.returncode for r in runs] == [0, 0], [r.stdout[-3000:] for r in runs]
+    assert "world: 2 process(es)" in runs[0].stdout
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r for r in recs if r["kind"] == "train"][-1]["tokens"] == 6 * 4 * 64 * 2
 

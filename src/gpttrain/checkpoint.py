@@ -141,11 +141,10 @@ def _versions() -> dict[str, str]:
 # ---- save -------------------------------------------------------------------------------------
 
 
-def _agree(ok: bool, trainer) -> bool:
-    """True on every rank when `ok` is true on every rank (one all-reduce; every rank must call it)."""
-    flag = torch.tensor([1.0 if ok else 0.0], device=trainer.device)
-    distmod.all_reduce(flag, trainer.info, "sum")
-    return flag.item() == trainer.info.world_size
+def _failures(error: BaseException | None, trainer) -> str | None:
+    """Every rank's failure in one verdict (`distributed.gather_failures`; every rank must call it): None where
+    none failed, else what failed, on which rank where not on rank 0 alike."""
+    return distmod.gather_failures(None if error is None else f"{type(error).__name__}: {error}", trainer.info)
 
 
 def save(trainer, reason: str = "periodic") -> Path:
@@ -192,16 +191,16 @@ def save(trainer, reason: str = "periodic") -> Path:
             _write_rank0_files(trainer, tmp, reason)
     except Exception as e:  # a full disk surfaces as OSError, RuntimeError (torch.save) or SafetensorError
         error = e
-    if not _agree(error is None, trainer):
-        _save_failed(trainer, tmp, error)
+    if (failure := _failures(error, trainer)) is not None:
+        _save_failed(trainer, tmp, failure)
 
     if info.is_main:
         try:
             _commit(tmp, final)
         except OSError as e:
             error = e
-    if not _agree(error is None, trainer):
-        _save_failed(trainer, tmp, error)
+    if (failure := _failures(error, trainer)) is not None:
+        _save_failed(trainer, tmp, failure)
     trainer.saved_step = trainer.step
     if info.is_main:
         log.info("checkpoint saved: %s (%s)", final, reason)
@@ -237,13 +236,12 @@ def _commit(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _save_failed(trainer, tmp: Path, error: BaseException | None) -> None:
+def _save_failed(trainer, tmp: Path, what: str) -> None:
     if trainer.info.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     root = trainer.run_dir / "checkpoints"
     previous = list_checkpoints(trainer.run_dir)
     kept = f"the previous checkpoint {previous[-1]} is intact" if previous else "no earlier checkpoint exists"
-    what = f"{type(error).__name__}: {error}" if error is not None else "it failed on another rank"
     raise CheckpointError(f"checkpoint save at step {trainer.step} into {root} failed ({what}); {kept}; "
                           "free disk space (or fix the folder's permissions) and resume with --resume auto")
 

@@ -253,9 +253,12 @@ def main(argv: list[str] | None = None) -> int:
             return run_info(config_from_args(args, rest)[0], gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
                             as_json=args.json, emit=_print_json)
     except GpttrainError as e:
-        # Said by rank 0 alone: a GpttrainError is a verdict every rank shares (the same settings refused the same
-        # way, or rank 0's decision broadcast), so each other rank would print the same line again.
-        if os.environ.get("RANK", "0") == "0":
+        # A verdict every rank shares is said by rank 0 alone (each other rank would print the same line again);
+        # one that may be this rank's alone, by the rank that met it, which it names.
+        rank = os.environ.get("RANK", "0")
+        if e.rank_local and "WORLD_SIZE" in os.environ:
+            print(f"[rank {rank}] error: {e}", file=sys.stderr)
+        elif rank == "0":
             print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gpttrain.errors import ConfigError, GpttrainError
+from gpttrain.errors import ConfigError, GpttrainError, rank_local
 
 
 @dataclass(frozen=True)
@@ -56,8 +56,9 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
                               "use --device cpu or install a CUDA build of torch")
         n = torch.cuda.device_count()
         if local_rank >= n:
-            raise ConfigError(f"--device: LOCAL_RANK {local_rank} has no GPU (this machine has {n}); "
-                              f"start at most {n} processes per node (torchrun --nproc_per_node {n})")
+            # Before the process group exists, and rank 0 (LOCAL_RANK 0) never meets it: said by the ranks that do.
+            raise rank_local(ConfigError(f"--device: LOCAL_RANK {local_rank} has no GPU (this machine has {n}); "
+                                         f"start at most {n} processes per node (torchrun --nproc_per_node {n})"))
         return torch.device("cuda", local_rank)
     if requested == "mps":
         if not torch.backends.mps.is_available():
@@ -147,6 +148,45 @@ def on_main(fn: Callable[[], Any], info: DistInfo) -> Any:
     if not ok:
         raise value
     return value
+
+
+def gather_failures(failure: str | None, info: DistInfo) -> str | None:
+    """This rank's failure (a message; None: it did not fail) -> one verdict, the same on every rank (collective):
+    None where no rank failed; the failing ranks' message where they all said the same and rank 0 is one of them;
+    else each distinct message after the first rank that said it (`rank 1: ...`), so rank 0 can say what a rank
+    met alone."""
+    if not info.distributed:
+        return failure
+    said: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(said, failure)
+    failed = {r: m for r, m in enumerate(said) if m is not None}
+    distinct = list(dict.fromkeys(failed.values()))
+    if not failed or (len(distinct) == 1 and 0 in failed):
+        return distinct[0] if failed else None
+    parts = []
+    for m in distinct[:3]:
+        ranks = [r for r, mr in failed.items() if mr == m]
+        parts.append(f"rank {ranks[0]}{f' (and {len(ranks) - 1} more)' if len(ranks) > 1 else ''}: {m}")
+    return "; ".join(parts) + (f"; and {len(distinct) - 3} other errors" if len(distinct) > 3 else "")
+
+
+def on_every(fn: Callable[[], Any], info: DistInfo) -> Any:
+    """`fn()` run on every rank, each its own result; `fn` must run no collective. A GpttrainError raised on any
+    rank is raised on every rank, as one verdict (`gather_failures`), which rank 0 prints: a rank that failed alone
+    (a file it cannot read, a shard of its own) is named there, and no rank goes on to a collective that a failed
+    rank never enters."""
+    error: GpttrainError | None = None
+    try:
+        value = fn()
+    except GpttrainError as e:
+        error, value = e, None
+    verdict = gather_failures(None if error is None else str(error), info)
+    if verdict is None:
+        return value
+    if error is not None and verdict == str(error):
+        error.rank_local = False  # every rank's verdict now: rank 0 says it
+        raise error
+    raise (type(error) if error is not None else GpttrainError)(verdict)
 
 
 def free_local_port(low: int = 20000, high: int = 32000) -> int:

@@ -4,8 +4,20 @@
 class GpttrainError(Exception):
     """A refusal with a message that names the thing (file, flag, value) and what to do.
 
-    The CLI prints it as one line on stderr and exits with status 2, without a traceback.
+    The CLI prints it as one line on stderr and exits with status 2, without a traceback. Under torchrun rank 0
+    alone prints it: most are verdicts every rank shares (the same settings refused the same way, or one outcome
+    given to every rank: `distributed.on_main`, `distributed.on_every`). One that may be this rank's alone (its
+    GPU ran out of memory, its write failed where the others' did not) is made with `rank_local(...)`: the rank
+    that raised it prints it, naming itself.
     """
+
+    rank_local = False
+
+
+def rank_local(error: GpttrainError) -> GpttrainError:
+    """`error`, marked as possibly this rank's alone (see GpttrainError): `raise rank_local(DataError(...))`."""
+    error.rank_local = True
+    return error
 
 
 class ConfigError(GpttrainError):

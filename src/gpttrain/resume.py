@@ -105,8 +105,9 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
                               "resume it with --dist.strategy ddp, or start the FSDP run from its weights "
                               "with gpttrain export + --init-from")
     else:
-        weights = load_model_weights(path)
-        opt = load_optimizer_state(path, trainer.device)
+        # Every rank reads the files rank 0 verified: one that cannot (its node's copy) is named to all.
+        weights, opt = distmod.on_every(lambda: (load_model_weights(path), load_optimizer_state(path, trainer.device)),
+                                        trainer.info)
         load_model_state(trainer.model, weights)
         trainer.optimizer.load_state_dict(opt)
     trainer.load_state_dict(state["trainer"])
@@ -116,11 +117,17 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
     if state.get("scaler") is not None and trainer.scaler.is_enabled():
         trainer.scaler.load_state_dict(state["scaler"])
     rng_file = path / f"rng-rank{trainer.info.rank:05d}.json"
-    if state.get("world_size") == trainer.info.world_size and rng_file.is_file():
+
+    def read_rng() -> dict[str, Any] | None:
+        if state.get("world_size") != trainer.info.world_size or not rng_file.is_file():
+            return None
         try:
-            rng = json.loads(rng_file.read_text(encoding="utf-8"))
+            return json.loads(rng_file.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
             raise CheckpointError(f"checkpoint file {rng_file} is unreadable: {e}") from None
+
+    rng = distmod.on_every(read_rng, trainer.info)  # each rank its own file, one verdict
+    if rng is not None:
         set_rng_state(rng, trainer.device)
     else:
         if trainer.info.is_main:

@@ -31,7 +31,18 @@ def resolve_vocab(cfg: Config, tokenizer_vocab: int) -> int:
 
 
 def ensure_data(cfg: Config, info: DistInfo) -> Path:
-    """The prepared data dir for this run, preparing it on rank 0 when needed (the others wait)."""
+    """The prepared data dir for this run, as rank 0 finds it (preparing it there when needed): every rank takes
+    rank 0's answer, and its verdict, so none takes a collective the others skip (`open_data` then opens the dir
+    on every rank)."""
+    path = cfg.data.path
+    try:
+        return distmod.on_main(lambda: _ensure_data_here(cfg), info)
+    except GpttrainError as e:
+        msg = _PREPARE_FLAG.sub(lambda m: TRAIN_FLAG_OF[m.group(1)], str(e))  # the flags `train` takes
+        raise DataError(msg if path is None or msg.startswith("--") else f"--data {path}: {msg}") from None
+
+
+def _ensure_data_here(cfg: Config) -> Path:
     from gpttrain.data.prepare import prepare
     from gpttrain.data.shards import META_NAME
 
@@ -59,20 +70,12 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         out = Path("data") / f"{p.stem}-{cfg.data.tokenizer}-{hashlib.sha256(key.encode()).hexdigest()[:8]}"
         inputs = [str(p)]
         what = str(p)
-    def prepare_here() -> None:
-        log.info("data: %s, tokenizer %s, in %s", what, cfg.data.tokenizer, out)
-        prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
-                bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
-                val_fraction=cfg.data.val_fraction,
-                text_field=cfg.data.text_field, workers=cfg.data.workers,
-                progress=console_shows_info())  # -q: no progress bars either
-
-    # The other ranks wait for rank 0's data and share its verdict rather than hang at a barrier.
-    try:
-        distmod.on_main(prepare_here, info)
-    except GpttrainError as e:
-        msg = _PREPARE_FLAG.sub(lambda m: TRAIN_FLAG_OF[m.group(1)], str(e))  # the flags `train` takes
-        raise DataError(msg if path is None or msg.startswith("--") else f"--data {path}: {msg}") from None
+    log.info("data: %s, tokenizer %s, in %s", what, cfg.data.tokenizer, out)
+    prepare(inputs, out, tokenizer=cfg.data.tokenizer, tokenizer_file=cfg.data.tokenizer_file,
+            bpe_vocab_size=cfg.data.bpe_vocab_size, bpe_train_mb=cfg.data.bpe_train_mb,
+            val_fraction=cfg.data.val_fraction,
+            text_field=cfg.data.text_field, workers=cfg.data.workers,
+            progress=console_shows_info())  # -q: no progress bars either
     return out
 
 
@@ -103,17 +106,38 @@ def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
     return train, val
 
 
+def open_data(cfg: Config, info: DistInfo, data_dir: Path):
+    """The run's config fitted to the data in `data_dir` (its tokenizer and vocabulary), the tokenizer and the
+    train and val loaders; no collective (`run_training` calls it under `on_every`)."""
+    from gpttrain.data.prepare import open_tokenizer
+
+    tokenizer = open_tokenizer(data_dir)
+    if "data.tokenizer" in cfg.explicit and tokenizer.kind != cfg.data.tokenizer:
+        raise ConfigError(f"--data.tokenizer {cfg.data.tokenizer}: {data_dir} was prepared with the "
+                          f"{tokenizer.kind} tokenizer; drop the flag to train with it, or prepare the text "
+                          f"again with --tokenizer {cfg.data.tokenizer} into another --out")
+    vocab = resolve_vocab(cfg, tokenizer.vocab_size)
+    cfg = copy.deepcopy(cfg)
+    cfg.model.vocab_size = vocab
+    cfg.data.path = str(data_dir)
+    cfg.data.tokenizer = tokenizer.kind  # the run records the tokenizer it trains with
+    if not info.distributed:  # and how it ran: one process shards nothing, its checkpoints hold the full model
+        cfg.dist.strategy = "auto"
+    train_loader, val_loader = build_loaders(cfg, info, data_dir)
+    return cfg, tokenizer, train_loader, val_loader
+
+
 def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> int:
     """Train `cfg`; `note`, a line about how the run came about (the CLI's for a bare `gpttrain train`), is
     logged first, so the run's train.log has it too."""
     with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
           run_logging(info.is_main, quiet)):
-        from gpttrain.data.prepare import open_tokenizer
-
         if note:
             log.info("%s", note)
 
-        check_run_settings(cfg, info)  # refused settings: before any data is prepared
+        # Refused settings: before any data is prepared; one verdict for every rank (a node whose GPUs lack bf16
+        # or fp8 is named, not left silent while the others wait in a collective).
+        distmod.on_every(lambda: check_run_settings(cfg, info), info)
         ignored = [f"--dist.{k} {getattr(cfg.dist, k)}" for k in ("strategy", "backend")
                    if getattr(cfg.dist, k) != "auto" and f"dist.{k}" in cfg.explicit]
         if ignored and not info.distributed:
@@ -121,19 +145,9 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
                         "torchrun --nproc_per_node N to use them", " and ".join(ignored))
         check_resume(cfg, info)  # and a --resume that cannot be: before the data too
         data_dir = ensure_data(cfg, info)
-        tokenizer = open_tokenizer(data_dir)
-        if "data.tokenizer" in cfg.explicit and tokenizer.kind != cfg.data.tokenizer:
-            raise ConfigError(f"--data.tokenizer {cfg.data.tokenizer}: {data_dir} was prepared with the "
-                              f"{tokenizer.kind} tokenizer; drop the flag to train with it, or prepare the text "
-                              f"again with --tokenizer {cfg.data.tokenizer} into another --out")
-        vocab = resolve_vocab(cfg, tokenizer.vocab_size)
-        cfg = copy.deepcopy(cfg)
-        cfg.model.vocab_size = vocab
-        cfg.data.path = str(data_dir)
-        cfg.data.tokenizer = tokenizer.kind  # the run records the tokenizer it trains with
-        if not info.distributed:  # and how it ran: one process shards nothing, its checkpoints hold the full model
-            cfg.dist.strategy = "auto"
-        train_loader, val_loader = build_loaders(cfg, info, data_dir)
+        # Every rank reads the data itself: one that cannot (a node without the dir, a shard of its own) is
+        # named in the verdict every rank raises, which rank 0 prints.
+        cfg, tokenizer, train_loader, val_loader = distmod.on_every(lambda: open_data(cfg, info, data_dir), info)
         log.info("resolved config:\n%s", cfg.to_json())
         trainer = Trainer(cfg, info, train_loader=train_loader, val_loader=val_loader, tokenizer=tokenizer)
         try:

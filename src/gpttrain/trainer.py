@@ -21,7 +21,7 @@ from torch.distributed.tensor import DTensor
 from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.distributed import DistInfo
-from gpttrain.errors import GpttrainError
+from gpttrain.errors import GpttrainError, rank_local
 from gpttrain.fp8 import refresh_fsdp_scales
 from gpttrain.loss import chunked_loss_wanted, compiles_head
 from gpttrain.memory import GIB, USABLE_SHARE, estimate_training_memory, oom_message, run_layout
@@ -371,7 +371,7 @@ class Trainer(Reporting):
         try:
             return self._loop(monitor, stop)
         except torch.cuda.OutOfMemoryError:
-            raise GpttrainError(self._oom_message()) from None
+            raise rank_local(GpttrainError(self._oom_message())) from None  # this rank's GPU; the others wait
         finally:
             stop.restore()
             if self._plot_step is not None:  # an error's exit too: the plot drawn so far shows its last records
