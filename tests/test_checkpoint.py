@@ -479,6 +479,23 @@ def test_resume_with_a_damaged_state_json_is_refused_before_any_data(run_copy, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no data prepared, no run dir
 
 
+def test_a_manifest_that_leaves_out_a_required_file_is_refused(run_copy):
+    """COMPLETE must cover the weights, the optimizer and state.json: one without an entry for a file (hand-edited,
+    or written by a broken save) fails verify even though every file it lists checks out. Inference, which reads
+    no optimizer state, may skip that one."""
+    target = run_copy / "checkpoints" / STEP.format(4)
+    complete = target / ckpt.COMPLETE
+    manifest = json.loads(complete.read_text())
+    for name in ckpt.REQUIRED_FILES:
+        partial = dict(manifest, files={k: v for k, v in manifest["files"].items() if k != name})
+        complete.write_text(json.dumps(partial))
+        with pytest.raises(CheckpointError, match=rf"{ckpt.COMPLETE} does not cover {name}: the checkpoint is corrupt"):
+            ckpt.verify(target)
+    complete.write_text(json.dumps(dict(manifest, files={k: v for k, v in manifest["files"].items()
+                                                         if k != "optimizer.pt"})))
+    assert ckpt.verify(target, skip=("optimizer.pt",))["trainer"]["step"] == 4
+
+
 def test_prune_leaves_the_damaged_folders_ahead_of_the_run_alone(tmp_path):
     """After --resume auto fell back past damaged step-4 and step-5, a save at step 3 with keep 1 keeps itself: the
     folders past it are neither counted (they pruned the new save before) nor deleted (the run replaces them as

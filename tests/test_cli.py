@@ -96,6 +96,16 @@ def test_info_of_the_original_model(capsys):
             "every 5 steps of 4 micro-steps); raise --train.eval_every to train faster") in out
 
 
+def test_info_table_says_which_rows_fit(capsys):
+    """The table's last column compares each row's total (GiB) with --gpu-mem (GiB)."""
+    assert main(["info", "--preset", "gpt-1.4b", "--gpu-mem", "24"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split()[:1] in (["fp32"], ["bf16-mixed"], ["bf16-pure"])]
+    assert len(rows) == 3 * 2 * 3  # precisions x (DDP, FSDP x2, FSDP x4) x activation checkpointing
+    assert [r[-1] for r in rows] == ["yes" if float(r[-2]) <= 24 else "no" for r in rows]
+    assert {r[-1] for r in rows} == {"yes", "no"}
+
+
 def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
     # gpt-1.4b at micro-batch 8: 39.4 GiB estimated, 37.1 with the casts recomputed. auto recomputes them where
     # the estimate without is over 90% of the GPU's memory (--gpu-mem here, the card's memory in a run).

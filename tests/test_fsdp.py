@@ -206,6 +206,29 @@ def test_load_and_consolidate_fill_every_weight_from_the_shards(sharded_run, tmp
         assert torch.equal(one.model.state_dict()[name], p), name
 
 
+def test_consolidate_keeps_the_optimizer_state(sharded_run, tmp_path):
+    """The consolidated optimizer.pt holds the sharded checkpoint's AdamW state (8 steps of moments), so a run
+    resumed from it continues rather than restarting Adam from zero moments."""
+    from gpttrain.checkpoint import consolidate, load_sharded, resolve_checkpoint, verify
+    from gpttrain.config import from_dict
+    from gpttrain.model import build_model
+    from gpttrain.optim import build_optimizer
+
+    one = consolidate(sharded_run, tmp_path / "one")
+    saved = torch.load(one / "optimizer.pt", weights_only=True)
+    src = resolve_checkpoint(sharded_run)
+    cfg = from_dict(verify(src)["config"])
+    model = build_model(cfg.model, "cpu")
+    optimizer = build_optimizer(model, cfg.optim, cfg.optim.lr, torch.device("cpu"))
+    load_sharded(model, optimizer, src / "sharded")
+    want = optimizer.state_dict()["state"]
+    assert len(saved["state"]) == len(want) == len(list(model.parameters()))
+    for i, state in want.items():
+        assert float(saved["state"][i]["step"]) == 8
+        for key, value in state.items():
+            assert torch.equal(saved["state"][i][key], value), (i, key)
+
+
 def _fp16_overflow_rank(rank, world, port, data_dir, run_dir, out):
     with gloo_rank(rank, world, port) as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, "--dist.strategy", "fsdp"), info)

@@ -205,9 +205,15 @@ def test_batch_stops_early_when_every_sample_is_done():
     model = tiny_model(seed=3)
     first = generate_ids(model, [1, 2, 3], 1, temperature=0.0)[0][0]
     calls = []
+    forwards = []
+    model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     got = generate_ids(model, [1, 2, 3], 50, temperature=0.0, eot_id=first,
                        on_token=lambda i, t: calls.append(t))
-    assert got == [[]] and calls == []
+    assert got == [[]] and calls == [] and len(forwards) == 1
+    # Without a stream too: one forward pass, not 50 (the finished batch stops, it does not run to max tokens).
+    forwards.clear()
+    assert generate_ids(model, [1, 2, 3], 50, temperature=0.0, eot_id=first) == [[]]
+    assert len(forwards) == 1
 
 
 class ScriptedModel(nn.Module):

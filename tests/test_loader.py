@@ -87,12 +87,16 @@ def test_shard_writer_rotates_and_stream_runs_across_boundaries(tmp_path):
         stream.get(990, 11)
 
 
-def test_uint32_shards_round_trip(tmp_path):
-    tokens = np.array([0, 70000, 2**32 - 1, 5], dtype=np.int64)
-    w = ShardWriter(tmp_path, "train", np.dtype("<u4"), 3)
+@pytest.mark.parametrize("dtype, tokens", [
+    ("<u2", [0, 32767, 32768, 50256, 2**16 - 1, 5]),  # ids past 2^15 (gpt2's): unsigned, not wrapped negative
+    ("<u4", [0, 70000, 2**32 - 1, 5]),
+])
+def test_shards_round_trip_every_id_of_their_dtype(tmp_path, dtype, tokens):
+    tokens = np.array(tokens, dtype=np.int64)
+    w = ShardWriter(tmp_path, "train", np.dtype(dtype), 3)
     w.write(tokens)
     names = w.close()
-    assert np.array_equal(TokenStream([tmp_path / n for n in names]).get(0, 4), tokens)
+    assert np.array_equal(TokenStream([tmp_path / n for n in names]).get(0, len(tokens)), tokens)
 
 
 # ---- windows and batches ---------------------------------------------------------------------------

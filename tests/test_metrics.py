@@ -63,6 +63,8 @@ def test_fsdp_shards_state_and_checkpointing_cuts_activations():
     ac = estimate_training_memory(cfg, 8, "bf16-mixed", "fsdp", world_size=4, activation_checkpointing=True)
     assert ac.activations < f4.activations / 4
     assert ac.total < 24 * GIB
+    # DDP replicates: each rank holds the whole state and its own activations, however many ranks there are.
+    assert estimate_training_memory(cfg, 8, "bf16-mixed", "ddp", world_size=4) == ddp
 
 
 def test_suggest_micro_batch_keeps_the_global_batch():
@@ -213,6 +215,20 @@ def test_fused_loss_default_depends_on_compile(setting, device, precision, compi
     from gpttrain.loss import chunked_loss_wanted
 
     assert chunked_loss_wanted(setting, device, precision, compiled_head) is expected
+
+
+def test_memory_stats_read_allocated_reserved_and_peak_in_gib(monkeypatch):
+    """The eval record's memory readouts: each from its own CUDA counter, in GiB (2^30 bytes); none on CPU."""
+    import torch
+
+    from gpttrain.monitor import memory_stats
+
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 1 * GIB)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 3 * GIB)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 2 * GIB)
+    assert memory_stats(torch.device("cuda", 0)) == {"mem_alloc_gib": 1.0, "mem_reserved_gib": 3.0,
+                                                     "mem_peak_gib": 2.0}
+    assert memory_stats(torch.device("cpu")) == dict.fromkeys(("mem_alloc_gib", "mem_reserved_gib", "mem_peak_gib"))
 
 
 def test_gpu_utilization_tries_nvml_once_after_a_failure(monkeypatch):

@@ -160,6 +160,37 @@ def test_dropout_only_in_training():
     assert not torch.equal(model(idx), model(idx))
 
 
+def test_dropout_sites():
+    """Dropout where GPT-2 has it: on the sum of the token and position embeddings, on each attention and MLP
+    output before it joins the residual stream, and on the attention weights (inside SDPA)."""
+    torch.manual_seed(0)
+    cfg = tiny_cfg(drop_rate=0.5)
+    model = GPT(cfg).train()
+    idx = torch.randint(0, cfg.vocab_size, (2, 8))
+    fed, made = {}, {}  # dropout module -> its input; projection -> its output
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.register_forward_hook(lambda mod, args, out, name=name: fed.__setitem__(name, args[0]))
+        if name.endswith(("attn.proj", "mlp.proj")):
+            m.register_forward_hook(lambda mod, args, out, name=name: made.__setitem__(name, out))
+    model(idx)
+    blocks = [f"blocks.{i}" for i in range(cfg.n_layers)]
+    assert set(fed) == {"drop", *(f"{b}.attn.resid_drop" for b in blocks), *(f"{b}.mlp.drop" for b in blocks)}
+    with torch.no_grad():
+        torch.testing.assert_close(fed["drop"], model.tok_emb(idx) + model.pos_emb(torch.arange(8)))
+    for b in blocks:
+        assert fed[f"{b}.attn.resid_drop"] is made[f"{b}.attn.proj"]
+        assert fed[f"{b}.mlp.drop"] is made[f"{b}.mlp.proj"]
+    # The attention weights' dropout alone (every nn.Dropout off) still makes training passes differ.
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    assert not torch.equal(model(idx), model(idx))
+    for block in model.blocks:
+        block.attn.attn_drop = 0.0
+    assert torch.equal(model(idx), model(idx))
+
+
 def test_kv_cache_prefill_then_decode_equals_full_forward():
     torch.manual_seed(0)
     cfg = tiny_cfg()

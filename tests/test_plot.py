@@ -206,6 +206,13 @@ def test_loss_figure_axes_and_labels():
     assert ax.get_xlabel() == "Epochs" and ax.get_ylabel() == "Loss"
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert labels == ["Training loss (per step)", "Training loss", "Validation loss"]
+    # Each line draws its own series against epochs.
+    lines = {line.get_label(): line for line in ax.get_lines()}
+    evals, steps = metrics["eval"], metrics["train"]
+    for label, records, key in (("Training loss (per step)", steps, "loss"), ("Training loss", evals, "train_loss"),
+                                ("Validation loss", evals, "val_loss")):
+        assert list(lines[label].get_xdata()) == [r["epoch"] for r in records], label
+        assert list(lines[label].get_ydata()) == [r[key] for r in records], label
     (top,) = ax.child_axes
     assert top.get_xlabel() == "Tokens seen"
     fig.draw_without_rendering()  # tick placement runs the forward/inverse functions over the whole axis range

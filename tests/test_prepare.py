@@ -196,6 +196,17 @@ def test_glob_and_extensions(tmp_path):
     assert len(meta["sources"]) == 3
 
 
+def test_an_input_named_twice_is_read_once(tmp_path):
+    """A file given twice, or by name and through its directory or a glob, is one document: tokenized once."""
+    files = make_corpus(tmp_path / "c", n=6)
+    one = files[0]
+    got = resolve_inputs([one, tmp_path / "c", str(tmp_path / "c" / "part0" / "*.txt"), one])
+    assert got[0] == one.resolve() and sorted(got) == sorted(f.resolve() for f in files)
+    meta = run([one, one], tmp_path / "out")
+    assert [s["path"] for s in meta["sources"]] == [str(one.resolve())]
+    assert meta["total_text_bytes"] == one.stat().st_size
+
+
 def test_jsonl_documents_and_text_field(tmp_path):
     docs = ["first document", "second \u00e9t\u00e9\nline", "third"]
     lines = [json.dumps({"body": d, "id": i}) for i, d in enumerate(docs)]

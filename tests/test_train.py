@@ -807,6 +807,17 @@ def test_each_train_record_times_its_own_steps_on_cpu(data_dir, tmp_path, monkey
         assert r["mfu"] == pytest.approx(r["tflops"] / 0.5, rel=1e-9)
 
 
+def test_a_record_of_several_steps_counts_the_tokens_of_each(data_dir, tmp_path, monkeypatch):
+    """--train.log_every 2: a record's rate is the tokens of every step it times over their time, not one step's."""
+    trainer = _clocked_trainer(data_dir, tmp_path / "run", monkeypatch, "--train.eval_every", "4", eval_s=0.0,
+                               step_s=0.01, steps=4)
+    trainer.cfg.train.log_every = 2
+    assert trainer.fit() == 0
+    records = [r for r in read_metrics(tmp_path / "run") if r["kind"] == "train"]
+    assert [r["step"] for r in records] == [2, 4]  # step 1 is not timed: the first record times one step
+    assert [r["tok_per_s"] for r in records] == pytest.approx([trainer.tokens_per_step / 0.01] * 2)
+
+
 def test_a_bad_step_is_skipped_without_a_fused_optimizer(data_dir, tmp_path):
     """--optim.fused off: the optimizer cannot skip on the device, so the step asks the host (one sync)."""
     trainer = build_trainer(tiny_config(data_dir, tmp_path / "r", "--optim.fused", "off"), single_info())
