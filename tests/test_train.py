@@ -180,14 +180,19 @@ def test_a_rank_local_error_is_said_by_its_rank(monkeypatch, capsys):
             raise error
         return run_training
 
+    waits = []
+    monkeypatch.setattr(cli.time, "sleep", waits.append)
     monkeypatch.setenv("WORLD_SIZE", "2")
-    for rank, error, said in [("0", DataError("shared"), "error: shared\n"), ("1", DataError("shared"), ""),
-                              ("1", rank_local(DataError("mine")), "[rank 1] error: mine\n"),
-                              ("0", rank_local(DataError("mine")), "[rank 0] error: mine\n")]:
+    for rank, error, said, waited in [("0", DataError("shared"), "error: shared\n", []),
+                                      ("1", DataError("shared"), "", [cli.SHARED_ERROR_GRACE_S]),
+                                      ("1", rank_local(DataError("mine")), "[rank 1] error: mine\n", []),
+                                      ("0", rank_local(DataError("mine")), "[rank 0] error: mine\n", [])]:
         monkeypatch.setenv("RANK", rank)
         monkeypatch.setattr(run, "run_training", fails(error))
         assert cli.main(["train", "--preset", "tiny"]) == 2
         assert capsys.readouterr().err == said
+        assert waits == waited  # a shared verdict's other ranks leave rank 0 the time to say it
+        waits.clear()
 
 
 def _on_every_rank(rank, world, port, out):

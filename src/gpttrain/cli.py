@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 from gpttrain import __version__
@@ -19,6 +20,12 @@ log = logging.getLogger("gpttrain")
 # every other command refuses leftovers.
 CONFIG_COMMANDS = ("train", "bench", "info")
 # A bare `gpttrain train`'s first line, on the console and in the run's train.log.
+# How long a rank other than 0 waits, under a launcher, before it exits on a verdict every rank shares: torchrun
+# stops every other rank the moment one exits (SIGTERM, within 0.1 s), and rank 0, which says the verdict, may still
+# be in its cleanup (the last plot, the process group's teardown). Rank 0 normally exits first, and torchrun then
+# stops the waiting ranks at once, so the wait costs nothing.
+SHARED_ERROR_GRACE_S = 10.0
+
 DEMO_NOTE = "no arguments: running the demo (preset demo on the embedded corpus); see gpttrain train --help"
 
 CONFIG_EPILOG = """config precedence: dataclass defaults < --preset < --config FILE < dotted flags.
@@ -260,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[rank {rank}] error: {e}", file=sys.stderr)
         elif rank == "0":
             print(f"error: {e}", file=sys.stderr)
+        elif "WORLD_SIZE" in os.environ:
+            time.sleep(SHARED_ERROR_GRACE_S)  # rank 0 says it; exiting first could get rank 0 stopped before it does
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
