@@ -68,6 +68,16 @@ def test_cached_logits_equal_full_recompute_past_the_window(prompt_len):
                 torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
+def test_a_long_generation_keeps_every_token_as_its_buffer_grows():
+    """The token buffer starts at 4 contexts and grows as it fills: 150 forced tokens at context 16 come back
+    whole, and a budget of 1e11 tokens allocates nothing up front (before: 800 GB asked at once, and a crash)."""
+    model = tiny_model()
+    forced = torch.randint(0, 97, (2, 150), generator=torch.Generator().manual_seed(0))
+    assert gen.generate_ids(model, torch.tensor([[1, 2], [3, 4]]), 150, forced_tokens=forced) == forced.tolist()
+    first = gen.generate_ids(model, [1, 2, 3], 1, temperature=0.0)[0][0]
+    assert gen.generate_ids(model, [1, 2, 3], 10**11, temperature=0.0, eot_id=first) == [[]]
+
+
 def test_window_rule_helpers():
     assert gen.window_shift(128) == 32
     assert gen.window_shift(2) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -198,15 +199,15 @@ def _print_json(obj: dict) -> None:
 _console_handler: logging.Handler | None = None  # the one this module put on the root logger
 
 
-def _console_logging(level: int) -> None:
-    """Log lines to stdout as bare messages: one handler of ours on the root logger, replacing the one an
+def _console_logging(level: int, stream) -> None:
+    """Log lines to `stream` as bare messages: one handler of ours on the root logger, replacing the one an
     earlier call in this process put there. Handlers of others stay as they are (logging.basicConfig's force
     would close them all, a test runner's too)."""
     global _console_handler
     root = logging.getLogger()
     if _console_handler is not None:
         root.removeHandler(_console_handler)
-    _console_handler = logging.StreamHandler(sys.stdout)
+    _console_handler = logging.StreamHandler(stream)
     _console_handler.setFormatter(logging.Formatter("%(message)s"))
     root.addHandler(_console_handler)
     root.setLevel(level)
@@ -216,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
     level = logging.WARNING if args.quiet else logging.INFO
-    _console_logging(level)
+    # generate's stdout is the text (`> out.txt`, a pipe): its log lines and warnings go to stderr.
+    _console_logging(level, sys.stderr if args.command == "generate" else sys.stdout)
     log.setLevel(level)  # the library may have lowered it in this process (rank != 0, quiet runs)
     if args.command is None:
         parser.print_help()
@@ -273,5 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # The reader went away (`gpttrain generate ... | head`): nothing more to say to it. stdout is pointed at
+        # devnull so the interpreter's flush at exit does not fail again.
+        with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor (a test's capture)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a writer its reader left
     parser.error(f"unknown command {args.command!r}")
     return 2

@@ -210,7 +210,8 @@ def generate_ids(
     try:
         # torchao's fp8 linears (--train.fp8) cannot run on inference tensors: no_grad for those models.
         with torch.no_grad() if has_fp8_layers(model) else torch.inference_mode():
-            seq = torch.empty(batch, prompt_len + max_new_tokens, dtype=torch.long, device=device)  # (B, P + N)
+            # (B, P + room), grown as it fills: a huge max_new_tokens is a budget, not an allocation up front.
+            seq = torch.empty(batch, prompt_len + min(max_new_tokens, 4 * ctx), dtype=torch.long, device=device)
             seq[:, :prompt_len] = idx
             cur = prompt_len
             window_start = max(0, prompt_len - ctx)
@@ -241,6 +242,9 @@ def generate_ids(
                                       generator=generator)
                 if eot_id is not None:
                     nxt = torch.where(done, torch.full_like(nxt, eot_id), nxt)
+                if cur == seq.size(1):
+                    room = min(seq.size(1), prompt_len + max_new_tokens - cur)
+                    seq = torch.cat([seq, seq.new_empty(batch, room)], dim=1)
                 seq[:, cur] = nxt
                 cur += 1
                 if eot_id is not None:
