@@ -1,5 +1,6 @@
 """The checkpoint-facing surface: gpttrain.load / generate, `gpttrain generate`, `gpttrain export`, --init-from."""
 
+import re
 import shutil
 
 import pytest
@@ -238,3 +239,21 @@ def test_export_safetensors_and_init_from(run_dir, tmp_path):
     r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", str(tmp_path / "bad"),
                  "--init-from", str(hf), "--model.emb_dim", "32"], cwd=tmp_path)
     assert r.returncode == 2 and "tok_emb.weight" in r.stderr
+
+
+@pytest.mark.parametrize("device, message", [
+    ("tpu", "'tpu' is not a device gpttrain runs on; use auto, cpu, cuda, cuda:N or mps"),
+    ("", "'' is not a device"),
+    ("cpu:1", "'cpu:1' is not a device"),
+    ("cuda:5", "cuda"),  # no CUDA here: refused as cuda is; on a GPU machine, as a GPU it does not have
+])
+def test_load_refuses_a_device_that_is_not_one(run_dir, device, message):
+    """Before, any name gpttrain did not know loaded onto the CPU without a word (cuda:1 too)."""
+    from gpttrain.errors import ConfigError
+
+    if device == "cuda:5" and torch.cuda.is_available():
+        message = "cuda:5 does not exist" if torch.cuda.device_count() <= 5 else None
+    if message is None:
+        pytest.skip("this machine has a cuda:5")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        gpttrain.load(run_dir, device=device)

@@ -43,7 +43,24 @@ def env_world() -> tuple[int, int, int]:
 
 
 def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """The device this process trains on; refuses CUDA/MPS where there is none."""
+    """The device this process trains on; refuses CUDA/MPS where there is none, and a name that is no device.
+    `cuda:N` (the Python API's `gpttrain.load`) names one GPU itself; plain `cuda` takes LOCAL_RANK's."""
+    if requested not in ("auto", "cpu", "cuda", "mps"):
+        try:
+            dev = torch.device(requested)
+        except (RuntimeError, ValueError, TypeError):
+            dev = None
+        if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.index is not None and dev.type != "cuda"):
+            raise ConfigError(f"--device: {requested!r} is not a device gpttrain runs on; use auto, cpu, cuda, "
+                              "cuda:N or mps")
+        if dev.index is None:
+            requested = dev.type
+        else:
+            resolve_device("cuda")  # the same refusal where there is no CUDA
+            if dev.index >= torch.cuda.device_count():
+                raise ConfigError(f"--device: {requested} does not exist (this machine has "
+                                  f"{torch.cuda.device_count()} GPU(s): cuda:0..)")
+            return dev
     if requested == "auto":
         if torch.cuda.is_available():
             requested = "cuda"
