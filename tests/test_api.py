@@ -184,20 +184,33 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(run_dir, tmp_path)
     assert again.returncode == 2 and "--out" in again.stderr
 
 
-@pytest.mark.parametrize("where", ["run", "above", "checkpoint", "inside"])
-def test_export_never_overwrites_its_own_checkpoint(run_dir, tmp_path, where):
-    """--out --overwrite replaces --out as a whole: the run (or a folder holding it, or the checkpoint, or a
-    folder inside it) is refused, and the run is left as it was."""
-    run = tmp_path / "copy" / "run"
+@pytest.mark.parametrize("where, message", [
+    ("run", "is a checkpoint or a run dir"),
+    ("above", "is or holds the checkpoint being read"),
+    ("checkpoint", "is a checkpoint or a run dir"),
+    ("inside", "is or holds the checkpoint being read"),
+    ("older", "is a checkpoint or a run dir"),  # another checkpoint of the run (before: replaced by the export)
+    ("checkpoints", "is or holds the checkpoint being read"),
+    ("beside", "lies among the run's checkpoints"),
+    ("another run", "is a checkpoint or a run dir"),
+])
+def test_export_never_overwrites_a_checkpoint(run_dir, tmp_path, where, message):
+    """--out --overwrite replaces --out as a whole: a checkpoint or a run dir (this run's, its other checkpoints,
+    another run's), the checkpoint's folder or one holding it or inside it, its run's checkpoints folder or a new
+    folder in it are refused, and the runs are left as they were."""
+    run, other = tmp_path / "copy" / "run", tmp_path / "other"
     shutil.copytree(run_dir, run)
+    shutil.copytree(run_dir, other)
     ckpt = run / "checkpoints" / "step-000000040"
-    out = {"run": run, "above": run.parent, "checkpoint": ckpt, "inside": ckpt / "hf"}[where]
-    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    out = {"run": run, "above": run.parent, "checkpoint": ckpt, "inside": ckpt / "hf",
+           "older": run / "checkpoints" / "step-000000020", "checkpoints": run / "checkpoints",
+           "beside": run / "checkpoints" / "hf", "another run": other}[where]
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     r = run_cli(["export", str(run), "--out", str(out), "--overwrite"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr
-    assert r.stderr.startswith("error: --out: ") and "is or holds the checkpoint being read" in r.stderr
+    assert r.stderr.startswith("error: --out: ") and message in r.stderr, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_export_into_the_current_directory_is_refused(run_dir, tmp_path):

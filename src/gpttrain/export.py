@@ -321,16 +321,25 @@ def _hf_to_ours(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 
 def refuse_overlap(out: str | Path, source: str | Path | None = None) -> None:
     """An --out that is replaced as a whole (export, consolidate) may not be the current directory or a folder
-    holding it, nor the checkpoint `source` being read, a folder holding it or one inside it."""
+    holding it, nor a checkpoint or a run dir (any run's), nor the checkpoint `source` being read, a folder holding
+    it or one inside it, nor lie among its run's checkpoints."""
+    from gpttrain.checkpoint import COMPLETE, step_folders
+
     o, here = Path(out).resolve(), Path.cwd().resolve()
     if o == here or o in here.parents:
         raise ConfigError(f"--out: {str(out)!r} is the current directory or holds it; it is replaced as a whole, "
                           "so give a new directory")
+    if (o / COMPLETE).is_file() or step_folders(o):
+        raise ConfigError(f"--out: {out} is a checkpoint or a run dir; --out is replaced as a whole, which would "
+                          "delete it: give a new directory")
     if source is not None:
         src = Path(source).resolve()
         if o == src or o in src.parents or src in o.parents:
             raise ConfigError(f"--out: {out} is or holds the checkpoint being read ({src}), or lies inside it; "
                               "--out is replaced as a whole: give a directory outside the run")
+        if src.parent.name == "checkpoints" and src.parent in o.parents:
+            raise ConfigError(f"--out: {out} lies among the run's checkpoints ({src.parent}); --out is replaced "
+                              "as a whole: give a directory outside the run")
 
 
 def _write_atomically(out_dir: str | Path, overwrite: bool, write: Callable[[Path], None]) -> Path:
