@@ -270,3 +270,45 @@ def test_load_refuses_a_device_that_is_not_one(run_dir, device, message):
         pytest.skip("this machine has a cuda:5")
     with pytest.raises(ConfigError, match=re.escape(message)):
         gpttrain.load(run_dir, device=device)
+
+
+@pytest.mark.parametrize("what, message", [
+    ("typo", "--init-from: 'exported/typo' is not a directory"),
+    ("run", "is a gpttrain run or checkpoint, not a model directory; continue it with --resume, or start from its "
+            "weights: gpttrain export"),
+    ("checkpoint", "is a gpttrain run or checkpoint"),
+    ("safetensors", "is a --format safetensors export; --init-from reads the Hugging Face layout: export the run "
+                    "again with --format hf"),
+])
+def test_init_from_what_is_no_model_dir_is_refused_before_the_data(run_dir, tmp_path, what, message):
+    """Before, a typo was found after the text was prepared (a BPE tokenizer trained), in a message that did not
+    name --init-from; a run, a checkpoint and a safetensors export got hints about missing files or n_layers 0."""
+    (tmp_path / "text.txt").write_text("Line 1 of a text to prepare.\n" * 200, encoding="utf-8")
+    source = {"typo": "exported/typo", "run": str(run_dir), "checkpoint": str(run_dir / "checkpoints" /
+                                                                              "step-000000040"),
+              "safetensors": str(tmp_path / "st")}[what]
+    if what == "safetensors":
+        assert run_cli(["export", str(run_dir), "--format", "safetensors", "--out", source],
+                       cwd=tmp_path).returncode == 0
+    r = run_cli(["train", "--preset", "tiny", "--data", "text.txt", "--run-dir", "r", "--init-from", source],
+                cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --init-from: ") and message in r.stderr, r.stderr
+    assert not (tmp_path / "data").exists() and not (tmp_path / "r").exists()  # nothing prepared, nothing written
+
+
+def test_init_from_a_model_of_another_tokenizer_is_refused(run_dir, tmp_path):
+    """An export records its tokenizer: data prepared with another one would train embeddings whose rows stand for
+    other tokens (before: silently, val loss 10.5). Geometry mismatches are said at once from its config.json."""
+    hf = tmp_path / "hf"
+    assert run_cli(["export", str(run_dir), "--out", str(hf)], cwd=tmp_path).returncode == 0
+    (tmp_path / "d").mkdir()
+    data = make_data(tmp_path / "d", tokenizer="bpe")
+    r = run_cli(["train", "--preset", "tiny", "--data", str(data), "--run-dir", "r", "--init-from", str(hf)],
+                cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.startswith(f"error: --init-from: {hf} was trained with another tokenizer than the data's "
+                               "(kind 'byte' vs the data's 'bpe'"), r.stderr
+    wide = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir", "w",
+                    "--init-from", str(hf), "--model.emb_dim", "128", "--model.n_layers", "3"], cwd=tmp_path)
+    assert wide.returncode == 2 and "--model.vocab_size" not in wide.stderr, wide.stderr
+    assert wide.stderr.rstrip().endswith("set --model.n_layers 2 --model.emb_dim 64"), wide.stderr

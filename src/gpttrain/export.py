@@ -279,8 +279,9 @@ def _hf_to_ours(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
         raise ConfigError("the checkpoint lacks " + ", ".join(missing) + hint)
     if mismatched:
         hint = ""
-        if "tok_emb.weight" in " ".join(mismatched):
-            hint = f"; set --model.vocab_size {sd['wte.weight'].shape[0]} to match the checkpoint"
+        rows = sd["wte.weight"].shape[0] if "wte.weight" in sd else cfg.vocab_size
+        if rows != cfg.vocab_size:  # the rows, not the width (a width differs everywhere)
+            hint = f"; set --model.vocab_size {rows} to match the checkpoint"
         raise ConfigError("parameter shapes differ between the checkpoint and the config: "
                           + "; ".join(mismatched) + hint)
 
@@ -516,7 +517,48 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
             raise ConfigError(f"--model.n_heads: the checkpoint has {from_file.n_heads} heads, the config "
                               f"{cfg.n_heads}; set --model.n_heads {from_file.n_heads}")
     tensors = _read_tensors(d)
-    return cfg, _hf_to_ours(tensors, cfg)
+    try:
+        return cfg, _hf_to_ours(tensors, cfg)
+    except ConfigError as e:
+        # The hints above come one at a time; config.json has the whole geometry: said at once.
+        differ = [k for k in ("n_layers", "emb_dim", "n_heads", "context_length", "vocab_size")
+                  if getattr(from_file, k) != getattr(cfg, k)]
+        if not differ:
+            raise
+        raise ConfigError(f"{e}; its config.json gives " + ", ".join(f"{k} {getattr(from_file, k)}" for k in differ)
+                          + ": set " + " ".join(f"--model.{k} {getattr(from_file, k)}" for k in differ)) from None
+
+
+TOKENIZER_KEYS = ("kind", "vocab_size", "eot_id", "sha256")  # what makes two tokenizers give the same ids
+
+
+def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = None) -> None:
+    """What `--init-from` can be refused for before any data is prepared or model built: not a directory, a
+    gpttrain run, checkpoint or `--format safetensors` export (each said with what to do), no config.json. With
+    `tokenizer_spec` (the data's), a directory gpttrain exported with another tokenizer is refused: its
+    embeddings' rows would stand for other tokens. Messages name --init-from."""
+    from gpttrain.checkpoint import COMPLETE, step_folders
+
+    d = Path(hf_dir)
+    try:
+        if d.is_dir() and ((d / COMPLETE).is_file() or step_folders(d)):
+            raise ConfigError(f"{d} is a gpttrain run or checkpoint, not a model directory; continue it with "
+                              f"--resume, or start from its weights: gpttrain export {d} --out DIR, then "
+                              "--init-from DIR")
+        hf = _read_config(d)
+        if hf.get("format") == "gpttrain":
+            raise ConfigError(f"{d} is a --format safetensors export; --init-from reads the Hugging Face layout: "
+                              "export the run again with --format hf")
+        recorded = hf.get("gpttrain", {}).get("tokenizer") if isinstance(hf.get("gpttrain"), dict) else None
+        if tokenizer_spec is not None and isinstance(recorded, dict):
+            differ = [f"{k} {recorded.get(k)!r} vs the data's {tokenizer_spec.get(k)!r}" for k in TOKENIZER_KEYS
+                      if recorded.get(k) != tokenizer_spec.get(k)]
+            if differ:
+                raise ConfigError(f"{d} was trained with another tokenizer than the data's ({'; '.join(differ)}); "
+                                  "its embeddings would stand for other tokens: prepare the data with its "
+                                  "tokenizer (gpttrain prepare ... --tokenizer-file of the exported tokenizer)")
+    except ConfigError as e:
+        raise ConfigError(f"--init-from: {e}") from None
 
 
 @torch.no_grad()

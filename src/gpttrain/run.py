@@ -144,6 +144,10 @@ def run_training(cfg: Config, quiet: bool = False, note: str | None = None) -> i
             log.warning("%s: one process (not started by torchrun), so nothing to distribute; launch with "
                         "torchrun --nproc_per_node N to use them", " and ".join(ignored))
         check_resume(cfg, info)  # and a --resume that cannot be: before the data too
+        if cfg.run.init_from:
+            from gpttrain.export import check_init_from
+
+            distmod.on_every(lambda: check_init_from(cfg.run.init_from), info)  # and an --init-from that is none
         data_dir = ensure_data(cfg, info)
         # Every rank reads the data itself: one that cannot (a node without the dir, a shard of its own) is
         # named in the verdict every rank raises, which rank 0 prints.

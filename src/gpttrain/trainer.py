@@ -103,8 +103,9 @@ class Trainer(Reporting):
         self.fp8_all_gather = cfg.train.fp8 and self.strategy == "fsdp"  # fp8 weights gathered with their scales
         torch.manual_seed(cfg.train.seed + 1000 * info.rank)
         if cfg.run.init_from:
-            from gpttrain.export import init_from_hf
+            from gpttrain.export import check_init_from, init_from_hf
 
+            check_init_from(cfg.run.init_from, tokenizer.spec() if tokenizer is not None else None)
             init_from_hf(self.model, cfg.run.init_from)
             log.info("initialised weights from %s", cfg.run.init_from)
 
