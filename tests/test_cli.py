@@ -106,6 +106,28 @@ def test_info_table_says_which_rows_fit(capsys):
     assert {r[-1] for r in rows} == {"yes", "no"}
 
 
+def test_info_fits_the_vocabulary_to_data_as_train_does(tmp_path, capsys):
+    """--data: info's model is the one train would build on it (before, --data was ignored: the preset's vocabulary,
+    and a --data that does not exist passed)."""
+    from gpttrain.model import count_params
+    from tests.helpers import make_data
+
+    data = make_data(tmp_path)  # byte: 257 tokens, 320 rounded up
+    assert main(["info", "--preset", "demo", "--data", str(data), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["config"]["model"]["vocab_size"] == 320
+    from gpttrain.config import from_dict
+
+    assert out["parameters"] == count_params(from_dict(out["config"]).model)
+    assert main(["info", "--preset", "demo", "--data", str(tmp_path / "corpus.txt"), "--data.tokenizer", "byte",
+                 "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["model"]["vocab_size"] == 320
+    assert main(["info", "--preset", "demo", "--data", str(tmp_path / "nothing")]) == 2
+    assert "--data: " in capsys.readouterr().err
+    assert main(["-q", "info", "--preset", "demo", "--data", str(data)]) == 0  # -q: the report is info's output
+    assert "vocabulary: 320, from " in capsys.readouterr().out
+
+
 def test_info_recomputes_the_weight_casts_where_they_make_it_fit(capsys):
     # gpt-1.4b at micro-batch 8: 39.4 GiB estimated, 37.1 with the casts recomputed. auto recomputes them where
     # the estimate without is over 90% of the GPU's memory (--gpu-mem here, the card's memory in a run).

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train GPT-style language models from scratch: one CPU, one GPU, many GPUs (torchrun).",
     )
     parser.add_argument("--version", action="version", version=f"gpttrain {__version__}")
-    quiet_help = "only warnings and errors on the console, no progress bars (train.log keeps a run's info lines)"
+    quiet_help = ("only warnings and errors on the console, no progress bars (train.log keeps a run's info lines; "
+                  "info's report, its output, is still printed)")
     parser.add_argument("-q", "--quiet", action="store_true", help=quiet_help)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     # -q also after the command (`gpttrain train -q ...`); SUPPRESS keeps the top-level value otherwise.
@@ -216,7 +217,7 @@ def _console_logging(level: int, stream) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, rest = parser.parse_known_args(argv)
-    level = logging.WARNING if args.quiet else logging.INFO
+    level = logging.WARNING if args.quiet and args.command != "info" else logging.INFO  # info's lines are its output
     # generate's stdout is the text (`> out.txt`, a pipe): its log lines and warnings go to stderr.
     _console_logging(level, sys.stderr if args.command == "generate" else sys.stdout)
     log.setLevel(level)  # the library may have lowered it in this process (rank != 0, quiet runs)

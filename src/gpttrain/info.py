@@ -58,6 +58,33 @@ def memory_table(cfg: Config, gpus: int, gpu_mem_gib: float) -> list[dict]:
     return rows
 
 
+def _fit_to_data(cfg: Config) -> str | None:
+    """With --data, the model's vocabulary as `train` fits it to the data (set in `cfg`): a prepared dir's
+    tokenizer, or text's where its size is known before it is prepared (byte). A line saying so, or None."""
+    from pathlib import Path
+
+    from gpttrain.data.shards import META_NAME, load_meta
+    from gpttrain.errors import DataError
+    from gpttrain.run import resolve_vocab
+    from gpttrain.tokenizer import ByteTokenizer
+
+    if cfg.data.path is None:
+        return None
+    p = Path(cfg.data.path)
+    if (p / META_NAME).is_file():
+        tok = load_meta(p)["tokenizer"]
+        cfg.model.vocab_size = resolve_vocab(cfg, tok["vocab_size"])
+        return f"vocabulary: {cfg.model.vocab_size}, from {p}'s {tok['kind']} tokenizer ({tok['vocab_size']} tokens)"
+    if not p.exists():
+        raise DataError(f"--data: {str(p)!r} does not exist; give a dir made by `gpttrain prepare ... --out DIR`, "
+                        "or a text file or directory to prepare")
+    if cfg.data.tokenizer == "byte":
+        cfg.model.vocab_size = resolve_vocab(cfg, ByteTokenizer.vocab_size)
+        return f"vocabulary: {cfg.model.vocab_size}, from the byte tokenizer {p} will be prepared with"
+    return (f"vocabulary: {cfg.model.vocab_size} as set; a run follows the {cfg.data.tokenizer} tokenizer {p} is "
+            "prepared with (gpttrain prepare it, then pass the prepared dir to see that one)")
+
+
 def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: bool = False,
              emit: Callable[[dict], None]) -> int:
     """Report `cfg`'s size, FLOPs and memory estimates. Text goes to the log; with `as_json` the one JSON object
@@ -66,6 +93,7 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
     if not 0 < gpu_mem_gib < float("inf"):  # NaN too
         raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a positive number of GiB")
+    note = _fit_to_data(cfg)
     # Refused as a GPU run of this config would refuse it.
     gpu_precision = "bf16-mixed" if cfg.train.precision == "auto" else cfg.train.precision
     gpu_strategy = "fsdp" if cfg.dist.strategy == "fsdp" else "ddp"
@@ -116,6 +144,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
         return 0
 
     log.info("resolved config:\n%s", cfg.to_json())
+    if note:
+        log.info("%s", note)
     log.info("")
     log.info("parameters:            %s", f"{params:,}")
     log.info("model FLOPs per token: %.3f GFLOP  (6 x %s matmul weights incl. the head + 12 x %d layers x %d "
