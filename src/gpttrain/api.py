@@ -65,7 +65,10 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
 def generate(model_or_loaded, prompt: str, max_new_tokens: int = 100, *, tokenizer=None, temperature: float = 0.8,
              top_k: int | None = None, top_p: float | None = 0.95, seed: int | None = None, num_samples: int = 1,
              stream=None) -> str | list[str]:
-    """Continue `prompt`. Returns the new text (a list when num_samples > 1); `stream(piece)` gets it live."""
+    """Continue `prompt`. Returns the new text (a list when num_samples > 1); `stream(piece)` gets it live.
+
+    `num_samples` are drawn as one batch from `seed`: the same seed gives the same list. `gpttrain generate
+    --num-samples N --seed S` runs sample i alone with seed S + i instead, so its samples are not these."""
     from gpttrain.sampling import generate_text
 
     if isinstance(model_or_loaded, Loaded):
