@@ -312,3 +312,10 @@ def test_init_from_a_model_of_another_tokenizer_is_refused(run_dir, tmp_path):
                     "--init-from", str(hf), "--model.emb_dim", "128", "--model.n_layers", "3"], cwd=tmp_path)
     assert wide.returncode == 2 and "--model.vocab_size" not in wide.stderr, wide.stderr
     assert wide.stderr.rstrip().endswith("set --model.n_layers 2 --model.emb_dim 64"), wide.stderr
+
+
+@pytest.mark.parametrize("prompt, message", [(None, "not NoneType"), (b"def ", "not bytes; decode it first"),
+                                             ([1, 2], "not list")])
+def test_generate_wants_a_text_prompt(run_dir, prompt, message):
+    with pytest.raises(TypeError, match=re.escape(f"generate: prompt must be text (a str), {message}")):
+        gpttrain.generate(gpttrain.load(run_dir), prompt, 5)

@@ -71,6 +71,9 @@ def generate(model_or_loaded, prompt: str, max_new_tokens: int = 100, *, tokeniz
     --num-samples N --seed S` runs sample i alone with seed S + i instead, so its samples are not these."""
     from gpttrain.sampling import generate_text
 
+    if not isinstance(prompt, str):
+        raise TypeError(f"generate: prompt must be text (a str), not {type(prompt).__name__}"
+                        + ("; decode it first, e.g. prompt.decode('utf-8')" if isinstance(prompt, bytes) else ""))
     if isinstance(model_or_loaded, Loaded):
         model, tokenizer = model_or_loaded.model, tokenizer or model_or_loaded.tokenizer
     else:
