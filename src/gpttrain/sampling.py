@@ -67,9 +67,9 @@ def check_sampling_args(
         raise ConfigError(f"--temperature: {temperature!r} must be >= 0 (0 = greedy, 1 = the model's distribution)")
     check_temperature("--temperature", temperature)
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"--top-k: {top_k!r} must be an integer of at least 1 (or none to disable)")
+        raise ConfigError(f"--top-k: {top_k!r} must be an integer of at least 1 (leave it out to keep every token)")
     if top_p is not None and (not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0.0 < top_p <= 1.0):
-        raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1] (or none to disable)")
+        raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1] (1 keeps every token)")
     if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
         raise ConfigError(f"--num-samples: {num_samples!r} must be an integer of at least 1")
     if seed is not None:
