@@ -464,7 +464,9 @@ def test_residual_stream_in_16_bits_saves_what_the_estimate_says(tmp_path, monke
         assert counted == 2 * b * t * cfg.emb_dim * (2 * cfg.n_layers + 1)
         assert counted <= saved <= 1.25 * counted, (saved, counted)
     else:
-        assert counted == saved == 0
+        # Nothing saved: one LayerNorm input is b * t * emb_dim * 2 = 32 KiB here. Under load the profiler once
+        # saw a 4-byte difference (a scalar's allocation landing inside one window and not the other).
+        assert counted == 0 and abs(saved) < 1024, saved
 
 
 def test_trainer_keeps_the_residual_stream_in_16_bits_when_asked(tmp_path):
