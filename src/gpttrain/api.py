@@ -188,5 +188,6 @@ def run_export(args) -> int:
     else:
         out = export_safetensors(loaded.model, loaded.config.to_dict(), args.out, overwrite=args.overwrite,
                                  tokenizer_spec=tok.spec(), tokenizer_payload=payload_of(tok))
-    log.info("wrote %s", out)
+    log.info("exported %s (%s parameters, %s) to %s", path, f"{loaded.model.num_params():,}",
+             "the Hugging Face GPT-2 layout" if args.format == "hf" else "gpttrain's safetensors", out)
     return 0

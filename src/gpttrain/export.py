@@ -412,9 +412,7 @@ def export_hf(
         if tokenizer_json is not None:
             (tmp / "tokenizer.json").write_text(tokenizer_json, encoding="utf-8")
 
-    out = _write_atomically(out_dir, overwrite, write)
-    log.info("exported %s parameters in the Hugging Face GPT-2 layout to %s", f"{model.num_params():,}", out)
-    return out
+    return _write_atomically(out_dir, overwrite, write)
 
 
 def export_safetensors(
