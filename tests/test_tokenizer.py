@@ -116,3 +116,15 @@ def test_byte_tokenizer():
 def test_unknown_kind():
     with pytest.raises(TokenizerError, match="unknown tokenizer kind 'sentencepiece'"):
         from_spec({"kind": "sentencepiece"})
+
+
+def test_spec_differences_ignore_a_hash_one_side_lacks():
+    """gpt2 from tiktoken's cache has no ranks file to hash, the same ranks from a file do: the same ids, so a
+    resume or an --init-from across the two is not refused; any other difference is."""
+    from gpttrain.tokenizer import spec_differences
+
+    cache = {"kind": "gpt2", "name": "gpt2", "vocab_size": 50257, "eot_id": 50256}
+    assert spec_differences(cache, dict(cache, sha256="ab")) == []
+    assert spec_differences(dict(cache, sha256="ab"), dict(cache, sha256="cd")) == [("sha256", "ab", "cd")]
+    bpe = {"kind": "bpe", "vocab_size": 841, "eot_id": 0, "sha256": "ab"}
+    assert spec_differences(bpe, dict(bpe, vocab_size=900)) == [("vocab_size", 841, 900)]

@@ -201,13 +201,16 @@ def _on_every_rank(rank, world, port, out):
     def raises(message):
         raise DataError(message)
 
+    def unreadable():
+        raise OSError(5, "Input/output error")
+
     said = []
     with gloo_rank(rank, world, port) as info:
         for fn in (lambda: rank, lambda: raises("bad") if rank == 1 else rank, lambda: raises(f"bad on {rank}"),
-                   lambda: raises("alike")):
+                   lambda: raises("alike"), lambda: unreadable() if rank == 1 else rank):
             try:
                 said.append(["ok", distmod.on_every(fn, info)])
-            except GpttrainError as e:
+            except (GpttrainError, OSError) as e:
                 said.append([type(e).__name__, str(e)])
     (out / f"rank{rank}.json").write_text(json.dumps(said))
 
@@ -216,8 +219,9 @@ def test_on_every_raises_one_verdict_on_every_rank(tmp_path):
     mp.spawn(_on_every_rank, args=(2, free_port(), tmp_path), nprocs=2, join=True)
     said = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     both = ["DataError", "rank 0: bad on 0; rank 1: bad on 1"]
-    assert said[0] == [["ok", 0], ["GpttrainError", "rank 1: bad"], both, ["DataError", "alike"]]
-    assert said[1] == [["ok", 1], ["DataError", "rank 1: bad"], both, ["DataError", "alike"]]
+    io = "rank 1: OSError: [Errno 5] Input/output error"  # not a GpttrainError: still no rank left waiting
+    assert said[0] == [["ok", 0], ["GpttrainError", "rank 1: bad"], both, ["DataError", "alike"], ["GpttrainError", io]]
+    assert said[1] == [["ok", 1], ["DataError", "rank 1: bad"], both, ["DataError", "alike"], ["GpttrainError", io]]
 
 
 def test_a_run_dir_that_is_a_file_is_refused(tmp_path):

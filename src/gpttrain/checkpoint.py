@@ -183,14 +183,20 @@ def save(trainer, reason: str = "periodic") -> Path:
     if status[0].item() > 0:
         raise CheckpointError(f"checkpoint: cannot create {tmp}: {error or 'failed on rank 0'}")
 
+    # A full disk surfaces as OSError, RuntimeError (torch.save) or SafetensorError. The sharded save is a
+    # collective: every rank enters it, whatever its own files did before (one that skipped it would hang the rest).
+    rng = rng_state(trainer.device)  # as the step left it, before anything the save runs
+    if is_sharded(trainer):
+        try:
+            _save_sharded(trainer, tmp / SHARDED_DIR)  # every rank writes its shards
+        except Exception as e:
+            error = e
     try:
-        _write_json(tmp / f"rng-rank{info.rank:05d}.json", rng_state(trainer.device))
-        if is_sharded(trainer):
-            _save_sharded(trainer, tmp / SHARDED_DIR)  # collective: every rank writes its shards
+        _write_json(tmp / f"rng-rank{info.rank:05d}.json", rng)
         if info.is_main:
             _write_rank0_files(trainer, tmp, reason)
-    except Exception as e:  # a full disk surfaces as OSError, RuntimeError (torch.save) or SafetensorError
-        error = e
+    except Exception as e:
+        error = error or e
     if (failure := _failures(error, trainer)) is not None:
         _save_failed(trainer, tmp, failure)
 

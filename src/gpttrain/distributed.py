@@ -188,22 +188,27 @@ def gather_failures(failure: str | None, info: DistInfo) -> str | None:
 
 
 def on_every(fn: Callable[[], Any], info: DistInfo) -> Any:
-    """`fn()` run on every rank, each its own result; `fn` must run no collective. A GpttrainError raised on any
-    rank is raised on every rank, as one verdict (`gather_failures`), which rank 0 prints: a rank that failed alone
-    (a file it cannot read, a shard of its own) is named there, and no rank goes on to a collective that a failed
-    rank never enters."""
-    error: GpttrainError | None = None
+    """`fn()` run on every rank, each its own result; `fn` must run no collective. An error raised on any rank is
+    raised on every rank, as one verdict (`gather_failures`), which rank 0 prints: a rank that failed alone (a file
+    it cannot read, a shard of its own) is named there, and no rank goes on to a collective that a failed rank never
+    enters. A rank whose own error is the verdict raises that error itself (another exception keeps its traceback);
+    the others raise a GpttrainError of that rank's class where it is one."""
+    error: Exception | None = None
     try:
         value = fn()
-    except GpttrainError as e:
+    except Exception as e:  # any: a rank leaving here unannounced would leave the others waiting in the gather
         error, value = e, None
-    verdict = gather_failures(None if error is None else str(error), info)
+    said = None
+    if error is not None:
+        said = str(error) if isinstance(error, GpttrainError) else f"{type(error).__name__}: {error}"
+    verdict = gather_failures(said, info)
     if verdict is None:
         return value
-    if error is not None and verdict == str(error):
-        error.rank_local = False  # every rank's verdict now: rank 0 says it
+    if error is not None and verdict == said:
+        if isinstance(error, GpttrainError):
+            error.rank_local = False  # every rank's verdict now: rank 0 says it
         raise error
-    raise (type(error) if error is not None else GpttrainError)(verdict)
+    raise (type(error) if isinstance(error, GpttrainError) else GpttrainError)(verdict) from error
 
 
 def free_local_port(low: int = 20000, high: int = 32000) -> int:

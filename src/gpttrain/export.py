@@ -527,9 +527,6 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
                           + ": set " + " ".join(f"--model.{k} {getattr(from_file, k)}" for k in differ)) from None
 
 
-TOKENIZER_KEYS = ("kind", "vocab_size", "eot_id", "sha256")  # what makes two tokenizers give the same ids
-
-
 def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = None) -> None:
     """What `--init-from` can be refused for before any data is prepared or model built: not a directory, a
     gpttrain run, checkpoint or `--format safetensors` export (each said with what to do), no config.json. With
@@ -549,12 +546,17 @@ def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = 
                               "export the run again with --format hf")
         recorded = hf.get("gpttrain", {}).get("tokenizer") if isinstance(hf.get("gpttrain"), dict) else None
         if tokenizer_spec is not None and isinstance(recorded, dict):
-            differ = [f"{k} {recorded.get(k)!r} vs the data's {tokenizer_spec.get(k)!r}" for k in TOKENIZER_KEYS
-                      if recorded.get(k) != tokenizer_spec.get(k)]
+            from gpttrain.tokenizer import spec_differences
+
+            differ = spec_differences(recorded, tokenizer_spec)
             if differ:
-                raise ConfigError(f"{d} was trained with another tokenizer than the data's ({'; '.join(differ)}); "
-                                  "its embeddings would stand for other tokens: prepare the data with its "
-                                  "tokenizer (gpttrain prepare ... --tokenizer-file of the exported tokenizer)")
+                kind = recorded.get("kind")
+                its = (f"--tokenizer bpe --tokenizer-file {d / 'tokenizer.json'}" if kind == "bpe"
+                       else f"--tokenizer {kind}")
+                raise ConfigError(f"{d} was trained with another tokenizer than the data's ("
+                                  + "; ".join(f"{k} {was!r} vs the data's {now!r}" for k, was, now in differ)
+                                  + f"); its embeddings would stand for other tokens: prepare the text with its "
+                                  f"tokenizer (gpttrain prepare ... {its})")
     except ConfigError as e:
         raise ConfigError(f"--init-from: {e}") from None
 

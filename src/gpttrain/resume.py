@@ -34,6 +34,7 @@ from gpttrain.checkpoint import (
     verify,
 )
 from gpttrain.errors import ConfigError
+from gpttrain.tokenizer import spec_differences
 
 log = logging.getLogger("gpttrain")
 
@@ -81,9 +82,8 @@ def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -
             problems.append(f"model.{key}: checkpoint {was!r} vs requested {now!r}")
     saved_tok = (state.get("tokenizer") or {}).get("spec") or {}
     now_tok = trainer.tokenizer.spec() if trainer.tokenizer is not None else {}
-    for key in ("kind", "vocab_size", "eot_id", "sha256"):
-        if saved_tok.get(key) != now_tok.get(key):
-            problems.append(f"tokenizer.{key}: checkpoint {saved_tok.get(key)!r} vs data {now_tok.get(key)!r}")
+    for key, was, now in spec_differences(saved_tok, now_tok):
+        problems.append(f"tokenizer.{key}: checkpoint {was!r} vs data {now!r}")
     if problems:
         which = f"checkpoint {path}" if path is not None else "the checkpoint"
         raise ConfigError(f"cannot resume: {which} does not fit this run:\n  " + "\n  ".join(problems)

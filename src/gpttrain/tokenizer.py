@@ -31,6 +31,16 @@ class Tokenizer(Protocol):
     def spec(self) -> dict[str, Any]: ...
 
 
+SPEC_KEYS = ("kind", "vocab_size", "eot_id", "sha256")  # what decides the ids a tokenizer gives
+
+
+def spec_differences(was: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, was, now) for each way two tokenizer specs give other ids. A sha256 one side lacks is none: gpt2 from
+    tiktoken's own cache has no file to hash, the same ranks from a file do (bpe always has one)."""
+    return [(k, was.get(k), now.get(k)) for k in SPEC_KEYS if was.get(k) != now.get(k)
+            and not (k == "sha256" and (was.get(k) is None or now.get(k) is None))]
+
+
 def _sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
