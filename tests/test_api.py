@@ -114,18 +114,25 @@ def test_generate_cli_streams_the_same_text(run_dir, tmp_path):
 
 
 def test_generate_into_a_pipe_closed_early_exits_quietly(run_dir, tmp_path):
-    """`gpttrain generate ... | head -c 20`: the reader leaves, generate stops without a traceback."""
+    """`gpttrain generate ... | head -c 20`: the reader leaves, generate stops without a traceback. 200 samples of
+    up to 100,000 tokens each: far more than a pipe holds, so it is still writing when the reader leaves."""
     import subprocess
     import sys
 
-    proc = subprocess.Popen([sys.executable, "-m", "gpttrain", "generate", "--checkpoint", str(run_dir), "--prompt",
-                             "Line", "--max-new-tokens", "100000", "--seed", "1"], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert len(proc.stdout.read(20)) == 20
-    proc.stdout.close()  # as head does once it has its bytes
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 141, err
-    assert "Traceback" not in err and "BrokenPipe" not in err, err
+    with open(tmp_path / "err.txt", "w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "gpttrain", "generate", "--checkpoint", str(run_dir),
+                                 "--prompt", "Line", "--max-new-tokens", "100000", "--num-samples", "200",
+                                 "--seed", "1"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=err)
+        try:
+            assert len(proc.stdout.read(20)) == 20
+            proc.stdout.close()  # as head does once it has its bytes
+            rc = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+        err.seek(0)
+        said = err.read()
+    assert rc == 141, said
+    assert "Traceback" not in said and "BrokenPipe" not in said, said
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -186,13 +193,14 @@ def test_export_hf_loads_in_transformers_with_the_same_logits(run_dir, tmp_path)
 
 @pytest.mark.parametrize("where, message", [
     ("run", "is a checkpoint or a run dir"),
-    ("above", "is or holds the checkpoint being read"),
+    ("above", "or holds runs"),
     ("checkpoint", "is a checkpoint or a run dir"),
     ("inside", "is or holds the checkpoint being read"),
     ("older", "is a checkpoint or a run dir"),  # another checkpoint of the run (before: replaced by the export)
     ("checkpoints", "is or holds the checkpoint being read"),
     ("beside", "lies among the run's checkpoints"),
     ("another run", "is a checkpoint or a run dir"),
+    ("runs", "or holds runs"),  # a folder of runs, the one exported not among them (before: all deleted)
 ])
 def test_export_never_overwrites_a_checkpoint(run_dir, tmp_path, where, message):
     """--out --overwrite replaces --out as a whole: a checkpoint or a run dir (this run's, its other checkpoints,
@@ -204,7 +212,9 @@ def test_export_never_overwrites_a_checkpoint(run_dir, tmp_path, where, message)
     ckpt = run / "checkpoints" / "step-000000040"
     out = {"run": run, "above": run.parent, "checkpoint": ckpt, "inside": ckpt / "hf",
            "older": run / "checkpoints" / "step-000000020", "checkpoints": run / "checkpoints",
-           "beside": run / "checkpoints" / "hf", "another run": other}[where]
+           "beside": run / "checkpoints" / "hf", "another run": other, "runs": tmp_path / "others"}[where]
+    if where == "runs":
+        shutil.copytree(run_dir, tmp_path / "others" / "a")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     r = run_cli(["export", str(run), "--out", str(out), "--overwrite"], cwd=tmp_path)
     assert r.returncode == 2, r.stderr

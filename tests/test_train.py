@@ -3,6 +3,7 @@ import logging
 import os
 import re
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -181,8 +182,10 @@ def test_a_rank_local_error_is_said_by_its_rank(monkeypatch, capsys):
         return run_training
 
     waits = []
-    monkeypatch.setattr(cli.time, "sleep", waits.append)
+    monkeypatch.setattr(cli, "time", types.SimpleNamespace(sleep=waits.append))  # cli's alone, not the process's
     monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "test")  # torchrun's, on rank 0's node (GROUP_RANK 0)
+    monkeypatch.setenv("GROUP_RANK", "0")
     for rank, error, said, waited in [("0", DataError("shared"), "error: shared\n", []),
                                       ("1", DataError("shared"), "", [cli.SHARED_ERROR_GRACE_S]),
                                       ("1", rank_local(DataError("mine")), "[rank 1] error: mine\n", []),
@@ -193,6 +196,13 @@ def test_a_rank_local_error_is_said_by_its_rank(monkeypatch, capsys):
         assert capsys.readouterr().err == said
         assert waits == waited  # a shared verdict's other ranks leave rank 0 the time to say it
         waits.clear()
+    monkeypatch.setenv("GROUP_RANK", "1")  # another node's rank: its exit does not stop rank 0 at once
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setattr(run, "run_training", fails(DataError("shared")))
+    assert cli.main(["train", "--preset", "tiny"]) == 2 and waits == [] and capsys.readouterr().err == ""
+    # A command that runs alone says its error whatever RANK a launcher left in the environment.
+    assert cli.main(["consolidate", "no-such-run", "--out", "x"]) == 2
+    assert capsys.readouterr().err.startswith("error: ")
 
 
 def _on_every_rank(rank, world, port, out):

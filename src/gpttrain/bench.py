@@ -302,7 +302,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     `profile`, two more steps run under torch.profiler and the row gets their breakdown (`profile`); with
     `evaluation`, evaluations are timed too (`eval`, see time_evaluation); with `reads`, steps whose numbers
     are read at once and one step late (`reads`, see time_reads)."""
-    from gpttrain.run import build_loaders, ensure_data, resolve_vocab
+    from gpttrain.run import build_loaders, ensure_data, open_data
     from gpttrain.settings import check_run_settings
 
     if steps < 1:
@@ -312,13 +312,12 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     with (distmod.session(cfg.run.device, cfg.dist.backend, cfg.dist.timeout_s) as info,
           logging_levels(info.is_main, quiet=True)):
         cfg = copy.deepcopy(cfg)
-        check_run_settings(cfg, info)  # refused settings: before any data is prepared
+        # As train: refused settings before any data is prepared, and one verdict for every rank on each.
+        distmod.on_every(lambda: check_run_settings(cfg, info), info)
         data_dir = None
         if cfg.data.path is not None:
-            from gpttrain.data.prepare import open_tokenizer
-
             data_dir = ensure_data(cfg, info)  # a prepared dir, or text to prepare first (as train does)
-            cfg.model.vocab_size = resolve_vocab(cfg, open_tokenizer(data_dir).vocab_size)
+            cfg = distmod.on_every(lambda: open_data(cfg, info, data_dir), info)[0]  # the vocabulary fitted to it
         source = "synthetic" if data_dir is None else "data"
         sizes = [cfg.train.micro_batch_size]
         if sweep:

@@ -20,13 +20,16 @@ log = logging.getLogger("gpttrain")
 # The commands that take dotted config flags (--model.n_layers 6 ...) in the arguments argparse leaves over;
 # every other command refuses leftovers.
 CONFIG_COMMANDS = ("train", "bench", "info")
-# A bare `gpttrain train`'s first line, on the console and in the run's train.log.
-# How long a rank other than 0 waits, under a launcher, before it exits on a verdict every rank shares: torchrun
-# stops every other rank the moment one exits (SIGTERM, within 0.1 s), and rank 0, which says the verdict, may still
-# be in its cleanup (the last plot, the process group's teardown). Rank 0 normally exits first, and torchrun then
-# stops the waiting ranks at once, so the wait costs nothing.
+# The commands that run on many ranks under torchrun: a refusal every rank shares is said by rank 0 alone.
+DISTRIBUTED_COMMANDS = ("train", "bench")
+# How long a rank other than 0 on rank 0's node waits before it exits on a verdict every rank shares: torchrun
+# stops a node's other ranks the moment one exits (SIGTERM, within 0.1 s), and rank 0, which says the verdict, may
+# still be in its cleanup (the last plot, the process group's teardown). Rank 0 normally exits first, and torchrun
+# then stops the waiting ranks at once, so the wait costs nothing; other nodes' ranks do not wait (their exit does
+# not stop rank 0 at once).
 SHARED_ERROR_GRACE_S = 10.0
 
+# A bare `gpttrain train`'s first line, on the console and in the run's train.log.
 DEMO_NOTE = "no arguments: running the demo (preset demo on the embedded corpus); see gpttrain train --help"
 
 CONFIG_EPILOG = """config precedence: dataclass defaults < --preset < --config FILE < dotted flags.
@@ -263,20 +266,23 @@ def main(argv: list[str] | None = None) -> int:
             return run_info(config_from_args(args, rest)[0], gpus=args.gpus, gpu_mem_gib=args.gpu_mem,
                             as_json=args.json, emit=_print_json)
     except GpttrainError as e:
-        # A verdict every rank shares is said by rank 0 alone (each other rank would print the same line again);
-        # one that may be this rank's alone, by the rank that met it, which it names.
+        # Under a launcher, a verdict every rank shares is said by rank 0 alone (each other rank would print the
+        # same line again); one that may be this rank's alone, by the rank that met it, which it names.
         rank = os.environ.get("RANK", "0")
-        if e.rank_local and "WORLD_SIZE" in os.environ:
+        ranks = args.command in DISTRIBUTED_COMMANDS and "WORLD_SIZE" in os.environ
+        if ranks and e.rank_local:
             print(f"[rank {rank}] error: {e}", file=sys.stderr)
-        elif rank == "0":
+        elif not ranks or rank == "0":
             print(f"error: {e}", file=sys.stderr)
-        elif "WORLD_SIZE" in os.environ:
+        elif "TORCHELASTIC_RUN_ID" in os.environ and os.environ.get("GROUP_RANK", "0") == "0":
             time.sleep(SHARED_ERROR_GRACE_S)  # rank 0 says it; exiting first could get rank 0 stopped before it does
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
+        if args.command != "generate":
+            raise
         # The reader went away (`gpttrain generate ... | head`): nothing more to say to it. stdout is pointed at
         # devnull so the interpreter's flush at exit does not fail again.
         with contextlib.suppress(OSError, ValueError):  # a stream without a file descriptor (a test's capture)

@@ -50,10 +50,10 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
             dev = torch.device(requested)
         except (RuntimeError, ValueError, TypeError):
             dev = None
-        if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.index is not None and dev.type != "cuda"):
+        if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
             raise ConfigError(f"--device: {requested!r} is not a device gpttrain runs on; use auto, cpu, cuda, "
                               "cuda:N or mps")
-        if dev.index is None:
+        if dev.index is None or dev.type != "cuda":  # cpu:0 and mps:0 are the one cpu and mps
             requested = dev.type
         else:
             resolve_device("cuda")  # the same refusal where there is no CUDA

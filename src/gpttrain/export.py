@@ -322,17 +322,18 @@ def _hf_to_ours(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, t
 
 def refuse_overlap(out: str | Path, source: str | Path | None = None) -> None:
     """An --out that is replaced as a whole (export, consolidate) may not be the current directory or a folder
-    holding it, nor a checkpoint or a run dir (any run's), nor the checkpoint `source` being read, a folder holding
-    it or one inside it, nor lie among its run's checkpoints."""
+    holding it, nor a checkpoint, a run dir with checkpoints or a folder of such runs, nor the checkpoint `source`
+    being read, a folder holding it or one inside it, nor lie among its run's checkpoints."""
     from gpttrain.checkpoint import COMPLETE, step_folders
 
     o, here = Path(out).resolve(), Path.cwd().resolve()
     if o == here or o in here.parents:
         raise ConfigError(f"--out: {str(out)!r} is the current directory or holds it; it is replaced as a whole, "
                           "so give a new directory")
-    if (o / COMPLETE).is_file() or step_folders(o):
-        raise ConfigError(f"--out: {out} is a checkpoint or a run dir; --out is replaced as a whole, which would "
-                          "delete it: give a new directory")
+    if (o / COMPLETE).is_file() or step_folders(o) or (o.is_dir() and any(step_folders(c) for c in o.iterdir()
+                                                                           if c.is_dir())):
+        raise ConfigError(f"--out: {out} is a checkpoint or a run dir, or holds runs; --out is replaced as a whole, "
+                          "which would delete them: give a new directory")
     if source is not None:
         src = Path(source).resolve()
         if o == src or o in src.parents or src in o.parents:
@@ -523,7 +524,8 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
                   if getattr(from_file, k) != getattr(cfg, k)]
         if not differ:
             raise
-        raise ConfigError(f"{e}; its config.json gives " + ", ".join(f"{k} {getattr(from_file, k)}" for k in differ)
+        what = str(e).split("; set --model.")[0]  # its one hint, replaced by the whole geometry's
+        raise ConfigError(f"{what}; its config.json gives " + ", ".join(f"{k} {getattr(from_file, k)}" for k in differ)
                           + ": set " + " ".join(f"--model.{k} {getattr(from_file, k)}" for k in differ)) from None
 
 

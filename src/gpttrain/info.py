@@ -63,21 +63,17 @@ def _fit_to_data(cfg: Config) -> str | None:
     tokenizer, or text's where its size is known before it is prepared (byte). A line saying so, or None."""
     from pathlib import Path
 
-    from gpttrain.data.shards import META_NAME, load_meta
-    from gpttrain.errors import DataError
-    from gpttrain.run import resolve_vocab
+    from gpttrain.data.shards import load_meta
+    from gpttrain.run import is_prepared, resolve_vocab
     from gpttrain.tokenizer import ByteTokenizer
 
     if cfg.data.path is None:
         return None
     p = Path(cfg.data.path)
-    if (p / META_NAME).is_file():
+    if is_prepared(p):
         tok = load_meta(p)["tokenizer"]
         cfg.model.vocab_size = resolve_vocab(cfg, tok["vocab_size"])
         return f"vocabulary: {cfg.model.vocab_size}, from {p}'s {tok['kind']} tokenizer ({tok['vocab_size']} tokens)"
-    if not p.exists():
-        raise DataError(f"--data: {str(p)!r} does not exist; give a dir made by `gpttrain prepare ... --out DIR`, "
-                        "or a text file or directory to prepare")
     if cfg.data.tokenizer == "byte":
         cfg.model.vocab_size = resolve_vocab(cfg, ByteTokenizer.vocab_size)
         return f"vocabulary: {cfg.model.vocab_size}, from the byte tokenizer {p} will be prepared with"

@@ -42,12 +42,28 @@ def ensure_data(cfg: Config, info: DistInfo) -> Path:
         raise DataError(msg if path is None or msg.startswith("--") else f"--data {path}: {msg}") from None
 
 
-def _ensure_data_here(cfg: Config) -> Path:
-    from gpttrain.data.prepare import prepare
+def is_prepared(path: str | Path) -> bool:
+    """--data: True for a prepared dir (its meta.json), False for text to prepare; refused where it is neither
+    (absent, or shards without meta.json)."""
     from gpttrain.data.shards import META_NAME
 
+    p = Path(path)
+    if (p / META_NAME).is_file():
+        return True
+    if not p.exists():
+        raise DataError(f"--data: {str(path)!r} does not exist; give a dir made by `gpttrain prepare ... --out DIR`, "
+                        "or a text file or directory to prepare")
+    if p.is_dir() and any(p.glob("*.bin")):
+        raise DataError(f"--data: {path} holds shards but no meta.json (an interrupted prepare?); "
+                        f"run `gpttrain prepare ... --out {path}` again")
+    return False
+
+
+def _ensure_data_here(cfg: Config) -> Path:
+    from gpttrain.data.prepare import prepare
+
     path = cfg.data.path
-    if path is not None and (Path(path) / META_NAME).is_file():
+    if path is not None and is_prepared(path):
         return Path(path)
     if path is None:
         out = Path("data") / f"stdlib-{cfg.data.tokenizer}"
@@ -57,12 +73,6 @@ def _ensure_data_here(cfg: Config) -> Path:
         what = "the embedded corpus (Python's standard library sources)"
     else:
         p = Path(path)
-        if not p.exists():
-            raise DataError(f"--data: {path!r} does not exist; give a dir made by `gpttrain prepare ... --out DIR`, "
-                            "or a text file or directory to prepare")
-        if p.is_dir() and any(p.glob("*.bin")):
-            raise DataError(f"--data: {path} holds shards but no meta.json (an interrupted prepare?); "
-                            f"run `gpttrain prepare ... --out {path}` again")
         # The full path and the tokenizer settings in the name: a/train.txt and b/train.txt never share a dir.
         key = f"{p.resolve()}|{cfg.data.tokenizer}|{cfg.data.bpe_vocab_size}|{cfg.data.tokenizer_file}"
         if cfg.data.bpe_train_mb:  # it decides the tokenizer too (absent by default: existing dirs keep names)
