@@ -562,7 +562,10 @@ def test_ctrl_c_exits_130_at_once_and_leaves_nothing(tmp_path, target, when):
     proc = subprocess.Popen(
         [sys.executable, "-m", "gpttrain", "prepare", "-q", str(src), "--out", str(out), "--tokenizer", "bpe",
          "--vocab-size", "300", "--bpe-train-mb", "0.2", "--workers", "2"],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        # A test run started in the background of a shell without job control (`x; pytest &`) ignores SIGINT,
+        # and a child inherits that: Ctrl-C's default, as in a terminal, for the command under test.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 60
         while not (_spawned_workers(proc.pid) if when == "start"  # in their imports: they take ~0.5 s
