@@ -6,9 +6,9 @@ class GpttrainError(Exception):
 
     The CLI prints it as one line on stderr and exits with status 2, without a traceback. Under torchrun rank 0
     alone prints it: most are verdicts every rank shares (the same settings refused the same way, or one outcome
-    given to every rank: `distributed.on_main`, `distributed.on_every`). One that may be this rank's alone (its
-    GPU ran out of memory, its write failed where the others' did not) is made with `rank_local(...)`: the rank
-    that raised it prints it, naming itself.
+    given to every rank: `distributed.on_main`, `distributed.on_every`, which names a rank that failed alone). One
+    that no agreement can reach (its GPU ran out of memory mid-step, its LOCAL_RANK has no GPU before the process
+    group exists) is made with `rank_local(...)`: the rank that raised it prints it, naming itself.
     """
 
     rank_local = False
