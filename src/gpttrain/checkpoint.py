@@ -131,6 +131,12 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for p in step_folders(run_dir) if (p / COMPLETE).is_file()]
 
 
+def is_checkpoint_or_run(path: str | Path) -> bool:
+    """A checkpoint folder (its COMPLETE marker) or a run dir with checkpoint folders: what an --out that is
+    replaced as a whole, or an --init-from (a model directory), must not be."""
+    return (Path(path) / COMPLETE).is_file() or bool(step_folders(path))
+
+
 def _versions() -> dict[str, str]:
     import numpy
 

@@ -324,14 +324,13 @@ def refuse_overlap(out: str | Path, source: str | Path | None = None) -> None:
     """An --out that is replaced as a whole (export, consolidate) may not be the current directory or a folder
     holding it, nor a checkpoint, a run dir with checkpoints or a folder of such runs, nor the checkpoint `source`
     being read, a folder holding it or one inside it, nor lie among its run's checkpoints."""
-    from gpttrain.checkpoint import COMPLETE, step_folders
+    from gpttrain.checkpoint import is_checkpoint_or_run, step_folders
 
     o, here = Path(out).resolve(), Path.cwd().resolve()
     if o == here or o in here.parents:
         raise ConfigError(f"--out: {str(out)!r} is the current directory or holds it; it is replaced as a whole, "
                           "so give a new directory")
-    if (o / COMPLETE).is_file() or step_folders(o) or (o.is_dir() and any(step_folders(c) for c in o.iterdir()
-                                                                           if c.is_dir())):
+    if is_checkpoint_or_run(o) or (o.is_dir() and any(step_folders(c) for c in o.iterdir() if c.is_dir())):
         raise ConfigError(f"--out: {out} is a checkpoint or a run dir, or holds runs; --out is replaced as a whole, "
                           "which would delete them: give a new directory")
     if source is not None:
@@ -534,11 +533,11 @@ def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = 
     gpttrain run, checkpoint or `--format safetensors` export (each said with what to do), no config.json. With
     `tokenizer_spec` (the data's), a directory gpttrain exported with another tokenizer is refused: its
     embeddings' rows would stand for other tokens. Messages name --init-from."""
-    from gpttrain.checkpoint import COMPLETE, step_folders
+    from gpttrain.checkpoint import is_checkpoint_or_run
 
     d = Path(hf_dir)
     try:
-        if d.is_dir() and ((d / COMPLETE).is_file() or step_folders(d)):
+        if d.is_dir() and is_checkpoint_or_run(d):
             raise ConfigError(f"{d} is a gpttrain run or checkpoint, not a model directory; continue it with "
                               f"--resume, or start from its weights: gpttrain export {d} --out DIR, then "
                               "--init-from DIR")
