@@ -136,17 +136,19 @@ def test_generate_into_a_pipe_closed_early_exits_quietly(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top-p", "1.5"], "--top-p"),
-    (["--top-p", "0"], "--top-p"),
-    (["--temperature", "-1"], "--temperature"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--top-p", "1.5"], "--top-p: 1.5 must be in (0, 1]"),
+    (["--top-p", "0"], "--top-p: 0.0 must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature: -1.0 must be >= 0"),
+    (["--temperature", "1e-300"], "--temperature: 1e-300 must be 0 (greedy) or between"),
+    (["--max-new-tokens", "0"], "--max-new-tokens: 0 must be an integer of at least 1"),
+    (["--seed", "-3"], "--seed: -3 must be an integer in [0, 4294967295]"),
     (["--seed", "4294967295", "--num-samples", "2"], "--seed: 4294967295 must be at most 4294967294 with "
                                                      "--num-samples 2 (sample i uses seed + i)"),
 ])
 def test_generate_bad_flags(run_dir, tmp_path, flags, message):
     r = run_cli(["generate", "--checkpoint", str(run_dir), "--prompt", "x", *flags], cwd=tmp_path)
     assert r.returncode == 2
-    assert r.stderr.startswith("error: ") and message in r.stderr
+    assert r.stderr.startswith("error: " + message), r.stderr
 
 
 @pytest.mark.parametrize("how", ["latin1-file", "latin1-stdin", "directory"])
@@ -280,6 +282,19 @@ def test_load_refuses_a_device_that_is_not_one(run_dir, device, message):
         pytest.skip("this machine has a cuda:5")
     with pytest.raises(ConfigError, match=re.escape(message)):
         gpttrain.load(run_dir, device=device)
+
+
+def test_the_api_names_its_keywords(run_dir):
+    """A Python caller's mistakes are named as the keywords it passed, not as the generate command's flags."""
+    from gpttrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape("dtype='fp16' is not allowed; use one of fp32, bf16")):
+        gpttrain.load(run_dir, dtype="fp16")
+    loaded = gpttrain.load(run_dir)
+    with pytest.raises(ConfigError, match=re.escape("seed='7' must be an integer in [0, 4294967295]")):
+        loaded.generate("Line", 3, seed="7")
+    with pytest.raises(ConfigError, match=re.escape("num_samples=0 must be an integer of at least 1")):
+        gpttrain.generate(loaded, "Line", 3, num_samples=0)
 
 
 @pytest.mark.parametrize("what, message", [

@@ -361,33 +361,42 @@ def test_vocab_limit_and_empty_prompt():
     assert len(text) == 1 and isinstance(text[0], str)
 
 
-@pytest.mark.parametrize("kwargs, flag", [
-    (dict(top_p=0.0), "--top-p"),
-    (dict(top_p=1.5), "--top-p"),
-    (dict(top_p=float("nan")), "--top-p"),
-    (dict(temperature=-0.1), "--temperature"),
-    (dict(temperature=1e300), "--temperature"),  # -inf / inf: NaN probabilities
-    (dict(temperature=1e-300), "--temperature"),  # logits / 1e-300 overflow
-    (dict(seed=2**70), "--seed"),
-    (dict(seed=-1), "--seed"),
-    (dict(max_new_tokens=0), "--max-new-tokens"),
-    (dict(top_k=0), "--top-k"),
-    (dict(num_samples=0), "--num-samples"),
+@pytest.mark.parametrize("kwargs, keyword", [
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(top_p=1.5), "top_p=1.5"),
+    (dict(top_p=float("nan")), "top_p=nan"),
+    (dict(temperature=-0.1), "temperature=-0.1"),
+    (dict(temperature=1e300), "temperature=1e+300"),  # -inf / inf: NaN probabilities
+    (dict(temperature=1e-300), "temperature=1e-300"),  # logits / 1e-300 overflow
+    (dict(temperature="0.7"), "temperature='0.7'"),
+    (dict(seed=2**70), "seed=1180591620717411303424"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(seed="1"), "seed='1'"),  # not a TypeError from deep inside torch.Generator
+    (dict(seed=1.5), "seed=1.5"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(max_new_tokens=2.0), "max_new_tokens=2.0"),
+    (dict(top_k=0), "top_k=0"),
+    (dict(top_k=True), "top_k=True"),
+    (dict(num_samples=0), "num_samples=0"),
 ])
-def test_bad_sampling_settings_name_the_flag(kwargs, flag):
+def test_bad_sampling_settings_name_the_keyword(kwargs, keyword):
+    """From Python the message names the argument as it was passed (the generate command names its flags:
+    tests/test_api.py), one ConfigError for a wrong type as for a wrong value."""
     model = tiny_model(vocab_size=257)
     args = dict(max_new_tokens=5)
     args.update(kwargs)
-    with pytest.raises(ConfigError, match=flag):
+    with pytest.raises(ConfigError) as e:
         generate_text(model, ByteTokenizer(), "hi", **args)
+    assert str(e.value).startswith(keyword + " ") and "--" not in str(e.value)
     if "num_samples" not in kwargs:
-        with pytest.raises(ConfigError, match=flag):
+        with pytest.raises(ConfigError) as e:
             generate_ids(model, [1, 2], **args)
+        assert str(e.value).startswith(keyword + " ")
 
 
 def test_bad_prompts():
     model = tiny_model()
-    with pytest.raises(ConfigError, match="--prompt.*empty"):
+    with pytest.raises(ConfigError, match="prompt_ids: the prompt is empty and no eot_id"):
         generate_ids(model, [], 3)
     with pytest.raises(ConfigError, match="outside the model's vocabulary"):
         generate_ids(model, [1, 97], 3)

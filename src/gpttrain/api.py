@@ -47,7 +47,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     from gpttrain.model import build_model
 
     if dtype not in DTYPES:
-        raise ConfigError(f"--dtype: {dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
+        raise ConfigError(f"dtype={dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
     path = ckpt.resolve_checkpoint(path)
     state = ckpt.verify(path, skip=("optimizer.pt",))  # inference reads no optimizer state
     cfg = from_dict(state["config"])
@@ -136,7 +136,7 @@ def run_generate(args, out=None) -> int:
     out = out if out is not None else sys.stdout  # looked up now: a default bound at import keeps a stale stream
 
     check_sampling_args(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                        top_p=args.top_p, num_samples=args.num_samples, seed=args.seed)
+                        top_p=args.top_p, num_samples=args.num_samples, seed=args.seed, flags=True)
     if args.seed is not None and args.seed + args.num_samples - 1 > MAX_SEED:
         raise ConfigError(f"--seed: {args.seed} must be at most {MAX_SEED - args.num_samples + 1} with "
                           f"--num-samples {args.num_samples} (sample i uses seed + i)")

@@ -477,10 +477,12 @@ def check_seed(flag: str, seed: int) -> None:
         raise ConfigError(f"{flag}: {seed} must be in [0, {MAX_SEED}]")
 
 
-def check_temperature(flag: str, temperature: float) -> None:
-    """0 (greedy) or a range where logits / temperature stays finite (NaN and negatives fall outside)."""
+def check_temperature(label: str, temperature: float) -> None:
+    """0 (greedy) or a range where logits / temperature stays finite (NaN and negatives fall outside). `label`
+    starts the message, before the value: a flag, a colon and a space (`--log.sample_temperature: `) or a keyword
+    (`temperature=`)."""
     if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"{flag}: {temperature!r} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+        raise ConfigError(f"{label}{temperature!r} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
                           f"{MAX_TEMPERATURE:g} (below that it is greedy decoding in effect)")
 
 
@@ -544,7 +546,7 @@ def validate_config(cfg: Config) -> None:
     lg = cfg.log
     if lg.sample_tokens < 1:
         raise ConfigError(f"--log.sample_tokens: {lg.sample_tokens} must be at least 1")
-    check_temperature("--log.sample_temperature", lg.sample_temperature)
+    check_temperature("--log.sample_temperature: ", lg.sample_temperature)
     if lg.sample_top_k is not None and lg.sample_top_k < 1:
         raise ConfigError(f"--log.sample_top_k: {lg.sample_top_k} must be at least 1 (or none)")
     if lg.sample_every < 0:

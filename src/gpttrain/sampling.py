@@ -57,23 +57,36 @@ def check_sampling_args(
     top_p: float | None = None,
     num_samples: int = 1,
     seed: int | None = None,
+    flags: bool = False,
 ) -> None:
-    """Refuse impossible sampling settings with a message naming the command-line flag."""
-    from gpttrain.config import check_seed, check_temperature
+    """Refuse impossible sampling settings with one message naming the argument: its keyword (`top_p=`) for
+    Python callers, its command-line flag (`--top-p`) with `flags` (the `generate` command)."""
+    from gpttrain.config import MAX_SEED, check_temperature
 
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: {max_new_tokens!r} must be an integer of at least 1")
-    if not isinstance(temperature, (int, float)) or math.isnan(temperature) or temperature < 0:
-        raise ConfigError(f"--temperature: {temperature!r} must be >= 0 (0 = greedy, 1 = the model's distribution)")
-    check_temperature("--temperature", temperature)
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ConfigError(f"--top-k: {top_k!r} must be an integer of at least 1 (leave it out to keep every token)")
-    if top_p is not None and (not isinstance(top_p, (int, float)) or math.isnan(top_p) or not 0.0 < top_p <= 1.0):
-        raise ConfigError(f"--top-p: {top_p!r} must be in (0, 1] (1 keeps every token)")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ConfigError(f"--num-samples: {num_samples!r} must be an integer of at least 1")
-    if seed is not None:
-        check_seed("--seed", seed)
+    def name(arg: str) -> str:  # the message's start, before the value
+        return "--" + arg.replace("_", "-") + ": " if flags else arg + "="
+
+    def integer(value) -> bool:
+        return isinstance(value, int) and not isinstance(value, bool)
+
+    def number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+
+    if not integer(max_new_tokens) or max_new_tokens < 1:
+        raise ConfigError(f"{name('max_new_tokens')}{max_new_tokens!r} must be an integer of at least 1")
+    if not number(temperature) or temperature < 0:
+        raise ConfigError(f"{name('temperature')}{temperature!r} must be >= 0 (0 = greedy, 1 = the model's "
+                          "distribution)")
+    check_temperature(name("temperature"), temperature)
+    if top_k is not None and (not integer(top_k) or top_k < 1):
+        raise ConfigError(f"{name('top_k')}{top_k!r} must be an integer of at least 1 (leave it out to keep every "
+                          "token)")
+    if top_p is not None and (not number(top_p) or not 0.0 < top_p <= 1.0):
+        raise ConfigError(f"{name('top_p')}{top_p!r} must be in (0, 1] (1 keeps every token)")
+    if not integer(num_samples) or num_samples < 1:
+        raise ConfigError(f"{name('num_samples')}{num_samples!r} must be an integer of at least 1")
+    if seed is not None and (not integer(seed) or not 0 <= seed <= MAX_SEED):
+        raise ConfigError(f"{name('seed')}{seed!r} must be an integer in [0, {MAX_SEED}]")
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -136,20 +149,20 @@ def _prompt_tensor(prompt_ids: Sequence[int] | torch.Tensor, eot_id: int | None,
         if idx.dim() == 1:
             idx = idx.unsqueeze(0)  # (1, T)
         if idx.dim() != 2:
-            raise ConfigError(f"--prompt: prompt ids must be a list of ints or a (B, T) tensor, got shape "
+            raise ConfigError(f"prompt_ids: must be a list of ints or a (B, T) tensor, got shape "
                               f"{tuple(prompt_ids.shape)}")
     else:
         idx = torch.tensor([list(prompt_ids)], dtype=torch.long, device=device).reshape(1, -1)  # (1, T)
     if idx.size(0) < 1:
-        raise ConfigError("--num-samples: a prompt batch needs at least one row")
+        raise ConfigError("prompt_ids: a batch of prompts needs at least one row")
     if idx.size(1) == 0:
         if eot_id is None:
-            raise ConfigError("--prompt: the prompt is empty and no end-of-text id was given to start from")
+            raise ConfigError("prompt_ids: the prompt is empty and no eot_id was given to start from")
         idx = torch.full((idx.size(0), 1), eot_id, dtype=torch.long, device=device)  # (B, 1)
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ConfigError(f"--prompt: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
+        raise ConfigError(f"prompt_ids: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
                           "was the prompt encoded with the tokenizer the model was trained with?")
     return idx
 
