@@ -1176,6 +1176,44 @@ def test_a_failing_evaluation_compile_falls_back_to_eager_once(data_dir, tmp_pat
                         "evaluating eagerly from now on (--train.compile_eval false skips the attempt)"]
 
 
+def test_bench_sweep_stops_where_larger_sizes_stopped_paying_or_would_not_fit(tmp_path, monkeypatch, caplog):
+    """Off CUDA no out-of-memory error ends a sweep: before, a CPU sweep ran all 9 sizes (to 256), each compiled
+    and compared with the plain loop, for many minutes, or was killed by the system. It now stops after two sizes
+    in a row slower than the best, and before a size whose estimated memory exceeds what the machine has."""
+    from gpttrain import bench
+    from gpttrain.config import parse_dotted, resolve
+    from gpttrain.distributed import DistInfo
+
+    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
+    info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+
+    def rows(*tok_per_s):
+        return [dict(micro_batch_size=2**i, tok_per_s=t, precision="fp32", compile=False, strategy="single",
+                     recompute_weight_casts=False) for i, t in enumerate(tok_per_s)]
+
+    assert bench._sweep_stops(cfg, info, rows(10, 20), 4) is None
+    assert bench._sweep_stops(cfg, info, rows(10, 20, 19), 8) is None  # one slower size may be noise
+    assert bench._sweep_stops(cfg, info, rows(10, 20, 19, 25, 24), 32) is None  # the best moved on
+    assert bench._sweep_stops(cfg, info, rows(10, 20, 19, 18), 16) == (
+        "micro-batch 2 was the fastest (20 tokens/s) and the 2 sizes after it were slower")
+    assert bench._sweep_stops(cfg, info, rows(10, 20, 20, 20), 16) is not None  # equal is no faster
+    # The memory estimate, against what the machine has (1 KiB here).
+    monkeypatch.setattr(bench, "host_memory_available", lambda: 1024)
+    said = bench._sweep_stops(cfg, info, rows(10, 20), 4)
+    assert said is not None and said.startswith("it would need about 0.0") and said.endswith(
+        "GiB (estimated) and this machine has 0.0 GiB available")
+    monkeypatch.setattr(bench, "host_memory_available", lambda: None)  # unknown: tried
+    assert bench._sweep_stops(cfg, info, rows(10, 20), 4) is None
+    # A whole sweep that memory ends after its first size: its row, then the best, and the reason.
+    monkeypatch.setattr(bench, "host_memory_available", lambda: 1024)
+    got = []
+    with caplog.at_level("WARNING", logger="gpttrain"):
+        assert bench.run_bench(cfg, got.append, warmup=0, steps=1, sweep=True) == 0
+    assert [r["micro_batch_size"] for r in got] == [1, 1] and got[-1]["best_micro_batch_size"] == 1
+    assert any(r.getMessage().startswith("bench --sweep stops before micro-batch 2: it would need about")
+               for r in caplog.records)
+
+
 def test_bench_sweep_closes_the_trainer_of_a_size_that_does_not_fit(tmp_path, monkeypatch):
     """A sweep stops at the first micro-batch that runs out of memory; that size's trainer is closed too (under DDP
     its wrapper must not outlive the process group), and the rows of the sizes that fit stand."""

@@ -8,7 +8,9 @@ matmul peak in the same run and reports `peak_ratio` (model TFLOP/s over that pe
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ from gpttrain import distributed as distmod
 from gpttrain.config import Config
 from gpttrain.errors import ConfigError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
-from gpttrain.memory import GIB, estimate_training_memory
+from gpttrain.memory import GIB, estimate_training_memory, run_layout
 from gpttrain.metrics import eval_time_share, flops_per_token, mfu, model_tflops
 from gpttrain.monitor import logging_levels
 from gpttrain.optim import build_optimizer
@@ -314,16 +316,22 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
         cfg = copy.deepcopy(cfg)
         # As train: refused settings before any data is prepared, and one verdict for every rank on each.
         distmod.on_every(lambda: check_run_settings(cfg, info), info)
-        data_dir = None
+        data_dir, opened = None, None
         if cfg.data.path is not None:
             data_dir = ensure_data(cfg, info)  # a prepared dir, or text to prepare first (as train does)
-            cfg = distmod.on_every(lambda: open_data(cfg, info, data_dir), info)[0]  # the vocabulary fitted to it
+            # The vocabulary fitted to the data, and its train loader for the configured micro-batch.
+            cfg, _, opened, _ = distmod.on_every(lambda: open_data(cfg, info, data_dir), info)
         source = "synthetic" if data_dir is None else "data"
         sizes = [cfg.train.micro_batch_size]
         if sweep:
             sizes = [2**i for i in range(9)]  # 1 to 256
         results = []
         for mb in sizes:
+            if sweep and results:
+                stop = distmod.on_main(functools.partial(_sweep_stops, cfg, info, results, mb), info)  # one choice
+                if stop:
+                    log.warning("bench --sweep stops before micro-batch %d: %s", mb, stop)
+                    break
             if sweep:
                 # Each size's model compiles afresh: entries left by the last ones would count against
                 # torch.compile's recompile limit (8 per function), past which it runs eagerly, unsaid.
@@ -333,6 +341,8 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             # A loader per size: its batches must have the micro-batch being timed.
             if data_dir is None:
                 loader = SyntheticLoader(c, info.device, seed=c.train.seed)
+            elif opened is not None and mb == cfg.train.micro_batch_size:
+                loader, opened = opened, None
             else:
                 loader, _ = build_loaders(c, info, data_dir)
             try:
@@ -353,6 +363,47 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
         if info.is_main:
             emit(best)
     return 0
+
+
+SWEEP_PATIENCE = 2  # sizes in a row no faster than the best so far, after which --sweep stops
+
+
+def _sweep_stops(cfg: Config, info, rows: list[dict], mb: int) -> str | None:
+    """Why `bench --sweep` should not try micro-batch `mb` after `rows` (None: try it). Larger sizes are not
+    tried once SWEEP_PATIENCE sizes in a row were no faster than the best so far (tokens/s tends to level
+    off, then fall, once the batch fills the device). Off CUDA, where running out of memory is no exception
+    bench can catch but the system killing the process, a size whose estimated training memory (for each of
+    this machine's ranks) exceeds the memory available is not tried either."""
+    best = max(range(len(rows)), key=lambda i: rows[i]["tok_per_s"])
+    if len(rows) - 1 - best >= SWEEP_PATIENCE:
+        return (f"micro-batch {rows[best]['micro_batch_size']} was the fastest "
+                f"({rows[best]['tok_per_s']:,.0f} tokens/s) and the {SWEEP_PATIENCE} sizes after it were slower")
+    if info.device.type == "cuda":
+        return None  # an out-of-memory error ends the sweep
+    last = rows[-1]
+    c = copy.deepcopy(cfg)
+    c.train.micro_batch_size = mb
+    layout = run_layout(c.model, c.train, last["precision"], last["compile"], 0,
+                        strategy="fsdp" if last["strategy"] == "fsdp" else "ddp", world_size=info.world_size,
+                        recompute_casts=last["recompute_weight_casts"])
+    need = estimate_training_memory(c.model, mb, **layout).total * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    available = host_memory_available()
+    if available is not None and need > available:
+        return (f"it would need about {need / GIB:.1f} GiB (estimated) and this machine has "
+                f"{available / GIB:.1f} GiB available")
+    return None
+
+
+def host_memory_available() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's MemAvailable), None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool = False,
@@ -395,7 +446,7 @@ def _time_trainer(trainer, cfg: Config, info, warmup: int, steps: int, profile: 
     res = {
         "preset": cfg.preset, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "world_size": info.world_size, "precision": trainer.precision,
+        "world_size": info.world_size, "strategy": trainer.strategy, "precision": trainer.precision,
         "compile": compiled, "compile_mode": cfg.train.compile_mode if compiled else None,
         "compile_scope": cfg.train.compile_scope if compiled else None, "attention": cfg.train.attention,
         "fp8": cfg.train.fp8, "recompute_weight_casts": trainer.recast,

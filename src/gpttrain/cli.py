@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_arguments(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
-    p.add_argument("--sweep", action="store_true", help="try micro-batch sizes 1, 2, 4, ... and report the best")
+    p.add_argument("--sweep", action="store_true",
+                   help="try micro-batch sizes 1, 2, 4, ... 256 and report the best; stops at the first that does "
+                        "not fit, after two in a row slower than the best, and (off CUDA) before one whose "
+                        "estimated memory exceeds what the machine has")
     p.add_argument("--profile", action="store_true",
                    help="then profile two more steps and add where their time went (milliseconds per step by kind "
                         "of kernel: matmul, attention, compiled elementwise, optimizer...; the top kernels; the "
