@@ -1214,6 +1214,30 @@ def test_bench_sweep_stops_where_larger_sizes_stopped_paying_or_would_not_fit(tm
                for r in caplog.records)
 
 
+def _sweep_rank(rank, world, port, run_dir, out):
+    from gpttrain import bench
+    from gpttrain.config import parse_dotted, resolve
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+    if rank == 0:  # rank 0 alone would stop after micro-batch 1; rank 1, deciding itself, would go on alone
+        bench.host_memory_available = lambda: 1024
+    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(run_dir), "--run.device", "cpu",
+                                              "--dist.timeout_s", "60"]))
+    rows = []
+    assert bench.run_bench(cfg, rows.append, warmup=0, steps=1, sweep=True) == 0
+    (out / f"rank{rank}.json").write_text(json.dumps([r["micro_batch_size"] for r in rows]))
+
+
+def test_bench_sweep_stops_on_every_rank_where_rank_0_does(tmp_path):
+    """The sweep's choice to stop is rank 0's, given to every rank: ranks that chose alone (each its own timings
+    and memory) could part, one building the next size's DDP while the other had left: a hang."""
+    mp.spawn(_sweep_rank, args=(2, free_port(), tmp_path / "run", tmp_path), nprocs=2, join=True)
+    assert json.loads((tmp_path / "rank0.json").read_text()) == [1, 1]  # the size's row, then the best
+    assert json.loads((tmp_path / "rank1.json").read_text()) == []  # rank 0 emits the rows
+
+
 def test_bench_sweep_closes_the_trainer_of_a_size_that_does_not_fit(tmp_path, monkeypatch):
     """A sweep stops at the first micro-batch that runs out of memory; that size's trainer is closed too (under DDP
     its wrapper must not outlive the process group), and the rows of the sizes that fit stand."""

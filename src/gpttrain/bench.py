@@ -330,7 +330,8 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             if sweep and results:
                 stop = distmod.on_main(functools.partial(_sweep_stops, cfg, info, results, mb), info)  # one choice
                 if stop:
-                    log.warning("bench --sweep stops before micro-batch %d: %s", mb, stop)
+                    if info.is_main:  # the choice is rank 0's, and so is the word
+                        log.warning("bench --sweep stops before micro-batch %d: %s", mb, stop)
                     break
             if sweep:
                 # Each size's model compiles afresh: entries left by the last ones would count against
