@@ -136,9 +136,9 @@ def test_generate_into_a_pipe_closed_early_exits_quietly(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--top-p", "1.5"], "--top-p: 1.5 must be in (0, 1]"),
-    (["--top-p", "0"], "--top-p: 0.0 must be in (0, 1]"),
-    (["--temperature", "-1"], "--temperature: -1.0 must be >= 0"),
+    (["--top-p", "1.5"], "--top-p: 1.5 must be a number in (0, 1]"),
+    (["--top-p", "0"], "--top-p: 0.0 must be a number in (0, 1]"),
+    (["--temperature", "-1"], "--temperature: -1.0 must be a number >= 0"),
     (["--temperature", "1e-300"], "--temperature: 1e-300 must be 0 (greedy) or between"),
     (["--max-new-tokens", "0"], "--max-new-tokens: 0 must be an integer of at least 1"),
     (["--seed", "-3"], "--seed: -3 must be an integer in [0, 4294967295]"),
@@ -267,21 +267,23 @@ def test_export_safetensors_and_init_from(run_dir, tmp_path):
 
 
 @pytest.mark.parametrize("device, message", [
-    ("tpu", "'tpu' is not a device gpttrain runs on; use auto, cpu, cuda, cuda:N or mps"),
-    ("", "'' is not a device"),
-    ("cpu:1", "'cpu:1' is not a device"),
-    ("cuda:5", "cuda"),  # no CUDA here: refused as cuda is; on a GPU machine, as a GPU it does not have
+    ("tpu", "device='tpu' is not a device gpttrain runs on; use auto, cpu, cuda, cuda:N or mps"),
+    ("", "device='' is not a device"),
+    ("cpu:1", "device='cpu:1' is not a device"),
+    # No CUDA here: refused as cuda is; on a GPU machine, as a GPU it does not have.
+    ("cuda:5", "device='cuda' was asked for but torch sees no CUDA GPU"),
 ])
 def test_load_refuses_a_device_that_is_not_one(run_dir, device, message):
     """Before, any name gpttrain did not know loaded onto the CPU without a word (cuda:1 too)."""
     from gpttrain.errors import ConfigError
 
     if device == "cuda:5" and torch.cuda.is_available():
-        message = "cuda:5 does not exist" if torch.cuda.device_count() <= 5 else None
+        message = "device='cuda:5' does not exist" if torch.cuda.device_count() <= 5 else None
     if message is None:
         pytest.skip("this machine has a cuda:5")
-    with pytest.raises(ConfigError, match=re.escape(message)):
+    with pytest.raises(ConfigError) as e:
         gpttrain.load(run_dir, device=device)
+    assert str(e.value).startswith(message) and "--device" not in str(e.value), e.value
 
 
 def test_the_api_names_its_keywords(run_dir):
@@ -295,6 +297,8 @@ def test_the_api_names_its_keywords(run_dir):
         loaded.generate("Line", 3, seed="7")
     with pytest.raises(ConfigError, match=re.escape("num_samples=0 must be an integer of at least 1")):
         gpttrain.generate(loaded, "Line", 3, num_samples=0)
+    with pytest.raises(ConfigError, match="^top_p=1000"):  # not an OverflowError from math.isnan
+        loaded.generate("Line", 3, top_p=10**400)
 
 
 @pytest.mark.parametrize("what, message", [

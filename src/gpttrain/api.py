@@ -51,7 +51,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
     path = ckpt.resolve_checkpoint(path)
     state = ckpt.verify(path, skip=("optimizer.pt",))  # inference reads no optimizer state
     cfg = from_dict(state["config"])
-    dev = resolve_device(device)
+    dev = resolve_device(device, flag=False)
     model = build_model(cfg.model, dev, init=False)  # every weight comes from the checkpoint
     ckpt.load_full_model(model, path, state)  # one file, or the shards of an FSDP run
     model.to(_torch_dtype(dtype)).eval()

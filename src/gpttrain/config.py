@@ -472,9 +472,10 @@ MAX_SEED = 2**32 - 1  # a seed every generator takes (numpy's legacy one, torch'
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 
 
-def check_seed(flag: str, seed: int) -> None:
-    if not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{flag}: {seed} must be in [0, {MAX_SEED}]")
+def check_seed(label: str, seed: int) -> None:
+    """An integer every generator takes. `label` starts the message, as check_temperature's does."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{label}{seed!r} must be an integer in [0, {MAX_SEED}]")
 
 
 def check_temperature(label: str, temperature: float) -> None:
@@ -540,7 +541,7 @@ def validate_config(cfg: Config) -> None:
         v = getattr(t, name)
         if v < 0:
             raise ConfigError(f"{_flag('train', name)}: {v} must be >= 0")
-    check_seed("--train.seed", t.seed)
+    check_seed("--train.seed: ", t.seed)
     if cfg.dist.timeout_s < 1:
         raise ConfigError(f"--dist.timeout_s: {cfg.dist.timeout_s} must be at least 1")
     lg = cfg.log

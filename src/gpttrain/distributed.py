@@ -42,23 +42,29 @@ def env_world() -> tuple[int, int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+def resolve_device(requested: str, local_rank: int = 0, flag: bool = True) -> torch.device:
     """The device this process trains on; refuses CUDA/MPS where there is none, and a name that is no device.
-    `cuda:N` (the Python API's `gpttrain.load`) names one GPU itself; plain `cuda` takes LOCAL_RANK's."""
+    `cuda:N` (the Python API's `gpttrain.load`) names one GPU itself; plain `cuda` takes LOCAL_RANK's. A
+    refusal names `--device` (the commands), or with `flag` False the Python keyword `device=`."""
+
+    def said(name) -> str:  # the message's start: the setting and its value
+        return f"--device: {name}" if flag else f"device={name!r}"
+
+    cpu = "--device cpu" if flag else "device='cpu'"
     if requested not in ("auto", "cpu", "cuda", "mps"):
         try:
             dev = torch.device(requested)
         except (RuntimeError, ValueError, TypeError):
             dev = None
         if dev is None or dev.type not in ("cpu", "cuda", "mps") or (dev.type != "cuda" and dev.index not in (None, 0)):
-            raise ConfigError(f"--device: {requested!r} is not a device gpttrain runs on; use auto, cpu, cuda, "
-                              "cuda:N or mps")
+            raise ConfigError(f"{said(repr(requested) if flag else requested)} is not a device gpttrain runs on; "
+                              "use auto, cpu, cuda, cuda:N or mps")
         if dev.index is None or dev.type != "cuda":  # cpu:0 and mps:0 are the one cpu and mps
             requested = dev.type
         else:
-            resolve_device("cuda")  # the same refusal where there is no CUDA
+            resolve_device("cuda", flag=flag)  # the same refusal where there is no CUDA
             if dev.index >= torch.cuda.device_count():
-                raise ConfigError(f"--device: {requested} does not exist (this machine has "
+                raise ConfigError(f"{said(requested)} does not exist (this machine has "
                                   f"{torch.cuda.device_count()} GPU(s): cuda:0..)")
             return dev
     if requested == "auto":
@@ -68,9 +74,9 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
             requested = "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError("--device: cuda was asked for but torch sees no CUDA GPU "
+            raise ConfigError(f"{said('cuda')} was asked for but torch sees no CUDA GPU "
                               f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
-                              "use --device cpu or install a CUDA build of torch")
+                              f"use {cpu} or install a CUDA build of torch")
         n = torch.cuda.device_count()
         if local_rank >= n:
             # Before the process group exists, and rank 0 (LOCAL_RANK 0) never meets it: said by the ranks that do.
@@ -79,7 +85,7 @@ def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
         return torch.device("cuda", local_rank)
     if requested == "mps":
         if not torch.backends.mps.is_available():
-            raise ConfigError("--device: mps was asked for but this machine has no Apple GPU; use --device cpu")
+            raise ConfigError(f"{said('mps')} was asked for but this machine has no Apple GPU; use {cpu}")
         return torch.device("mps")
     return torch.device("cpu")
 

@@ -22,7 +22,6 @@ Sliding by a quarter of the window rather than by one token means one re-prefill
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -61,7 +60,7 @@ def check_sampling_args(
 ) -> None:
     """Refuse impossible sampling settings with one message naming the argument: its keyword (`top_p=`) for
     Python callers, its command-line flag (`--top-p`) with `flags` (the `generate` command)."""
-    from gpttrain.config import MAX_SEED, check_temperature
+    from gpttrain.config import check_seed, check_temperature
 
     def name(arg: str) -> str:  # the message's start, before the value
         return "--" + arg.replace("_", "-") + ": " if flags else arg + "="
@@ -69,24 +68,24 @@ def check_sampling_args(
     def integer(value) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
 
-    def number(value) -> bool:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    def number(value) -> bool:  # (math.isnan would overflow on a huge int)
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
     if not integer(max_new_tokens) or max_new_tokens < 1:
         raise ConfigError(f"{name('max_new_tokens')}{max_new_tokens!r} must be an integer of at least 1")
     if not number(temperature) or temperature < 0:
-        raise ConfigError(f"{name('temperature')}{temperature!r} must be >= 0 (0 = greedy, 1 = the model's "
+        raise ConfigError(f"{name('temperature')}{temperature!r} must be a number >= 0 (0 = greedy, 1 = the model's "
                           "distribution)")
     check_temperature(name("temperature"), temperature)
     if top_k is not None and (not integer(top_k) or top_k < 1):
         raise ConfigError(f"{name('top_k')}{top_k!r} must be an integer of at least 1 (leave it out to keep every "
                           "token)")
     if top_p is not None and (not number(top_p) or not 0.0 < top_p <= 1.0):
-        raise ConfigError(f"{name('top_p')}{top_p!r} must be in (0, 1] (1 keeps every token)")
+        raise ConfigError(f"{name('top_p')}{top_p!r} must be a number in (0, 1] (1 keeps every token)")
     if not integer(num_samples) or num_samples < 1:
         raise ConfigError(f"{name('num_samples')}{num_samples!r} must be an integer of at least 1")
-    if seed is not None and (not integer(seed) or not 0 <= seed <= MAX_SEED):
-        raise ConfigError(f"{name('seed')}{seed!r} must be an integer in [0, {MAX_SEED}]")
+    if seed is not None:
+        check_seed(name("seed"), seed)
 
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
@@ -162,7 +161,7 @@ def _prompt_tensor(prompt_ids: Sequence[int] | torch.Tensor, eot_id: int | None,
     lo, hi = int(idx.min()), int(idx.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
-        raise ConfigError(f"prompt_ids: token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
+        raise ConfigError(f"the prompt's token id {bad} is outside the model's vocabulary (0..{vocab_size - 1}); "
                           "was the prompt encoded with the tokenizer the model was trained with?")
     return idx
 
