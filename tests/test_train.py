@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import logging
 import os
@@ -1179,39 +1180,72 @@ def test_a_failing_evaluation_compile_falls_back_to_eager_once(data_dir, tmp_pat
 def test_bench_sweep_stops_where_larger_sizes_stopped_paying_or_would_not_fit(tmp_path, monkeypatch, caplog):
     """Off CUDA no out-of-memory error ends a sweep: before, a CPU sweep ran all 9 sizes (to 256), each compiled
     and compared with the plain loop, for many minutes, or was killed by the system. It now stops after two sizes
-    in a row slower than the best, and before a size whose estimated memory exceeds what the machine has."""
+    in a row no faster than the best, and before a size whose estimated memory exceeds what the machine has."""
     from gpttrain import bench
     from gpttrain.config import parse_dotted, resolve
     from gpttrain.distributed import DistInfo
+    from gpttrain.memory import GIB, estimate_training_memory
 
-    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
+    cfg = resolve("gpt2-124m", None, parse_dotted([]))
     info = DistInfo(rank=0, local_rank=0, world_size=1, device=torch.device("cpu"), backend=None)
+    # A CPU run's layout: fp32, eager, the full logits (CPU computes no chunked loss).
+    layout = dict(precision="fp32", compiled=False, fused_loss=False)
 
-    def rows(*tok_per_s):
-        return [dict(micro_batch_size=2**i, tok_per_s=t, precision="fp32", compile=False, strategy="single",
-                     recompute_weight_casts=False) for i, t in enumerate(tok_per_s)]
+    def stops(*tok_per_s, info=info):
+        rows = [dict(micro_batch_size=2**i, tok_per_s=t) for i, t in enumerate(tok_per_s)]
+        return bench._sweep_stops(cfg.model, rows, layout, 2 ** len(rows), info)
 
-    assert bench._sweep_stops(cfg, info, rows(10, 20), 4) is None
-    assert bench._sweep_stops(cfg, info, rows(10, 20, 19), 8) is None  # one slower size may be noise
-    assert bench._sweep_stops(cfg, info, rows(10, 20, 19, 25, 24), 32) is None  # the best moved on
-    assert bench._sweep_stops(cfg, info, rows(10, 20, 19, 18), 16) == (
-        "micro-batch 2 was the fastest (20 tokens/s) and the 2 sizes after it were slower")
-    assert bench._sweep_stops(cfg, info, rows(10, 20, 20, 20), 16) is not None  # equal is no faster
-    # The memory estimate, against what the machine has (1 KiB here).
+    monkeypatch.setattr(bench, "host_memory_available", lambda: None)  # unknown: only the speed counts
+    assert stops(10, 20) is None
+    assert stops(10, 20, 19) is None  # one slower size may be noise
+    assert stops(10, 20, 19, 25, 24) is None  # the best moved on
+    assert stops(10, 20, 19, 18) == ("micro-batch 2 was the fastest (20 tokens/s) and the 2 sizes after it were no "
+                                     "faster")
+    assert stops(10, 20, 20, 20) is not None  # equal is no faster
+    assert stops(10, 20, 19, 18, info=dataclasses.replace(info, rank=1)) is None  # the speed is rank 0's to judge
+    # The memory: micro-batch 4 of gpt2-124m with its full fp32 logits (4 x 1024 x 50257) and the rest.
+    need = estimate_training_memory(cfg.model, 4, **layout).total
+    assert need > 4 * 1024 * 50257 * 4 * 2
+    monkeypatch.setattr(bench, "host_memory_available", lambda: int(need / 0.9) + 1)
+    assert stops(10, 20) is None
+    monkeypatch.setattr(bench, "host_memory_available", lambda: int(need / 0.9) - 1)
+    assert stops(10, 20) == (f"its training memory is estimated at {need / GIB:.2f} GiB, over 90% of the "
+                             f"{(int(need / 0.9) - 1) / GIB:.2f} GiB available")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # each of this machine's ranks needs as much
+    monkeypatch.setattr(bench, "host_memory_available", lambda: int(need / 0.9) + 1)
+    assert "for each of this machine's 2 ranks, over 90%" in stops(10, 20)
+    monkeypatch.setattr(bench, "host_memory_available", lambda: int(2 * need / 0.9) + 1)
+    assert stops(10, 20) is None
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    # A whole sweep of the tiny model that memory ends after its first size: its row, then the best, and why.
     monkeypatch.setattr(bench, "host_memory_available", lambda: 1024)
-    said = bench._sweep_stops(cfg, info, rows(10, 20), 4)
-    assert said is not None and said.startswith("it would need about 0.0") and said.endswith(
-        "GiB (estimated) and this machine has 0.0 GiB available")
-    monkeypatch.setattr(bench, "host_memory_available", lambda: None)  # unknown: tried
-    assert bench._sweep_stops(cfg, info, rows(10, 20), 4) is None
-    # A whole sweep that memory ends after its first size: its row, then the best, and the reason.
-    monkeypatch.setattr(bench, "host_memory_available", lambda: 1024)
+    tiny = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
+    got = []
+    with caplog.at_level("WARNING", logger="gpttrain"):
+        assert bench.run_bench(tiny, got.append, warmup=0, steps=1, sweep=True) == 0
+    assert [r["micro_batch_size"] for r in got] == [1, 1] and got[-1]["best_micro_batch_size"] == 1
+    assert any(r.getMessage().startswith("bench --sweep stops before micro-batch 2: its training memory is "
+                                         "estimated at") for r in caplog.records)
+
+
+def test_bench_sweep_ends_where_the_data_is_too_small_for_the_batch(tmp_path, monkeypatch, caplog):
+    """A sweep on real data too small for the larger sizes' batches keeps the rows of the sizes that fit and still
+    prints the best (before, a DataError at that size lost them all)."""
+    from gpttrain import bench
+    from gpttrain.config import parse_dotted, resolve
+
+    monkeypatch.setattr(bench, "SWEEP_PATIENCE", 9)  # only the data ends it
+    data = make_data(tmp_path, "".join(f"line {i} of a short text\n" for i in range(100)))  # 2.5 kB: ~35 windows
+    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path / "run"), "--run.device", "cpu",
+                                              "--data.path", str(data), "--train.micro_batch_size", "2"]))
     got = []
     with caplog.at_level("WARNING", logger="gpttrain"):
         assert bench.run_bench(cfg, got.append, warmup=0, steps=1, sweep=True) == 0
-    assert [r["micro_batch_size"] for r in got] == [1, 1] and got[-1]["best_micro_batch_size"] == 1
-    assert any(r.getMessage().startswith("bench --sweep stops before micro-batch 2: it would need about")
-               for r in caplog.records)
+    sizes = [r["micro_batch_size"] for r in got[:-1]]
+    assert sizes == [2**i for i in range(len(sizes))] and 2 <= len(sizes) < 9, sizes
+    assert got[-1]["best_micro_batch_size"] in sizes and {r["source"] for r in got} == {"data"}
+    said = [r.getMessage() for r in caplog.records if "bench --sweep stops" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"bench --sweep stops at micro-batch {2 * sizes[-1]}: "), said
 
 
 def _sweep_rank(rank, world, port, run_dir, out):
@@ -1225,17 +1259,22 @@ def _sweep_rank(rank, world, port, run_dir, out):
         bench.host_memory_available = lambda: 1024
     cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(run_dir), "--run.device", "cpu",
                                               "--dist.timeout_s", "60"]))
-    rows = []
+    rows, said = [], []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("gpttrain").addHandler(handler)
     assert bench.run_bench(cfg, rows.append, warmup=0, steps=1, sweep=True) == 0
-    (out / f"rank{rank}.json").write_text(json.dumps([r["micro_batch_size"] for r in rows]))
+    (out / f"rank{rank}.json").write_text(json.dumps([[r["micro_batch_size"] for r in rows], said]))
 
 
 def test_bench_sweep_stops_on_every_rank_where_rank_0_does(tmp_path):
     """The sweep's choice to stop is rank 0's, given to every rank: ranks that chose alone (each its own timings
     and memory) could part, one building the next size's DDP while the other had left: a hang."""
     mp.spawn(_sweep_rank, args=(2, free_port(), tmp_path / "run", tmp_path), nprocs=2, join=True)
-    assert json.loads((tmp_path / "rank0.json").read_text()) == [1, 1]  # the size's row, then the best
-    assert json.loads((tmp_path / "rank1.json").read_text()) == []  # rank 0 emits the rows
+    rows, said = json.loads((tmp_path / "rank0.json").read_text())
+    assert rows == [1, 1]  # the size's row, then the best
+    assert len(said) == 1 and said[0].startswith("bench --sweep stops before micro-batch 2: its training memory")
+    assert json.loads((tmp_path / "rank1.json").read_text()) == [[], []]  # rank 0 emits the rows and says why
 
 
 def test_bench_sweep_closes_the_trainer_of_a_size_that_does_not_fit(tmp_path, monkeypatch):

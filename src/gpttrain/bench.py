@@ -18,10 +18,10 @@ from typing import Any
 import torch
 
 from gpttrain import distributed as distmod
-from gpttrain.config import Config
-from gpttrain.errors import ConfigError
+from gpttrain.config import Config, ModelConfig
+from gpttrain.errors import ConfigError, DataError
 from gpttrain.loss import chunked_loss_wanted, compiles_head
-from gpttrain.memory import GIB, estimate_training_memory, run_layout
+from gpttrain.memory import GIB, USABLE_SHARE, estimate_training_memory
 from gpttrain.metrics import eval_time_share, flops_per_token, mfu, model_tflops
 from gpttrain.monitor import logging_levels
 from gpttrain.optim import build_optimizer
@@ -325,12 +325,14 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
         sizes = [cfg.train.micro_batch_size]
         if sweep:
             sizes = [2**i for i in range(9)]  # 1 to 256
-        results = []
+        results, layout = [], {}
         for mb in sizes:
             if sweep and results:
-                stop = distmod.on_main(functools.partial(_sweep_stops, cfg, info, results, mb), info)  # one choice
+                # Each rank's reason to stop here (its machine's memory; the speed from rank 0's timings alone),
+                # one verdict for every rank: ranks that went on apart would wait for each other for good.
+                stop = distmod.gather_failures(_sweep_stops(cfg.model, results, layout, mb, info), info)
                 if stop:
-                    if info.is_main:  # the choice is rank 0's, and so is the word
+                    if info.is_main:
                         log.warning("bench --sweep stops before micro-batch %d: %s", mb, stop)
                     break
             if sweep:
@@ -345,9 +347,16 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
             elif opened is not None and mb == cfg.train.micro_batch_size:
                 loader, opened = opened, None
             else:
-                loader, _ = build_loaders(c, info, data_dir)
+                try:
+                    loader = distmod.on_every(functools.partial(build_loaders, c, info, data_dir), info)[0]
+                except DataError as e:  # too little data for this size's batch: the sizes before it stand
+                    if not results:
+                        raise
+                    if info.is_main:
+                        log.warning("bench --sweep stops at micro-batch %d: %s", mb, e)
+                    break
             try:
-                res = _bench_one(c, info, loader, warmup, steps, profile, evaluation, reads)
+                res, layout = _bench_one(c, info, loader, warmup, steps, profile, evaluation, reads)
             except torch.cuda.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 log.warning("micro-batch %d does not fit", mb)
@@ -369,46 +378,57 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
 SWEEP_PATIENCE = 2  # sizes in a row no faster than the best so far, after which --sweep stops
 
 
-def _sweep_stops(cfg: Config, info, rows: list[dict], mb: int) -> str | None:
-    """Why `bench --sweep` should not try micro-batch `mb` after `rows` (None: try it). Larger sizes are not
-    tried once SWEEP_PATIENCE sizes in a row were no faster than the best so far (tokens/s tends to level
-    off, then fall, once the batch fills the device). Off CUDA, where running out of memory is no exception
-    bench can catch but the system killing the process, a size whose estimated training memory (for each of
-    this machine's ranks) exceeds the memory available is not tried either."""
-    best = max(range(len(rows)), key=lambda i: rows[i]["tok_per_s"])
-    if len(rows) - 1 - best >= SWEEP_PATIENCE:
-        return (f"micro-batch {rows[best]['micro_batch_size']} was the fastest "
-                f"({rows[best]['tok_per_s']:,.0f} tokens/s) and the {SWEEP_PATIENCE} sizes after it were slower")
-    if info.device.type == "cuda":
-        return None  # an out-of-memory error ends the sweep
-    last = rows[-1]
-    c = copy.deepcopy(cfg)
-    c.train.micro_batch_size = mb
-    layout = run_layout(c.model, c.train, last["precision"], last["compile"], 0,
-                        strategy="fsdp" if last["strategy"] == "fsdp" else "ddp", world_size=info.world_size,
-                        recompute_casts=last["recompute_weight_casts"])
-    need = estimate_training_memory(c.model, mb, **layout).total * int(os.environ.get("LOCAL_WORLD_SIZE", 1))
-    available = host_memory_available()
-    if available is not None and need > available:
-        return (f"it would need about {need / GIB:.1f} GiB (estimated) and this machine has "
-                f"{available / GIB:.1f} GiB available")
+def _sweep_stops(model: ModelConfig, rows: list[dict], layout: dict, mb: int, info) -> str | None:
+    """Why `bench --sweep` should not go on to micro-batch `mb` after `rows` (None: go on), by this rank. Rank 0:
+    once SWEEP_PATIENCE sizes in a row were no faster than the best so far (tokens/s levels off, then falls,
+    once a batch fills the device). Off CUDA, where running out of memory is no exception bench can catch but
+    the system killing the process: where the training memory estimated for `mb` with the last size's `layout`
+    (`Trainer.memory_layout`), times this machine's ranks, is over USABLE_SHARE of the memory available."""
+    if info.is_main:
+        best = max(range(len(rows)), key=lambda i: rows[i]["tok_per_s"])
+        if len(rows) - 1 - best >= SWEEP_PATIENCE:
+            return (f"micro-batch {rows[best]['micro_batch_size']} was the fastest ({rows[best]['tok_per_s']:,.0f} "
+                    f"tokens/s) and the {SWEEP_PATIENCE} sizes after it were no faster")
+    available = None if info.device.type == "cuda" else host_memory_available()
+    if available is None:
+        return None  # on CUDA an out-of-memory error ends the sweep
+    ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # this machine's, under torchrun
+    need = estimate_training_memory(model, mb, **layout).total
+    if need * ranks > USABLE_SHARE * available:
+        each = f" for each of this machine's {ranks} ranks" if ranks > 1 else ""
+        return (f"its training memory is estimated at {need / GIB:.2f} GiB{each}, over {USABLE_SHARE:.0%} of the "
+                f"{available / GIB:.2f} GiB available")
     return None
 
 
 def host_memory_available() -> int | None:
-    """Bytes of memory the system can give without swapping (Linux's MemAvailable), None where unknown."""
+    """Bytes of memory this process's machine can still give without swapping: Linux's MemAvailable, or less
+    where a cgroup (a container's limit, v2 or v1) leaves less; None where unknown (not Linux)."""
+    found = []
     try:
         with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
-    return None
+    for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
+                                      ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
+                                       "memory/memory.stat", "total_inactive_file")):
+        root = Path("/sys/fs/cgroup")
+        try:
+            cap = (root / limit).read_text().strip()
+            if cap == "max" or int(cap) >= 2**60:  # no limit
+                continue
+            # What the cgroup uses, less the page cache it would drop before killing anything.
+            reclaimable = dict(line.split() for line in (root / stat).read_text().splitlines()).get(cache, 0)
+            found.append(int(cap) - int((root / usage).read_text()) + int(reclaimable))
+        except (OSError, ValueError):
+            continue
+    return min(found) if found else None
 
 
 def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool = False,
-               evaluation: bool = False, reads: bool = False) -> dict:
+               evaluation: bool = False, reads: bool = False) -> tuple[dict, dict]:
+    """One size's row, and the layout of its memory estimate (`Trainer.memory_layout`)."""
     from gpttrain.trainer import Trainer
 
     device = info.device
@@ -418,6 +438,8 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
     trainer = Trainer(cfg, info, train_loader=loader)
     try:
         res = _time_trainer(trainer, cfg, info, warmup, steps, profile, evaluation, reads)
+        # The memory estimate's layout of this run as it is (on CPU too: the loss it computes, not a GPU's).
+        layout = trainer.memory_layout(recompute_casts=trainer.recast, fused_loss=trainer.model.chunked_loss)
     finally:
         trainer.close()  # also where a step failed (a sweep's size out of memory): DDP must not outlive its group
     residual = trainer.residual_dtype
@@ -432,7 +454,7 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
                                      residual)
         res["plain_step_s"] = plain
         res["overhead"] = res["step_s"] / plain - 1
-    return res
+    return res, layout
 
 
 def _time_trainer(trainer, cfg: Config, info, warmup: int, steps: int, profile: bool, evaluation: bool,

@@ -142,16 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_command("bench", help="time training steps; one JSON line", formatter_class=fmt,
                        epilog=CONFIG_EPILOG,
                        description="Time warmed-up training steps (synthetic tokens unless --data) and print one "
-                                   "JSON line: tok_per_s, tflops, mfu, mem_peak_gib; on CPU also a plain PyTorch "
-                                   "loop's time and our overhead; on CUDA the measured bf16 matmul peak and "
-                                   "peak_ratio.")
+                                   "JSON line (with --sweep, one per size and then the best): tok_per_s, tflops, "
+                                   "mfu, mem_peak_gib; on CPU also a plain PyTorch loop's time and our overhead; on "
+                                   "CUDA the measured bf16 matmul peak and peak_ratio.")
     _add_config_arguments(p)
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default: 3)")
     p.add_argument("--steps", type=int, default=10, help="timed steps (default: 10)")
     p.add_argument("--sweep", action="store_true",
                    help="try micro-batch sizes 1, 2, 4, ... 256 and report the best; stops at the first that does "
-                        "not fit, after two in a row slower than the best, and (off CUDA) before one whose "
-                        "estimated memory exceeds what the machine has")
+                        "not fit (or that the data is too small for), after two in a row no faster than the best, "
+                        "and (off CUDA) before one whose estimated memory is over 90%% of what the machine has "
+                        "available")
     p.add_argument("--profile", action="store_true",
                    help="then profile two more steps and add where their time went (milliseconds per step by kind "
                         "of kernel: matmul, attention, compiled elementwise, optimizer...; the top kernels; the "
