@@ -1228,6 +1228,31 @@ def test_bench_sweep_stops_where_larger_sizes_stopped_paying_or_would_not_fit(tm
                                          "estimated at") for r in caplog.records)
 
 
+def test_host_memory_available_takes_the_least_of_the_machine_and_its_container(tmp_path):
+    from gpttrain.bench import host_memory_available
+
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n")
+    cg = tmp_path / "cgroup"
+    (cg / "memory").mkdir(parents=True)
+    assert host_memory_available(str(meminfo), str(cg)) == 20000000 * 1024  # no cgroup files: the machine's
+    # cgroup v1 without a limit (its "no limit" is a huge number), then with 8 GiB, 5 used, 1 of it page cache.
+    (cg / "memory/memory.limit_in_bytes").write_text("9223372036854771712\n")
+    assert host_memory_available(str(meminfo), str(cg)) == 20000000 * 1024
+    (cg / "memory/memory.limit_in_bytes").write_text(f"{8 * 2**30}\n")
+    (cg / "memory/memory.usage_in_bytes").write_text(f"{5 * 2**30}\n")
+    (cg / "memory/memory.stat").write_text(f"cache 1234\ntotal_inactive_file {2**30}\n")
+    assert host_memory_available(str(meminfo), str(cg)) == 4 * 2**30
+    # cgroup v2 ("max": no limit; else its limit), the least of all.
+    (cg / "memory.max").write_text("max\n")
+    assert host_memory_available(str(meminfo), str(cg)) == 4 * 2**30
+    (cg / "memory.max").write_text(f"{3 * 2**30}\n")
+    (cg / "memory.current").write_text(f"{2 * 2**30}\n")
+    (cg / "memory.stat").write_text("anon 5\ninactive_file 0\n")
+    assert host_memory_available(str(meminfo), str(cg)) == 2**30
+    assert host_memory_available(str(tmp_path / "none"), str(tmp_path / "none")) is None  # not Linux
+
+
 def test_bench_sweep_ends_where_the_data_is_too_small_for_the_batch(tmp_path, monkeypatch, caplog):
     """A sweep on real data too small for the larger sizes' batches keeps the rows of the sizes that fit and still
     prints the best (before, a DataError at that size lost them all)."""

@@ -401,19 +401,19 @@ def _sweep_stops(model: ModelConfig, rows: list[dict], layout: dict, mb: int, in
     return None
 
 
-def host_memory_available() -> int | None:
+def host_memory_available(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int | None:
     """Bytes of memory this process's machine can still give without swapping: Linux's MemAvailable, or less
     where a cgroup (a container's limit, v2 or v1) leaves less; None where unknown (not Linux)."""
     found = []
     try:
-        with open("/proc/meminfo") as f:
+        with open(meminfo) as f:
             found += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
     except (OSError, ValueError, IndexError):
         pass
+    root = Path(cgroup)
     for limit, usage, stat, cache in (("memory.max", "memory.current", "memory.stat", "inactive_file"),
                                       ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes",
                                        "memory/memory.stat", "total_inactive_file")):
-        root = Path("/sys/fs/cgroup")
         try:
             cap = (root / limit).read_text().strip()
             if cap == "max" or int(cap) >= 2**60:  # no limit
