@@ -151,6 +151,14 @@ def test_generate_bad_flags(run_dir, tmp_path, flags, message):
     assert r.stderr.startswith("error: " + message), r.stderr
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal where there is no CUDA")
+def test_generate_names_its_device_flag(run_dir, tmp_path):
+    """The command resolves --device itself: its refusal names the flag, not gpttrain.load's keyword."""
+    r = run_cli(["generate", "--checkpoint", str(run_dir), "--prompt", "x", "--device", "cuda"], cwd=tmp_path)
+    assert r.returncode == 2 and r.stderr.startswith("error: --device: cuda was asked for but torch sees no CUDA GPU")
+    assert "use --device cpu" in r.stderr and "device=" not in r.stderr
+
+
 @pytest.mark.parametrize("how", ["latin1-file", "latin1-stdin", "directory"])
 def test_generate_refuses_a_prompt_it_cannot_read(run_dir, tmp_path, how):
     """A prompt that is not UTF-8 text, from a file or standard input, or a directory: one line, exit 2, before
@@ -271,7 +279,7 @@ def test_export_safetensors_and_init_from(run_dir, tmp_path):
     ("", "device='' is not a device"),
     ("cpu:1", "device='cpu:1' is not a device"),
     # No CUDA here: refused as cuda is; on a GPU machine, as a GPU it does not have.
-    ("cuda:5", "device='cuda' was asked for but torch sees no CUDA GPU"),
+    ("cuda:5", "device='cuda:5' was asked for but torch sees no CUDA GPU"),
 ])
 def test_load_refuses_a_device_that_is_not_one(run_dir, device, message):
     """Before, any name gpttrain did not know loaded onto the CPU without a word (cuda:1 too)."""

@@ -1209,21 +1209,27 @@ def test_bench_sweep_stops_where_larger_sizes_stopped_paying_or_would_not_fit(tm
     monkeypatch.setattr(bench, "host_memory_available", lambda: int(need / 0.9) + 1)
     assert stops(10, 20) is None
     monkeypatch.setattr(bench, "host_memory_available", lambda: int(need / 0.9) - 1)
-    assert stops(10, 20) == (f"its training memory is estimated at {need / GIB:.2f} GiB, over 90% of the "
-                             f"{(int(need / 0.9) - 1) / GIB:.2f} GiB available")
+    assert stops(10, 20) == (f"its training memory is estimated at {need / GIB:.1f} GiB, over 90% of the "
+                             f"{(int(need / 0.9) - 1) / GIB:.1f} GiB available")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # each of this machine's ranks needs as much
     monkeypatch.setattr(bench, "host_memory_available", lambda: int(need / 0.9) + 1)
-    assert "for each of this machine's 2 ranks, over 90%" in stops(10, 20)
+    assert stops(10, 20).startswith(f"its training memory is estimated at {2 * need / GIB:.1f} GiB "
+                                    f"({need / GIB:.1f} GiB for each of this machine's 2 ranks), over 90% of")
     monkeypatch.setattr(bench, "host_memory_available", lambda: int(2 * need / 0.9) + 1)
     assert stops(10, 20) is None
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
-    # A whole sweep of the tiny model that memory ends after its first size: its row, then the best, and why.
+    # A whole sweep of the tiny model that memory ends after its first size: its row, then the best, and why. The
+    # estimate is of the run's own layout: on CPU the plain loss, which keeps the full logits.
     monkeypatch.setattr(bench, "host_memory_available", lambda: 1024)
+    layouts = []
+    real_stops = bench._sweep_stops
+    monkeypatch.setattr(bench, "_sweep_stops", lambda *a: layouts.append(a[2]) or real_stops(*a))
     tiny = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path), "--run.device", "cpu"]))
     got = []
     with caplog.at_level("WARNING", logger="gpttrain"):
         assert bench.run_bench(tiny, got.append, warmup=0, steps=1, sweep=True) == 0
     assert [r["micro_batch_size"] for r in got] == [1, 1] and got[-1]["best_micro_batch_size"] == 1
+    assert len(layouts) == 1 and layouts[0]["fused_loss"] is False and layouts[0]["precision"] == "fp32"
     assert any(r.getMessage().startswith("bench --sweep stops before micro-batch 2: its training memory is "
                                          "estimated at") for r in caplog.records)
 
@@ -1255,14 +1261,16 @@ def test_host_memory_available_takes_the_least_of_the_machine_and_its_container(
 
 def test_bench_sweep_ends_where_the_data_is_too_small_for_the_batch(tmp_path, monkeypatch, caplog):
     """A sweep on real data too small for the larger sizes' batches keeps the rows of the sizes that fit and still
-    prints the best (before, a DataError at that size lost them all)."""
+    prints the best (before, a DataError at that size lost them all). A configured micro-batch the data is too
+    small for does not stop the sweep before it starts."""
     from gpttrain import bench
     from gpttrain.config import parse_dotted, resolve
 
     monkeypatch.setattr(bench, "SWEEP_PATIENCE", 9)  # only the data ends it
+    monkeypatch.setattr(bench, "host_memory_available", lambda: None)
     data = make_data(tmp_path, "".join(f"line {i} of a short text\n" for i in range(100)))  # 2.5 kB: ~35 windows
     cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(tmp_path / "run"), "--run.device", "cpu",
-                                              "--data.path", str(data), "--train.micro_batch_size", "2"]))
+                                              "--data.path", str(data), "--train.micro_batch_size", "64"]))
     got = []
     with caplog.at_level("WARNING", logger="gpttrain"):
         assert bench.run_bench(cfg, got.append, warmup=0, steps=1, sweep=True) == 0
@@ -1273,17 +1281,26 @@ def test_bench_sweep_ends_where_the_data_is_too_small_for_the_batch(tmp_path, mo
     assert len(said) == 1 and said[0].startswith(f"bench --sweep stops at micro-batch {2 * sizes[-1]}: "), said
 
 
-def _sweep_rank(rank, world, port, run_dir, out):
+def _sweep_rank(rank, world, port, run_dir, out, data):
     from gpttrain import bench
     from gpttrain.config import parse_dotted, resolve
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     torch.set_num_threads(1)
-    if rank == 0:  # rank 0 alone would stop after micro-batch 1; rank 1, deciding itself, would go on alone
-        bench.host_memory_available = lambda: 1024
-    cfg = resolve("tiny", None, parse_dotted(["--run.dir", str(run_dir), "--run.device", "cpu",
-                                              "--dist.timeout_s", "60"]))
+    flags = ["--run.dir", str(run_dir), "--run.device", "cpu", "--dist.timeout_s", "60"]
+    if data is None:
+        # Rank 0's machine is full, rank 1's has room: rank 1 deciding alone would go on alone.
+        bench.host_memory_available = (lambda: 1024) if rank == 0 else (lambda: None)
+    else:
+        # Rank 1 alone finds too little data for micro-batch 4: rank 0 would go on alone.
+        bench.host_memory_available, bench.SWEEP_PATIENCE = (lambda: None), 9
+        if rank == 1:
+            real = bench._loader_or_why
+            bench._loader_or_why = lambda c, *a: ((None, "too few windows here") if c.train.micro_batch_size >= 4
+                                                  else real(c, *a))
+        flags += ["--data.path", str(data)]
+    cfg = resolve("tiny", None, parse_dotted(flags))
     rows, said = [], []
     handler = logging.Handler(logging.WARNING)
     handler.emit = lambda record: said.append(record.getMessage())
@@ -1292,13 +1309,20 @@ def _sweep_rank(rank, world, port, run_dir, out):
     (out / f"rank{rank}.json").write_text(json.dumps([[r["micro_batch_size"] for r in rows], said]))
 
 
-def test_bench_sweep_stops_on_every_rank_where_rank_0_does(tmp_path):
-    """The sweep's choice to stop is rank 0's, given to every rank: ranks that chose alone (each its own timings
-    and memory) could part, one building the next size's DDP while the other had left: a hang."""
-    mp.spawn(_sweep_rank, args=(2, free_port(), tmp_path / "run", tmp_path), nprocs=2, join=True)
+@pytest.mark.parametrize("why", ["memory", "data"])
+def test_bench_sweep_stops_on_every_rank_where_one_rank_must(tmp_path, why):
+    """Each rank's reason to stop the sweep (rank 0's timings, each rank's own machine's memory, its data) is one
+    verdict for every rank: ranks that chose alone could part, one building the next size's DDP while the other
+    had left (a hang). Rank 0 says it, naming the rank where that is not rank 0."""
+    data = make_data(tmp_path) if why == "data" else None
+    mp.spawn(_sweep_rank, args=(2, free_port(), tmp_path / "run", tmp_path, data), nprocs=2, join=True)
     rows, said = json.loads((tmp_path / "rank0.json").read_text())
-    assert rows == [1, 1]  # the size's row, then the best
-    assert len(said) == 1 and said[0].startswith("bench --sweep stops before micro-batch 2: its training memory")
+    if why == "memory":
+        assert rows == [1, 1]  # the size's row, then the best
+        assert len(said) == 1 and said[0].startswith("bench --sweep stops before micro-batch 2: its training memory")
+    else:
+        assert rows[:-1] == [1, 2] and rows[-1] in (1, 2)
+        assert said == ["bench --sweep stops at micro-batch 4: rank 1: too few windows here"]
     assert json.loads((tmp_path / "rank1.json").read_text()) == [[], []]  # rank 0 emits the rows and says why
 
 

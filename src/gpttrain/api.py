@@ -141,7 +141,10 @@ def run_generate(args, out=None) -> int:
         raise ConfigError(f"--seed: {args.seed} must be at most {MAX_SEED - args.num_samples + 1} with "
                           f"--num-samples {args.num_samples} (sample i uses seed + i)")
     prompt = _read_prompt(args)
-    loaded = load(args.checkpoint, device=args.device, dtype=args.dtype)
+    from gpttrain.distributed import resolve_device
+
+    device = str(resolve_device(args.device))  # refused as the command's --device, not as load's device=
+    loaded = load(args.checkpoint, device=device, dtype=args.dtype)
     log.info("loaded %s (%s parameters%s)", loaded.checkpoint, f"{loaded.model.num_params():,}",
              "" if loaded.step is None else f", step {loaded.step}")
     for i in range(args.num_samples):

@@ -304,7 +304,7 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
     `profile`, two more steps run under torch.profiler and the row gets their breakdown (`profile`); with
     `evaluation`, evaluations are timed too (`eval`, see time_evaluation); with `reads`, steps whose numbers
     are read at once and one step late (`reads`, see time_reads)."""
-    from gpttrain.run import build_loaders, ensure_data, open_data
+    from gpttrain.run import ensure_data, open_data
     from gpttrain.settings import check_run_settings
 
     if steps < 1:
@@ -317,9 +317,11 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
         # As train: refused settings before any data is prepared, and one verdict for every rank on each.
         distmod.on_every(lambda: check_run_settings(cfg, info), info)
         data_dir, opened = None, None
+        if sweep:
+            cfg.train.micro_batch_size = 1  # the sweep's first size: data too small for the configured one may do
         if cfg.data.path is not None:
             data_dir = ensure_data(cfg, info)  # a prepared dir, or text to prepare first (as train does)
-            # The vocabulary fitted to the data, and its train loader for the configured micro-batch.
+            # The vocabulary fitted to the data, and its train loader for the (first) micro-batch.
             cfg, _, opened, _ = distmod.on_every(lambda: open_data(cfg, info, data_dir), info)
         source = "synthetic" if data_dir is None else "data"
         sizes = [cfg.train.micro_batch_size]
@@ -346,14 +348,12 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
                 loader = SyntheticLoader(c, info.device, seed=c.train.seed)
             elif opened is not None and mb == cfg.train.micro_batch_size:
                 loader, opened = opened, None
-            else:
-                try:
-                    loader = distmod.on_every(functools.partial(build_loaders, c, info, data_dir), info)[0]
-                except DataError as e:  # too little data for this size's batch: the sizes before it stand
-                    if not results:
-                        raise
+            else:  # a later size of a sweep on data (the first is `opened`)
+                loader, short = distmod.on_every(functools.partial(_loader_or_why, c, info, data_dir), info)
+                # Too little data for this size's batch, on any rank: the sizes before it stand, on every rank.
+                if (short := distmod.gather_failures(short, info)) is not None:
                     if info.is_main:
-                        log.warning("bench --sweep stops at micro-batch %d: %s", mb, e)
+                        log.warning("bench --sweep stops at micro-batch %d: %s", mb, short)
                     break
             try:
                 res, layout = _bench_one(c, info, loader, warmup, steps, profile, evaluation, reads)
@@ -378,6 +378,16 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
 SWEEP_PATIENCE = 2  # sizes in a row no faster than the best so far, after which --sweep stops
 
 
+def _loader_or_why(cfg: Config, info, data_dir: Path):
+    """(the train loader, None), or (None, why) where the data is too small for `cfg`'s batch."""
+    from gpttrain.run import build_loaders
+
+    try:
+        return build_loaders(cfg, info, data_dir)[0], None
+    except DataError as e:
+        return None, str(e)
+
+
 def _sweep_stops(model: ModelConfig, rows: list[dict], layout: dict, mb: int, info) -> str | None:
     """Why `bench --sweep` should not go on to micro-batch `mb` after `rows` (None: go on), by this rank. Rank 0:
     once SWEEP_PATIENCE sizes in a row were no faster than the best so far (tokens/s levels off, then falls,
@@ -395,9 +405,9 @@ def _sweep_stops(model: ModelConfig, rows: list[dict], layout: dict, mb: int, in
     ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))  # this machine's, under torchrun
     need = estimate_training_memory(model, mb, **layout).total
     if need * ranks > USABLE_SHARE * available:
-        each = f" for each of this machine's {ranks} ranks" if ranks > 1 else ""
-        return (f"its training memory is estimated at {need / GIB:.2f} GiB{each}, over {USABLE_SHARE:.0%} of the "
-                f"{available / GIB:.2f} GiB available")
+        each = f" ({need / GIB:.1f} GiB for each of this machine's {ranks} ranks)" if ranks > 1 else ""
+        return (f"its training memory is estimated at {need * ranks / GIB:.1f} GiB{each}, over {USABLE_SHARE:.0%} "
+                f"of the {available / GIB:.1f} GiB available")
     return None
 
 

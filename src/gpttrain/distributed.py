@@ -51,6 +51,11 @@ def resolve_device(requested: str, local_rank: int = 0, flag: bool = True) -> to
         return f"--device: {name}" if flag else f"device={name!r}"
 
     cpu = "--device cpu" if flag else "device='cpu'"
+
+    def no_cuda(name: str) -> ConfigError:
+        return ConfigError(f"{said(name)} was asked for but torch sees no CUDA GPU (torch {torch.__version__}, CUDA "
+                           f"build: {torch.version.cuda is not None}); use {cpu} or install a CUDA build of torch")
+
     if requested not in ("auto", "cpu", "cuda", "mps"):
         try:
             dev = torch.device(requested)
@@ -62,7 +67,8 @@ def resolve_device(requested: str, local_rank: int = 0, flag: bool = True) -> to
         if dev.index is None or dev.type != "cuda":  # cpu:0 and mps:0 are the one cpu and mps
             requested = dev.type
         else:
-            resolve_device("cuda", flag=flag)  # the same refusal where there is no CUDA
+            if not torch.cuda.is_available():
+                raise no_cuda(requested)
             if dev.index >= torch.cuda.device_count():
                 raise ConfigError(f"{said(requested)} does not exist (this machine has "
                                   f"{torch.cuda.device_count()} GPU(s): cuda:0..)")
@@ -74,9 +80,7 @@ def resolve_device(requested: str, local_rank: int = 0, flag: bool = True) -> to
             requested = "cpu"
     if requested == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"{said('cuda')} was asked for but torch sees no CUDA GPU "
-                              f"(torch {torch.__version__}, CUDA build: {torch.version.cuda is not None}); "
-                              f"use {cpu} or install a CUDA build of torch")
+            raise no_cuda("cuda")
         n = torch.cuda.device_count()
         if local_rank >= n:
             # Before the process group exists, and rank 0 (LOCAL_RANK 0) never meets it: said by the ranks that do.
@@ -198,7 +202,9 @@ def on_every(fn: Callable[[], Any], info: DistInfo) -> Any:
     raised on every rank, as one verdict (`gather_failures`), which rank 0 prints: a rank that failed alone (a file
     it cannot read, a shard of its own) is named there, and no rank goes on to a collective that a failed rank never
     enters. A rank whose own error is the verdict raises that error itself (another exception keeps its traceback);
-    the others raise a GpttrainError of that rank's class where it is one."""
+    the others raise the verdict as a GpttrainError: of their own error's class where they had one, plain where
+    their own call succeeded (so `except DataError` around `on_every` is not reached on every rank: a caller that
+    must go on after a refusal has `fn` return the reason and gathers it, as bench's sweep does)."""
     error: Exception | None = None
     try:
         value = fn()
