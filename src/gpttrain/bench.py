@@ -337,9 +337,10 @@ def run_bench(cfg: Config, emit, *, warmup: int = 3, steps: int = 10, sweep: boo
                     if info.is_main:
                         log.warning("bench --sweep stops before micro-batch %d: %s", mb, stop)
                     break
-            if sweep:
+            if sweep and results and results[-1]["compile"]:
                 # Each size's model compiles afresh: entries left by the last ones would count against
-                # torch.compile's recompile limit (8 per function), past which it runs eagerly, unsaid.
+                # torch.compile's recompile limit (8 per function), past which it runs eagerly, unsaid (none
+                # where the last size did not compile).
                 torch._dynamo.reset()
             c = copy.deepcopy(cfg)
             c.train.micro_batch_size = mb
