@@ -124,13 +124,19 @@ def first_step_grads(trainer) -> dict[str, torch.Tensor]:
     return grads
 
 
+def as_torchrun_rank(rank: int, world: int, port: int) -> None:
+    """This `mp.spawn`ed process as rank `rank` of `world` on one machine: torchrun's environment, one thread (the
+    ranks share 2 cores). For code that opens its own session (`run_bench`); `gloo_rank` opens one around a body."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    torch.set_num_threads(1)
+
+
 @contextlib.contextmanager
 def gloo_rank(rank: int, world: int, port: int):
-    """One rank of an `mp.spawn`ed test: torchrun's environment, one thread (the ranks share 2 cores), a gloo
-    session around the body; yields its DistInfo."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    """One rank of an `mp.spawn`ed test (`as_torchrun_rank`), a gloo session around the body; yields its
+    DistInfo."""
+    as_torchrun_rank(rank, world, port)
     from gpttrain import distributed as distmod
 
     with distmod.session("cpu", "gloo") as info:

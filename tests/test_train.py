@@ -16,6 +16,7 @@ from gpttrain.metrics import flops_per_token
 from gpttrain.optim import lr_at, param_groups
 from gpttrain.settings import plan_steps, resolve_precision, round_up
 from tests.helpers import (
+    as_torchrun_rank,
     assert_same_steps,
     build_trainer,
     first_step_grads,
@@ -1285,9 +1286,7 @@ def _sweep_rank(rank, world, port, run_dir, out, data):
     from gpttrain import bench
     from gpttrain.config import parse_dotted, resolve
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
-    torch.set_num_threads(1)
+    as_torchrun_rank(rank, world, port)
     flags = ["--run.dir", str(run_dir), "--run.device", "cpu", "--dist.timeout_s", "60"]
     if data is None:
         # Rank 0's machine is full, rank 1's has room: rank 1 deciding alone would go on alone.
