@@ -307,6 +307,11 @@ def test_the_api_names_its_keywords(run_dir):
         gpttrain.generate(loaded, "Line", 3, num_samples=0)
     with pytest.raises(ConfigError, match="^top_p=1000"):  # not an OverflowError from math.isnan
         loaded.generate("Line", 3, top_p=10**400)
+    # too many digits for repr (a ValueError that would replace the message)
+    with pytest.raises(ConfigError, match=r"^top_p=an integer of 16610 bits must be a number in \(0, 1\]"):
+        loaded.generate("Line", 3, top_p=10**5000)
+    with pytest.raises(ConfigError, match=r"^seed=a negative integer of 16610 bits must be an integer in"):
+        loaded.generate("Line", 3, seed=-10**5000)
 
 
 @pytest.mark.parametrize("what, message", [

@@ -85,6 +85,9 @@ def test_round_trip_through_dict():
         (None, "[trainer]\nx = 1\n", [], r"unknown section 'trainer' \(did you mean train\?\); sections are model"),
         (None, "lr = 1\n", [], r"unknown key 'lr'; top-level keys are preset"),
         (None, "[model\n", [], r"is not valid TOML"),
+        (None, "[train]\nseed = 1" + "0" * 5000 + "\n", [],  # Python refuses to read such an int: a ValueError
+         r"^--config: .*bad.toml holds a value too large to read \(Exceeds the limit \(4300 digits\) for integer "
+         r"string conversion: value has 5001 digits\); no setting takes one$"),
         (None, "preset = \"tinyy\"\n", [], r"^--config: .*bad.toml: preset = unknown preset 'tinyy'; choose one of"),
     ],
 )

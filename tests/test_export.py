@@ -292,6 +292,9 @@ def test_missing_files_are_named(tmp_path):
     (d / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         load_hf(d)
+    (d / "config.json").write_text('{"n_embd": 1' + "0" * 5000 + "}")  # json's int-digit limit: a plain ValueError
+    with pytest.raises(ConfigError, match="config.json: not valid JSON .*5001 digits"):
+        load_hf(d)
 
 
 @pytest.mark.parametrize("change, key", [

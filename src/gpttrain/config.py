@@ -23,7 +23,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from gpttrain.errors import ConfigError
+from gpttrain.errors import ConfigError, shown
 
 
 @dataclass
@@ -376,6 +376,10 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"--config: {p} is not UTF-8 text ({e.reason} at byte {e.start}); TOML files are "
                           "UTF-8") from None
+    except ValueError as e:  # (after its subclasses) Python's limit on an integer's digits (4300), met reading one
+        reason = str(e).split(";")[0]  # (its advice, to raise the limit, is for programs, not for a setting)
+        raise ConfigError(f"--config: {p} holds a value too large to read ({reason}); no setting takes one") \
+            from None
 
 
 def parse_dotted(args: list[str], command: str | None = None) -> list[tuple[str, str]]:
@@ -475,7 +479,7 @@ MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-6, 1e6
 def check_seed(label: str, seed: int) -> None:
     """An integer every generator takes. `label` starts the message, as check_temperature's does."""
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-        raise ConfigError(f"{label}{seed!r} must be an integer in [0, {MAX_SEED}]")
+        raise ConfigError(f"{label}{shown(seed)} must be an integer in [0, {MAX_SEED}]")
 
 
 def check_temperature(label: str, temperature: float) -> None:
@@ -483,7 +487,7 @@ def check_temperature(label: str, temperature: float) -> None:
     starts the message, before the value: a flag, a colon and a space (`--log.sample_temperature: `) or a keyword
     (`temperature=`)."""
     if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
-        raise ConfigError(f"{label}{temperature!r} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
+        raise ConfigError(f"{label}{shown(temperature)} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
                           f"{MAX_TEMPERATURE:g} (below that it is greedy decoding in effect)")
 
 

@@ -14,6 +14,17 @@ class GpttrainError(Exception):
     rank_local = False
 
 
+def shown(value: object) -> str:
+    """`repr(value)` for a message, also for an int too long for Python to print (over 4300 digits by default,
+    which `repr` refuses with a ValueError that would replace the message)."""
+    try:
+        return repr(value)
+    except ValueError:
+        if isinstance(value, int):
+            return f"{'a negative' if value < 0 else 'an'} integer of {value.bit_length()} bits"
+        return type(value).__name__
+
+
 def rank_local(error: GpttrainError) -> GpttrainError:
     """`error`, marked as possibly this rank's alone (see GpttrainError): `raise rank_local(DataError(...))`."""
     error.rank_local = True

@@ -461,7 +461,7 @@ def _read_config(d: Path) -> dict[str, Any]:
                           "model.safetensors")
     try:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (ValueError, UnicodeDecodeError) as e:  # ValueError: also an integer of over 4300 digits
         raise ConfigError(f"{cfg_path}: not valid JSON ({e})") from None
     if not isinstance(hf, dict):
         raise ConfigError(f"{cfg_path}: expected a JSON object")

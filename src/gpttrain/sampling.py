@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from gpttrain.errors import ConfigError
+from gpttrain.errors import ConfigError, shown
 from gpttrain.fp8 import has_fp8_layers
 from gpttrain.model import KVCache
 
@@ -72,18 +72,18 @@ def check_sampling_args(
         return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
     if not integer(max_new_tokens) or max_new_tokens < 1:
-        raise ConfigError(f"{name('max_new_tokens')}{max_new_tokens!r} must be an integer of at least 1")
+        raise ConfigError(f"{name('max_new_tokens')}{shown(max_new_tokens)} must be an integer of at least 1")
     if not number(temperature) or temperature < 0:
-        raise ConfigError(f"{name('temperature')}{temperature!r} must be a number >= 0 (0 = greedy, 1 = the model's "
-                          "distribution)")
+        raise ConfigError(f"{name('temperature')}{shown(temperature)} must be a number >= 0 (0 = greedy, 1 = the "
+                          "model's distribution)")
     check_temperature(name("temperature"), temperature)
     if top_k is not None and (not integer(top_k) or top_k < 1):
-        raise ConfigError(f"{name('top_k')}{top_k!r} must be an integer of at least 1 (leave it out to keep every "
+        raise ConfigError(f"{name('top_k')}{shown(top_k)} must be an integer of at least 1 (leave it out to keep every "
                           "token)")
     if top_p is not None and (not number(top_p) or not 0.0 < top_p <= 1.0):
-        raise ConfigError(f"{name('top_p')}{top_p!r} must be a number in (0, 1] (1 keeps every token)")
+        raise ConfigError(f"{name('top_p')}{shown(top_p)} must be a number in (0, 1] (1 keeps every token)")
     if not integer(num_samples) or num_samples < 1:
-        raise ConfigError(f"{name('num_samples')}{num_samples!r} must be an integer of at least 1")
+        raise ConfigError(f"{name('num_samples')}{shown(num_samples)} must be an integer of at least 1")
     if seed is not None:
         check_seed(name("seed"), seed)
 
