@@ -248,6 +248,8 @@ def test_interp_extends_past_the_ends_and_inverts():
 def test_format_count():
     assert [_format_count(v) for v in (0, 999, 1234, 4.5e6, 3.0e9, 2e12, -2000)] == \
         ["0", "999", "1.23K", "4.5M", "3B", "2T", "-2K"]
+    # rounding up to the next unit takes its suffix
+    assert [_format_count(v) for v in (999.7, 999_600, 999_700_000, -999_999)] == ["1K", "1M", "1B", "-1M"]
 
 
 def test_plot_losses_creates_out_dir(tmp_path):

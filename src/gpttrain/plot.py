@@ -173,7 +173,7 @@ def _interp(x: Any, xp: list[float], fp: list[float]) -> Any:
 def _format_count(value: float, _pos: Any = None) -> str:
     """1234 -> "1.23K", 4.5e9 -> "4.5B": token counts as people say them."""
     sign = "-" if value < 0 else ""
-    v = abs(value)
+    v = float(f"{abs(value):.3g}")  # rounded first: 999,600 is "1M", not "1e+03K"
     for div, suffix in ((1e12, "T"), (1e9, "B"), (1e6, "M"), (1e3, "K")):
         if v >= div:
             return f"{sign}{v / div:.3g}{suffix}"
