@@ -37,6 +37,10 @@ def test_mfu_and_tflops():
     ("NVIDIA H100 80GB HBM3", 989.0), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA H200", 989.0), ("NVIDIA H200 NVL", 835.0),
     ("NVIDIA A100-SXM4-80GB", 312.0), ("NVIDIA A10G", 70.0), ("NVIDIA L4", 121.0), ("NVIDIA L40S", 362.0),
     ("NVIDIA GeForce RTX 4090", 165.2), ("cpu", None), (None, None), ("Some Future GPU", None),
+    ("Tesla V100-SXM2-16GB", 125.0), ("NVIDIA A100 80GB PCIe", 312.0), ("Tesla T4", 65.0),
+    # whole words: other cards whose names contain a listed one are unknown, not given its peak
+    ("NVIDIA RTX A1000", None), ("NVIDIA RTX A4000", None), ("NVIDIA RTX A3000 Laptop GPU", None),
+    ("NVIDIA GB200", None), ("NVIDIA L40S", 362.0), ("NVIDIA L40", 181.0),
 ])
 def test_peak_lookup(name, peak):
     assert lookup_peak_tflops(name) == peak

@@ -5,10 +5,12 @@ Pure functions, unit-tested; the training loop's reporting builds on them.
 
 from __future__ import annotations
 
+import re
+
 from gpttrain.config import ModelConfig, TrainConfig
 
 # Dense bf16 tensor-core peaks in TFLOP/s per GPU, from the vendors' datasheets (no sparsity).
-# Matched against torch.cuda.get_device_name() by substring, most specific first.
+# Matched against torch.cuda.get_device_name() as whole words (A100 is not the RTX A1000), most specific first.
 GPU_BF16_PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("GH200", 989.0),
     ("H200 NVL", 835.0),  # the PCIe card, lower clocks and power than the SXM H200
@@ -93,6 +95,6 @@ def lookup_peak_tflops(device_name: str | None) -> float | None:
         return None
     name = device_name.upper()
     for key, peak in GPU_BF16_PEAK_TFLOPS:
-        if key.upper() in name:
+        if re.search(rf"(?<![A-Z0-9]){re.escape(key.upper())}(?![A-Z0-9])", name):
             return peak
     return None
