@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from gpttrain.errors import TokenizerError
@@ -97,6 +99,22 @@ def test_bpe_bad_file(tmp_path):
         BPETokenizer.from_file(bad)
     with pytest.raises(TokenizerError, match="does not exist"):
         BPETokenizer.from_file(tmp_path / "absent.json")
+    bad.write_bytes(b"\xff\xfe")
+    with pytest.raises(TokenizerError, match="not a tokenizers JSON file"):
+        BPETokenizer.from_file(bad)
+
+
+def test_bpe_file_without_endoftext_is_named_as_such(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=280, special_tokens=["</s>"], show_progress=False))
+    path = tmp_path / "tokenizer.json"
+    tok.save(str(path))  # a valid tokenizers file, whose documents end in </s>
+    with pytest.raises(TokenizerError, match=re.escape(f"--tokenizer-file: {path}: bpe tokenizer has no <|endoftext|> "
+                                                       "token; retrain it with gpttrain prepare")):
+        BPETokenizer.from_file(path)
 
 
 def test_bpe_spec_mismatch_is_refused():

@@ -198,10 +198,16 @@ class BPETokenizer:
         if not p.is_file():
             raise TokenizerError(f"--tokenizer-file: {str(p)!r} does not exist; give a tokenizer.json "
                                  "written by gpttrain prepare --tokenizer bpe")
+        from tokenizers import Tokenizer as HFTokenizer
+
         try:
-            return cls.from_json(p.read_text(encoding="utf-8"))
-        except (TokenizerError, UnicodeDecodeError):
+            tok = HFTokenizer.from_str(p.read_text(encoding="utf-8"))
+        except Exception:  # (tokenizers raises its own Exception type)
             raise TokenizerError(f"--tokenizer-file: {p} is not a tokenizers JSON file") from None
+        try:
+            return cls(tok)
+        except TokenizerError as e:  # a tokenizer, but not one gpttrain can use (no <|endoftext|>)
+            raise TokenizerError(f"--tokenizer-file: {p}: {e}") from None
 
     def encode(self, text: str) -> list[int]:
         if EOT_TEXT in text:
