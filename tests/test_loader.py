@@ -203,6 +203,24 @@ def test_state_of_other_data_is_refused(tmp_path):
         b.load_state_dict(a.state_dict())
 
 
+@pytest.mark.parametrize("stride", [65, 70])  # 1000 tokens: 15 windows at strides 64 and 65, 14 at 70
+def test_state_of_other_windows_is_refused_even_when_they_count_the_same(tmp_path, stride):
+    d = make_data_dir(tmp_path / "d", tokens_of(1000))
+    a = WindowLoader(d, context_length=64, stride=64, micro_batch_size=2, seed=1)
+    a.next_batch()
+    b = WindowLoader(d, context_length=64, stride=stride, micro_batch_size=2, seed=1)
+    with pytest.raises(DataError, match=re.escape(
+            f"the saved data cursor is for windows of 64 tokens at stride 64, this run cuts 64 at stride {stride}; "
+            "resume with --data.stride 64, or start a new run")):
+        b.load_state_dict(a.state_dict())
+    older = {k: v for k, v in a.state_dict().items() if k not in ("stride", "context_length")}
+    if b.num_windows == a.num_windows:
+        b.load_state_dict(older)  # a checkpoint that did not record them: the count is all there is to check
+    else:
+        with pytest.raises(DataError, match="counts 15 windows"):
+            b.load_state_dict(older)
+
+
 def test_too_few_tokens_or_windows(tmp_path):
     d = make_data_dir(tmp_path / "d", tokens_of(20), val=tokens_of(30))
     with pytest.raises(DataError, match=r"train split of .* holds 20 tokens: fewer than one window of "

@@ -221,6 +221,14 @@ class WindowLoader:
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         """Continue at the saved global sample; the seed comes from the state so the order is the same."""
+        saved = {k: sd.get(k) for k in ("context_length", "stride")}  # (absent from older checkpoints)
+        if any(v is not None and int(v) != getattr(self, k) for k, v in saved.items()):
+            # The same number of windows can be cut another way: the cursor would point at other samples.
+            raise DataError(
+                f"the saved data cursor is for windows of {saved['context_length']} tokens at stride "
+                f"{saved['stride']}, this run cuts {self.context_length} at stride {self.stride}; resume with "
+                f"--data.stride {saved['stride']}, or start a new run to train on other windows"
+            )
         if int(sd["num_windows"]) != self.num_windows:
             raise DataError(
                 f"the saved data cursor counts {sd['num_windows']} windows, the {self.split} split of "
