@@ -159,6 +159,24 @@ def test_resume_is_bit_exact_one_rank(data_dir, tmp_path, precision):
     assert len(resume) == 1 and resume[0]["step"] == k
 
 
+def test_a_fresh_run_over_a_dead_runs_metrics_plots_its_own_history(data_dir, tmp_path):
+    """A run killed before its first checkpoint leaves metrics.jsonl, its last line cut short; a run started in that
+    run dir (nothing to resume) appends a `start` record on a line of its own, and plots only what follows it."""
+    from gpttrain.plot import read_metrics as plotted
+
+    run = tmp_path / "run"
+    run.mkdir()
+    dead = "".join(json.dumps({"kind": "train", "step": s, "epoch": s / 10, "tokens": 100 * s, "loss": 99.0}) + "\n"
+                   for s in range(1, 9)) + '{"kind": "train", "step": 9, "lo'
+    (run / "metrics.jsonl").write_text(dead)
+    fit(data_dir, run, "--train.max_steps", "3", "--train.log_every", "1")
+    text = (run / "metrics.jsonl").read_text()
+    assert text.startswith(dead + "\n" + '{"kind": "start", "step": 0,')  # kept; the new run's lines are whole
+    m = plotted(run / "metrics.jsonl")
+    assert [r["step"] for r in m["train"]] == [1, 2, 3] and all(r["loss"] < 99 for r in m["train"])
+    assert [r["step"] for r in m["start"]] == [0] and "resume" not in m
+
+
 @pytest.fixture(scope="module")
 def two_rank_run(data_dir, tmp_path_factory):
     """An uninterrupted 2-rank run with dropout: 30 steps, a checkpoint every 5 (all kept)."""

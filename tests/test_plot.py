@@ -120,6 +120,16 @@ def test_resume_drops_the_abandoned_steps_not_yet_repeated(tmp_path):
     assert [r["loss"] for r in m["train"]][8:] == [1.0, 1.0]
 
 
+def test_a_start_drops_every_record_before_it(tmp_path):
+    # A run that died before its first checkpoint, then a run started from scratch in the same run dir.
+    before = [train_record(s, loss=100.0) for s in range(1, 13)] + [eval_record(10, val_loss=99.0)]
+    before += [{"kind": "note"}, {"kind": "resume", "step": 4}]
+    after = [{"kind": "start", "step": 0}] + [train_record(s, loss=1.0) for s in (1, 2)]
+    m = read_metrics(write_run(tmp_path, before + after))
+    assert [(r["step"], r["loss"]) for r in m["train"]] == [(1, 1.0), (2, 1.0)]
+    assert set(m) == {"start", "train"}
+
+
 def test_records_arrive_out_of_order_are_sorted(tmp_path):
     m = read_metrics(write_run(tmp_path, [train_record(3), train_record(1), train_record(2)]))
     assert [r["step"] for r in m["train"]] == [1, 2, 3]

@@ -167,6 +167,19 @@ def gpu_utilization(device: torch.device) -> float | None:
         return None
 
 
+def _ends_mid_line(path: Path) -> bool:
+    """Whether `path` exists and its last byte is not a newline."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, 2)
+            if f.tell() == 0:
+                return False
+            f.seek(-1, 2)
+            return f.read(1) != b"\n"
+    except FileNotFoundError:
+        return False
+
+
 class Monitor:
     def __init__(self, run_dir: Path, *, is_main: bool, total_steps: int, progress: str = "auto",
                  tensorboard: bool = False, wandb: bool = False, config: dict | None = None,
@@ -180,7 +193,11 @@ class Monitor:
         if not is_main:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
-        self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        metrics = run_dir / "metrics.jsonl"
+        torn = _ends_mid_line(metrics)
+        self._metrics = open(metrics, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        if torn:  # a run killed mid-write left half a line: this run's first record must not be glued onto it
+            self._metrics.write("\n")
         fh = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
         fh.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(fh)

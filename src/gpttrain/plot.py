@@ -57,7 +57,9 @@ def read_metrics(path: str | os.PathLike[str]) -> Metrics:
     A run resumed from a checkpoint logs a `resume` record and then repeats the steps after the
     checkpoint: later lines replace earlier ones with the same step, and records from before the resume
     whose step lies past the resume's step (the abandoned run went further than its last checkpoint)
-    are dropped, so a plot drawn while the resumed run catches up shows one consistent history.
+    are dropped, so a plot drawn while the resumed run catches up shows one consistent history. A `start`
+    record (a run that began from scratch) drops every record before it: those of a run that died in the same run
+    dir before its first checkpoint.
     Lines that are not JSON objects (a run killed mid-write leaves half a line at the end) are skipped
     with a warning; records without a "kind" are ignored; records without an integer step are kept
     in file order after the stepped ones of their kind (train and eval records need a step and are
@@ -95,7 +97,10 @@ def read_metrics(path: str | os.PathLike[str]) -> Metrics:
             if kind not in ("train", "eval"):
                 unstepped.setdefault(kind, []).append(record)
             continue
-        if kind == "resume":
+        if kind == "start":  # a run started afresh: what came before it belongs to a run that died before
+            by_step.clear()  # its first checkpoint (the run dir would otherwise be refused)
+            unstepped.clear()
+        elif kind == "resume":
             for other, steps in by_step.items():
                 if other != "resume":
                     for s in [s for s in steps if s > step]:

@@ -367,6 +367,8 @@ class Trainer(Reporting):
         if resumed is not None:
             monitor.record({"kind": "resume", "step": self.step, "tokens": self.tokens, "from": str(resumed),
                             "time": time.time()})
+        else:  # what metrics.jsonl holds before this (a run that died before its first checkpoint) is not plotted
+            monitor.record({"kind": "start", "step": self.step, "time": time.time()})
         stop = StopFlag()
         stop.install()
         try:
