@@ -37,6 +37,7 @@ from tests.helpers import (
     run_cli,
     single_info,
     stop_job,
+    take_steps,
     tiny_config,
     torchrun,
     torchrun_popen,
@@ -157,6 +158,28 @@ def test_resume_is_bit_exact_one_rank(data_dir, tmp_path, precision):
     assert_same_state(newest(a), newest(b))
     resume = [r for r in read_metrics(b) if r["kind"] == "resume"]
     assert len(resume) == 1 and resume[0]["step"] == k
+
+
+def test_resume_takes_this_runs_optimizer_settings(data_dir, tmp_path, caplog):
+    """The optimizer's settings are training settings: a resume may change them (and says so), and then they take
+    effect. Loading the saved param groups replaced them, so a run of --optim.fused off resumed with the default
+    (fused) crashed on its first step, handing the non-fused AdamW fused arguments."""
+    run = tmp_path / "run"
+    a = build_trainer(tiny_config(data_dir, run, "--optim.fused", "off", "--optim.weight_decay", "0.1"), single_info())
+    take_steps(a, 2)
+    ckpt.save(a)
+    b = build_trainer(tiny_config(data_dir, run, "--run.resume", "auto", "--optim.weight_decay", "0.02",
+                                  "--optim.beta2", "0.5", "--optim.eps", "1e-6"), single_info())
+    with caplog.at_level(logging.INFO, logger="gpttrain"):
+        maybe_resume(b)
+    assert "resume: optim.weight_decay changed from 0.1 to 0.02" in caplog.text
+    groups = b.optimizer.param_groups
+    assert [g["weight_decay"] for g in groups] == [0.02, 0.0]  # the no-decay group (norms, biases) stays at 0
+    assert all(g["betas"] == (0.9, 0.5) and g["eps"] == 1e-6 and g["fused"] for g in groups)
+    for p_a, p_b in zip(a.optimizer.param_groups[0]["params"], groups[0]["params"], strict=True):
+        assert torch.equal(a.optimizer.state[p_a]["exp_avg"], b.optimizer.state[p_b]["exp_avg"])  # the moments kept
+    take_steps(b, 1)
+    assert b.step == 3
 
 
 def test_a_fresh_run_over_a_dead_runs_metrics_plots_its_own_history(data_dir, tmp_path):

@@ -95,9 +95,25 @@ def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -
                 log.info("resume: %s.%s changed from %r to %r", section, key, was, now_cfg[section].get(key))
 
 
+def keep_hyperparameters(optimizer: torch.optim.Optimizer, hyper: list[dict[str, Any]]) -> None:
+    """Give the loaded param groups this run's settings again (`hyper`, one dict per group, read before loading):
+    `load_state_dict` takes a checkpoint's groups whole, so a changed --optim.weight_decay, beta or eps was said to
+    change and did not, and a run of `--optim.fused off` resumed fused handed a non-fused AdamW the fused
+    arguments. The lr is set at every step anyway."""
+    for group, now in zip(optimizer.param_groups, hyper, strict=True):
+        group.update(now)
+        if group.get("fused") or group.get("capturable"):  # their step counts live beside the weights, in fp32
+            for param in group["params"]:
+                st = optimizer.state.get(param, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(device=param.device, dtype=torch.float32)
+
+
 def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
     """Restore every piece of a verified checkpoint into the trainer (this rank's RNG included)."""
     check_compatible(state, trainer, path)
+    # This run's optimizer settings (weight decay, betas, eps, fused), which loading the saved groups replaces.
+    hyper = [{k: v for k, v in g.items() if k != "params"} for g in trainer.optimizer.param_groups]
     if state.get("sharded"):
         load_sharded(trainer.model, trainer.optimizer, path / SHARDED_DIR)  # any world size: DCP reshards
     elif is_sharded(trainer):
@@ -110,6 +126,7 @@ def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
                                         trainer.info)
         load_model_state(trainer.model, weights)
         trainer.optimizer.load_state_dict(opt)
+    keep_hyperparameters(trainer.optimizer, hyper)
     trainer.load_state_dict(state["trainer"])
     trainer.saved_step = trainer.step  # a stop before the next step needs no save of its own
     if state.get("loader") is not None and trainer.train_loader is not None:
