@@ -417,6 +417,34 @@ def test_plan_steps_and_vocab_rounding(data_dir, tmp_path):
     assert plan_steps(cfg, 10, 100) == 2
 
 
+def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path):
+    """--train.max_tokens and --train.epochs hold across a resume whose global batch differs (another micro-batch
+    or world size): the steps left are planned at the new batch, from the tokens and the data's cursor."""
+    cfg = tiny_config(data_dir, tmp_path, "--train.epochs", "2", "--train.grad_accum_steps", "2")
+    # 100 windows of batches of 8: 12 a epoch; the cursor at window 30 of epoch 1 leaves 70 // 8 = 8 in it
+    assert plan_steps(cfg, 12, 100, step=20, tokens=2000, batches_done=12 + 4) == 20 + (24 - 16) // 2
+    cfg.train.epochs, cfg.train.max_tokens = None, 3000
+    assert plan_steps(cfg, 12, 100, step=20, tokens=2000, batches_done=16) == 30
+    assert plan_steps(cfg, 12, 100, step=20, tokens=3100, batches_done=16) == 20  # past it: nothing left
+
+    def fit_run(run, *flags):
+        trainer = build_trainer(tiny_config(data_dir, run, *flags), single_info())
+        assert trainer.fit() == 0
+        return trainer
+
+    a = fit_run(tmp_path / "a", "--train.max_tokens", "2048", "--train.micro_batch_size", "2",
+                "--train.checkpoint_every", "3", "--train.keep_checkpoints", "10")
+    assert (a.step, a.tokens, a.tokens_per_step) == (16, 2048, 128)
+    b_run = tmp_path / "b" / "checkpoints"
+    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000000003", b_run / "step-000000003")
+    b = fit_run(b_run.parent, "--train.max_tokens", "2048", "--train.micro_batch_size", "4",
+            "--run.resume", "auto")
+    assert (b.step, b.tokens) == (3 + 7, 384 + 7 * 256)  # the first to reach 2048 tokens at 256 a step
+    loader = b.train_loader  # 547 windows, 4 a batch: 136 a epoch; the cursor at window 3 * 2 + 7 * 4 = 34
+    # 8 whole batches of 4 behind it, and half of one: that one counts as still to do (it is: 128 batches left)
+    assert (loader.num_windows, loader.index, loader.batches_done) == (547, 34, 8) == (547, 34, 136 - 513 // 4)
+
+
 def test_lr_scales_with_world_size_when_asked(data_dir, tmp_path):
     from gpttrain.distributed import DistInfo
 

@@ -73,16 +73,20 @@ def check_run_settings(cfg: Config, info: DistInfo) -> tuple[str, str, bool]:
     return precision, strategy, compiled
 
 
-def plan_steps(cfg: Config, batches_per_epoch: int, tokens_per_step: int) -> int:
-    """Total optimizer steps from epochs, steps or tokens (the smallest wins; one epoch if none given)."""
+def plan_steps(cfg: Config, batches_per_epoch: int, tokens_per_step: int, *, step: int = 0, tokens: int = 0,
+               batches_done: int = 0) -> int:
+    """Total optimizer steps from epochs, steps or tokens (the smallest wins; one epoch if none given). A resumed
+    run plans what is left at this run's batch from where it stands: `step` steps and `tokens` tokens done, and
+    `batches_done` of this run's global batches behind the data's cursor (`WindowLoader.batches_done`); its steps
+    so far may have been of another size (another world size or micro-batch)."""
     t = cfg.train
     accum = t.grad_accum_steps
     candidates = []
     if t.max_steps is not None:
         candidates.append(t.max_steps)
     if t.max_tokens is not None:
-        candidates.append(math.ceil(t.max_tokens / tokens_per_step))
+        candidates.append(step + math.ceil(max(t.max_tokens - tokens, 0) / tokens_per_step))
     if t.epochs is not None or not candidates:
         epochs = t.epochs if t.epochs is not None else 1
-        candidates.append(max(epochs * batches_per_epoch // accum, 1))
+        candidates.append(step + max(epochs * batches_per_epoch - batches_done, 0) // accum)
     return max(min(candidates), 1)

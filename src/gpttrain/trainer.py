@@ -118,8 +118,7 @@ class Trainer(Reporting):
         self.val_loader = val_loader
         self.tokens_per_micro = cfg.train.micro_batch_size * cfg.model.context_length * info.world_size
         self.tokens_per_step = self.tokens_per_micro * cfg.train.grad_accum_steps
-        batches_per_epoch = train_loader.batches_per_epoch if train_loader is not None else 1
-        self.total_steps = plan_steps(cfg, batches_per_epoch, self.tokens_per_step)
+        self.total_steps = self.plan_steps()
         if cfg.optim.warmup_steps > self.total_steps and info.is_main:
             log.warning("--optim.warmup_steps %d covers the whole run (%d steps): the learning rate never reaches "
                         "--optim.lr %g", cfg.optim.warmup_steps, self.total_steps, cfg.optim.lr)
@@ -204,6 +203,12 @@ class Trainer(Reporting):
         self.evals_done = int(sd.get("evals_done", 0))
         self.train_time = float(sd.get("train_time", 0.0))
         self.timed_steps = int(sd.get("timed_steps", 0))
+
+    def plan_steps(self) -> int:
+        """The run's total optimizer steps, from where it stands (a resumed run: `settings.plan_steps`)."""
+        loader = self.train_loader
+        return plan_steps(self.cfg, loader.batches_per_epoch if loader is not None else 1, self.tokens_per_step,
+                          step=self.step, tokens=self.tokens, batches_done=loader.batches_done if loader else 0)
 
     def average_tok_s(self) -> float | None:
         """Global tokens/s over every timed step of the run (resumes included, compile steps excluded)."""
@@ -356,6 +361,8 @@ class Trainer(Reporting):
         from gpttrain.resume import maybe_resume
 
         resumed = maybe_resume(self)
+        if resumed is not None:
+            self.total_steps = self.plan_steps()  # its steps so far may have had another global batch
         if self.fp8_all_gather:
             refresh_fsdp_scales(self.model)  # of the weights as initialised, set from --run.init_from or resumed
         if info.is_main:  # only now: a refused start or resume leaves the run dir as it was

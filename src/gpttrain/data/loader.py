@@ -167,6 +167,13 @@ class WindowLoader:
         """Epochs done, as a float: epoch + index / windows."""
         return self.epoch + self.index / self.num_windows
 
+    @property
+    def batches_done(self) -> int:
+        """Global batches of this loader's size behind the cursor, whole epochs included. A cursor saved at another
+        global batch (a resume on another number of ranks) can stand mid-batch: that batch counts as still to do."""
+        in_epoch = self.batches_per_epoch - (self.num_windows - self.index) // self.global_batch_size
+        return self.epoch * self.batches_per_epoch + in_epoch
+
     # ---- training batches -------------------------------------------------------------------
 
     def _window_ids(self, lo: int, hi: int) -> np.ndarray:
