@@ -551,6 +551,28 @@ def test_prune_leaves_the_damaged_folders_ahead_of_the_run_alone(tmp_path):
     assert [p.name for p in ckpt.list_checkpoints(tmp_path)] == [STEP.format(5)]
 
 
+def test_only_folders_a_save_names_are_the_runs_checkpoints(tmp_path):
+    """A user's copies in checkpoints/ (step-best, step-000000002-keep) are neither resumed from (step-best sorted
+    after every step name: --resume auto went back to it) nor pruned; steps order by number; a run dir whose name
+    starts with step- is still a run dir."""
+    run = tmp_path / "step-lr-sweep"
+    for name in (STEP.format(2), STEP.format(3), "step-best", STEP.format(2) + "-keep", "step-1000000000"):
+        folder = run / "checkpoints" / name
+        folder.mkdir(parents=True)
+        (folder / ckpt.COMPLETE).write_text("{}")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [STEP.format(2), STEP.format(3), "step-1000000000"]
+    assert ckpt.resolve_checkpoint(run).name == "step-1000000000"
+    assert ckpt.resolve_checkpoint(run / "checkpoints" / "step-best").name == "step-best"  # asked for by path
+    ckpt.prune(run, keep=1)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
+        ["step-000000002-keep", "step-1000000000", "step-best"]
+    incomplete = tmp_path / "other" / STEP.format(7)
+    incomplete.mkdir(parents=True)
+    assert ckpt.resolve_checkpoint(incomplete) == incomplete  # (refused as incomplete where it is read)
+    with pytest.raises(CheckpointError, match="is neither a checkpoint folder"):
+        ckpt.resolve_checkpoint(tmp_path / "other")
+
+
 def test_the_start_line_predicts_where_a_resumed_run_ends(data_dir, run_copy):
     """Resumed with a bigger global batch (as another world size gives): the epochs the start line announces are
     where the last step leaves the data (before, all steps were counted at the new batch)."""

@@ -21,6 +21,7 @@ import logging
 import os
 import platform
 import random
+import re
 import shutil
 import time
 import warnings
@@ -40,6 +41,7 @@ log = logging.getLogger("gpttrain")
 FORMAT_VERSION = 1
 COMPLETE = "COMPLETE"
 PREFIX = "step-"
+STEP_NAME = re.compile(r"step-(\d{9,})")  # what a save names its folder: f"{PREFIX}{step:09d}"
 REQUIRED_FILES = ("model.safetensors", "optimizer.pt", "state.json")
 SHARDED_DIR = "sharded"  # torch.distributed.checkpoint files of an FSDP run, in place of the two above
 SHARDED_REQUIRED_FILES = (f"{SHARDED_DIR}/.metadata", "state.json")
@@ -118,12 +120,20 @@ def load_model_state(model: torch.nn.Module, sd: dict[str, torch.Tensor]) -> Non
     model.load_state_dict(sd, strict=True)
 
 
+def folder_step(path: Path) -> int | None:
+    """The step in a checkpoint folder's name, None for another name (a user's `step-best` or
+    `step-000000002-keep` is not one)."""
+    m = STEP_NAME.fullmatch(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def step_folders(run_dir: Path) -> list[Path]:
-    """Every folder under a final checkpoint name, complete or not, oldest first."""
+    """Every folder under a final checkpoint name, complete or not, oldest first. Other folders in checkpoints/
+    (a copy a user made there) are not checkpoints of the run: neither resumed from nor pruned."""
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), key=lambda p: p.name)
+    return sorted((p for p in root.iterdir() if p.is_dir() and folder_step(p) is not None), key=folder_step)
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
@@ -295,7 +305,7 @@ def prune(run_dir: Path, keep: int, upto: Path | None = None) -> None:
     """Delete all but the newest `keep` complete checkpoints (and stale temporary folders). With `upto` (the save
     just made), folders past it are neither counted nor deleted: they are those `--resume auto` skipped as
     damaged, which this run replaces as it reaches their steps (counted, they would prune its own new saves)."""
-    complete = [p for p in list_checkpoints(run_dir) if upto is None or p.name <= upto.name]
+    complete = [p for p in list_checkpoints(run_dir) if upto is None or folder_step(p) <= folder_step(upto)]
     for old in complete[:-keep] if keep > 0 else []:
         # Remove COMPLETE first: a crash mid-delete leaves a folder discovery ignores.
         (old / COMPLETE).unlink(missing_ok=True)
@@ -361,13 +371,15 @@ def verify(path: Path, only: tuple[str, ...] | None = None, skip: tuple[str, ...
 def resolve_checkpoint(path_or_run: str | Path) -> Path:
     """A checkpoint folder, or a run dir (its newest complete checkpoint)."""
     p = Path(path_or_run)
-    if (p / COMPLETE).is_file() or (p.name.startswith(PREFIX) and p.is_dir()):
+    if (p / COMPLETE).is_file():
         return p
-    if p.is_dir() and (p / "checkpoints").is_dir():
+    if p.is_dir() and (p / "checkpoints").is_dir():  # (before the name: a run dir may be called step-lr-sweep)
         found = list_checkpoints(p)
         if not found:
             raise CheckpointError(f"run dir {p} holds no complete checkpoint")
         return found[-1]
+    if p.is_dir() and folder_step(p) is not None:  # an interrupted save: refused as incomplete where it is read
+        return p
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist; give a run dir or a checkpoint folder")
     raise CheckpointError(f"{p} is neither a checkpoint folder (with {COMPLETE}) nor a run dir with checkpoints/")

@@ -21,6 +21,7 @@ from gpttrain.checkpoint import (
     COMPLETE,
     SHARDED_DIR,
     CheckpointError,
+    folder_step,
     is_sharded,
     list_checkpoints,
     load_model_state,
@@ -182,7 +183,8 @@ def check_resume_request(run_dir: Path, resume: str | None) -> list[Path]:
         require_complete(path)
     except CheckpointError as e:
         raise CheckpointError(f"--resume: {e}") from None
-    later = [p.name for p in folders if p.name >= path.name and p.resolve() != path.resolve()]
+    step = folder_step(path)  # None: a folder renamed by hand, whose step its name does not say: any is later
+    later = [p.name for p in folders if (step is None or folder_step(p) >= step) and p.resolve() != path.resolve()]
     if later:
         raise ConfigError(f"--resume {path}: {run_dir / 'checkpoints'} already holds checkpoints at or past its "
                           f"step ({', '.join(later)}); continuing there would mix two histories; give another "
@@ -220,7 +222,7 @@ def _choose_checkpoint(trainer) -> tuple[Path | None, dict[str, Any] | None]:
         log.info("resume auto: no complete checkpoint in %s; starting fresh", run_dir / "checkpoints")
         return None, None
     for p in incomplete:
-        if p.name > existing[-1].name:
+        if folder_step(p) > folder_step(existing[-1]):
             log.warning("resume auto: ignoring %s: no %s marker (an interrupted save)", p, COMPLETE)
     errors = []
     for path in reversed(existing):
