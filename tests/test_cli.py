@@ -27,6 +27,21 @@ def test_each_command_documents_its_flags(cmd, capsys):
     assert "usage: gpttrain " + cmd in capsys.readouterr().out
 
 
+def test_info_says_what_its_run_flags_do(capsys):
+    """info takes a train command's flags, to show that run's config; it prepares no data, writes no run dir and
+    runs on no device, and its help says so rather than train's words."""
+    with pytest.raises(SystemExit):
+        main(["info", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "prepare first" not in out and "where outputs go" not in out
+    for flag in ("data.path", "run.dir", "run.device"):
+        assert f"(= --{flag}; info only shows it in the config" in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "a text file / folder to prepare first" in out and "where outputs go (= --run.dir)" in out
+
+
 @pytest.mark.parametrize("argv, message", [
     (["prepare", "x.txt", "--tokenizer", "gpt3"],
      "error: argument --tokenizer: invalid choice: 'gpt3' (choose from 'gpt2', 'bpe', 'byte') "

@@ -37,16 +37,22 @@ Any setting can be given as a dotted flag, e.g. --model.n_layers 6 --optim.lr 3e
 """ + "\n".join(f"  {flag:34s} {desc} (default {default})" for flag, desc, default in field_help())
 
 
-def _add_config_arguments(p: argparse.ArgumentParser, preset_default: str = "none") -> None:
+def _add_config_arguments(p: argparse.ArgumentParser, preset_default: str = "none", runs: bool = True) -> None:
+    """The configuration's flags. `runs` False (info): the command reads no data and writes nothing, so --data,
+    --run-dir and --device only set what the printed config shows (a train command's line, checked as it is)."""
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", default=None,
                    help=f"a named configuration: {', '.join(PRESETS)} (default: {preset_default})")
     g.add_argument("--config", default=None, metavar="FILE", help="a TOML file of settings (see configs/)")
+    shown = "" if runs else "; info only shows it in the config"
     g.add_argument("--data", default=None, metavar="DIR",
-                   help="a prepared data dir, or a text file / folder to prepare first (= --data.path; "
-                        "default: the embedded corpus)")
-    g.add_argument("--run-dir", default=None, metavar="DIR", help="where outputs go (= --run.dir)")
-    g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"], help="(= --run.device)")
+                   help=("a prepared data dir, or a text file / folder to prepare first (= --data.path; "
+                         "default: the embedded corpus)") if runs else f"(= --data.path{shown}: it reads no data)")
+    g.add_argument("--run-dir", default=None, metavar="DIR",
+                   help="where outputs go (= --run.dir)" if runs else f"(= --run.dir{shown}: it writes nothing)")
+    g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"],
+                   help=f"(= --run.device{shown}: its estimates are for GPUs, whatever runs it)" if not runs
+                   else "(= --run.device)")
 
 
 def config_from_args(args: argparse.Namespace, rest: list[str],
@@ -191,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=fmt, epilog=CONFIG_EPILOG,
                        description="Print the resolved config, the parameter count, model FLOPs per token and "
                                    "a training-memory estimate per GPU for each precision and strategy.")
-    _add_config_arguments(p)
+    _add_config_arguments(p, runs=False)
     p.add_argument("--gpus", type=int, default=4, metavar="N", help="GPUs to shard over for FSDP rows (default: 4)")
     p.add_argument("--gpu-mem", type=float, default=24.0, metavar="GIB",
                    help="memory per GPU to check the estimate against, GiB (default: 24)")

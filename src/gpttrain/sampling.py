@@ -92,7 +92,9 @@ def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: floa
     """Logits (B, V) with the tokens outside top-k and outside the nucleus set to -inf.
 
     The nucleus is the smallest set of most probable tokens whose cumulative probability is >= top_p;
-    the most probable token is always kept. top-k is applied first, top-p to what remains.
+    the most probable token is always kept. top-k is applied first, top-p to what remains. Tokens tied with the
+    k-th largest logit are all kept (as Hugging Face's and nanoGPT's top-k do): which of them `torch.topk` would
+    pick is unspecified, and `temperature=0` is the way to greedy decoding.
     """
     vocab = logits.size(-1)
     if top_k is not None and top_k < vocab:
