@@ -642,6 +642,18 @@ def test_bench_eval_times_evaluation_eager_and_compiled(tmp_path):
         assert ev["share_at_cadence"] == pytest.approx(per_eval / (per_eval + 7 * row["step_s"]))
 
 
+def test_bench_eval_under_fsdp_on_synthetic_tokens(tmp_path):
+    """FSDP's evaluation asks its loader how many global batches every rank runs: bench's synthetic tokens answer
+    too (the row's eval held an AttributeError)."""
+    r = torchrun(["bench", "--preset", "tiny", "--device", "cpu", "--dist.strategy", "fsdp", "--eval", "--warmup", "1",
+                  "--steps", "2", "--train.compile", "off", "--train.eval_batches", "2", "--log.sample_every", "0",
+                  "--run-dir", str(tmp_path / "b")], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    row = json.loads(r.stdout.strip().splitlines()[-1])
+    assert row["strategy"] == "fsdp" and "error" not in row["eval"], row["eval"]
+    assert row["eval"]["batches"] == 2 and row["eval"]["eager_ms_per_batch"] > 0
+
+
 def test_bench_reads_reads_each_step_at_once_or_after_the_next_is_queued(monkeypatch):
     """bench --reads' three patterns on a fake trainer that logs each step queued and each read: unread steps
     are never read, `at_once` reads each step before the next is queued, `late` reads step k only once step

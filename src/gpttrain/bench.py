@@ -50,6 +50,7 @@ class SyntheticLoader:
         self.batches_per_epoch = 10**9
         self.windows_per_epoch = 10**9
         self.progress = 0.0
+        self.batches_done = 0
         self._pool = [torch.randint(0, self.V, (self.B, self.T + 1), generator=self.gen) for _ in range(4)]
         if device.type == "cuda":
             # Pinned, as the real loader's batches are: a non-blocking copy from pageable memory goes through
@@ -67,6 +68,9 @@ class SyntheticLoader:
     def eval_batches(self, n):
         for _ in range(n):
             yield self.next_batch()
+
+    def eval_global_batches(self, n):  # every rank has all n (FSDP's evaluation asks)
+        return n
 
     def state_dict(self):
         return {"i": self._i}
