@@ -362,6 +362,16 @@ def test_resume_without_a_preset_continues_with_the_checkpoints_settings(tmp_pat
     assert [r["step"] for r in records if r["kind"] == "train"][-1] == 3
     capsys.readouterr()
 
+    # A checkpoint of run a into run b, which holds its own, earlier ones: two histories again.
+    lines = (tmp_path / "runs/b/metrics.jsonl").read_text()
+    assert main(["train", "-q", "--resume", "runs/a/checkpoints/step-000000004", "--run-dir", "runs/b",
+                 "--train.max_steps", "5"]) == 2
+    assert ("error: --resume runs/a/checkpoints/step-000000004: it is not one of runs/b/checkpoints's checkpoints, and "
+            "that run dir holds checkpoints of its own (step-000000003); continuing there would mix two histories; "
+            "give another --run-dir (or copy the checkpoint into it and pass --resume auto)") in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs/b/checkpoints").iterdir()) == ["step-000000003"]
+    assert (tmp_path / "runs/b/metrics.jsonl").read_text() == lines
+
     assert main(["train", "-q", "--preset", "demo", "--data", str(data), "--run-dir", "runs/a", "--resume", "auto",
                  "--device", "cpu"]) == 2
     assert "does not fit this run" in capsys.readouterr().err

@@ -160,8 +160,9 @@ def check_resume_request(run_dir: Path, resume: str | None) -> list[Path]:
 
     A run dir with checkpoints is continued only on request. `auto` in a run dir whose checkpoint folders are all
     incomplete does not start from scratch. A path must be a complete checkpoint, or a run dir with one; resumed
-    into a run dir that holds checkpoints at or past its step (another run's, or this run's later ones), it would
-    mix two histories (those folders' steps would not be saved again, and `auto` would pick them): refused.
+    into a run dir that holds checkpoints of another run (any: the path is not among them) or this run's at or past
+    its step, it would mix two histories (in checkpoints/, config.json and metrics.jsonl; `auto` would pick the
+    later ones): refused.
     Returns the run dir's checkpoint folders (`step_folders`), for the caller that chooses among them."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -183,6 +184,11 @@ def check_resume_request(run_dir: Path, resume: str | None) -> list[Path]:
         require_complete(path)
     except CheckpointError as e:
         raise CheckpointError(f"--resume: {e}") from None
+    own = run_dir / "checkpoints"
+    if folders and path.resolve().parent != own.resolve():
+        raise ConfigError(f"--resume {path}: it is not one of {own}'s checkpoints, and that run dir holds checkpoints "
+                          f"of its own ({', '.join(p.name for p in folders)}); continuing there would mix two "
+                          "histories; give another --run-dir (or copy the checkpoint into it and pass --resume auto)")
     step = folder_step(path)  # None: a folder renamed by hand, whose step its name does not say: any is later
     later = [p.name for p in folders if (step is None or folder_step(p) >= step) and p.resolve() != path.resolve()]
     if later:
