@@ -440,6 +440,11 @@ def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path):
     b = fit_run(b_run.parent, "--train.max_tokens", "2048", "--train.micro_batch_size", "4",
             "--run.resume", "auto")
     assert (b.step, b.tokens) == (3 + 7, 384 + 7 * 256)  # the first to reach 2048 tokens at 256 a step
+    saved = json.loads((b_run / "step-000000003" / "state.json").read_text())["trainer"]
+    assert (saved["timed_steps"], saved["timed_tokens"]) == (2, 2 * 128)  # (each process's first step is untimed)
+    # The average tokens/s counts each step at its own batch (not every step at 256).
+    assert (b.timed_steps, b.timed_tokens) == (2 + 6, 2 * 128 + 6 * 256)
+    assert b.average_tok_s() == b.timed_tokens / b.train_time
     loader = b.train_loader  # 547 windows, 4 a batch: 136 a epoch; the cursor at window 3 * 2 + 7 * 4 = 34
     # 8 whole batches of 4 behind it, and half of one: that one counts as still to do (it is: 128 batches left)
     assert (loader.num_windows, loader.index, loader.batches_done) == (547, 34, 8) == (547, 34, 136 - 513 // 4)

@@ -68,6 +68,7 @@ class Trainer(Reporting):
         self._bar_rates: dict[str, str] = {}
         self.train_time = 0.0  # seconds of training steps, excluding each process's first (compile) step
         self.timed_steps = 0  # the steps train_time covers
+        self.timed_tokens = 0  # and their tokens (a resumed run's earlier steps may have had another global batch)
         self._plot_done: tuple[float, float] | None = None  # (end, seconds) of the last loss-plot drawing
         self._plot_step: int | None = None  # the step it showed
         self._sample_step: int | None = None  # the step of the last sample
@@ -194,7 +195,8 @@ class Trainer(Reporting):
     def state_dict(self) -> dict[str, Any]:
         """Counters of the run (model/optimizer/loader/RNG are saved beside it by checkpoint.py)."""
         return {"step": self.step, "tokens": self.tokens, "skipped_steps": self.skipped_steps,
-                "evals_done": self.evals_done, "train_time": self.train_time, "timed_steps": self.timed_steps}
+                "evals_done": self.evals_done, "train_time": self.train_time, "timed_steps": self.timed_steps,
+                "timed_tokens": self.timed_tokens}
 
     def load_state_dict(self, sd: dict[str, Any]) -> None:
         self.step = int(sd["step"])
@@ -203,6 +205,7 @@ class Trainer(Reporting):
         self.evals_done = int(sd.get("evals_done", 0))
         self.train_time = float(sd.get("train_time", 0.0))
         self.timed_steps = int(sd.get("timed_steps", 0))
+        self.timed_tokens = int(sd.get("timed_tokens", self.timed_steps * self.tokens_per_step))  # (older ones)
 
     def plan_steps(self) -> int:
         """The run's total optimizer steps, from where it stands (a resumed run: `settings.plan_steps`)."""
@@ -212,7 +215,7 @@ class Trainer(Reporting):
 
     def average_tok_s(self) -> float | None:
         """Global tokens/s over every timed step of the run (resumes included, compile steps excluded)."""
-        return self.tokens_per_step * self.timed_steps / self.train_time if self.train_time > 0 else None
+        return self.timed_tokens / self.train_time if self.train_time > 0 else None
 
     def epoch_progress(self) -> float:
         return float(self.train_loader.progress) if self.train_loader is not None else 0.0
@@ -408,6 +411,7 @@ class Trainer(Reporting):
             if not first_step_of_process:  # each process's first step compiles and warms up: not timed
                 self.train_time += now - t_mark
                 self.timed_steps += len(steps)
+                self.timed_tokens += len(steps) * self.tokens_per_step
             else:
                 clock.first_step = now - t_mark
             first_step_of_process = False
