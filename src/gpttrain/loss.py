@@ -51,7 +51,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         n = h.shape[0]
         hc, wc = h.to(compute_dtype), weight.to(compute_dtype)
         loss_sum = torch.zeros((), dtype=torch.float32, device=h.device)
-        grad_h = torch.empty_like(h) if need_grad else None
+        grad_h = torch.empty(h.shape, dtype=_kept(h.dtype), device=h.device) if need_grad else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_grad else None
         for start in range(0, n, chunk_rows):
             end = min(start + chunk_rows, n)
@@ -65,18 +65,28 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs[torch.arange(end - start, device=h.device), tgt] -= 1.0
                 pc = probs.to(compute_dtype)
-                grad_h[start:end] = ((pc @ wc).float() / n).to(h.dtype)
+                grad_h[start:end] = ((pc @ wc).float() / n).to(grad_h.dtype)
                 grad_w.add_(pc.t() @ hc[start:end], alpha=1.0 / n)  # in fp32, without (V, d) fp32 temporaries
                 del probs, pc
             del logits, lse  # before the next chunk's logits exist: one chunk alive at a time
         if need_grad:
-            ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+            # Kept in fp32 where they would be fp16 (FSDP's fp16 weights, a 16-bit residual stream under fp16-mixed):
+            # fp16-mixed's loss scale arrives only in backward's grad_out, and before it entries this small
+            # (divided by N) underflow in fp16, where the standard path's gradients are scaled first.
+            ctx.dtypes = (h.dtype, weight.dtype)
+            ctx.save_for_backward(grad_h, grad_w.to(_kept(weight.dtype)))
         return loss_sum / n
 
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None
+        h_dtype, w_dtype = ctx.dtypes
+        return (grad_h * grad_out).to(h_dtype), (grad_w * grad_out).to(w_dtype), None, None, None, None
+
+
+def _kept(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a gradient waits for backward in: fp32 for fp16 (see the forward), else its own."""
+    return torch.float32 if dtype == torch.float16 else dtype
 
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
