@@ -464,11 +464,13 @@ def _bench_one(cfg: Config, info, loader, warmup: int, steps: int, profile: bool
         peak_measured = matmul_peak_tflops(device)
         res["matmul_peak_tflops"] = peak_measured
         res["peak_ratio"] = res["tflops"] / peak_measured
-    else:
+    elif info.world_size == 1:
         plain = plain_loop_step_time(cfg, device, res["precision"], warmup, steps, res["recompute_weight_casts"],
                                      residual)
         res["plain_step_s"] = plain
         res["overhead"] = res["step_s"] / plain - 1
+    else:  # the plain loop is one process's: beside it, our overhead would hold the ranks' communication
+        res["plain_step_s"] = res["overhead"] = None
     return res, layout
 
 
