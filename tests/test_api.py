@@ -361,3 +361,30 @@ def test_init_from_a_model_of_another_tokenizer_is_refused(run_dir, tmp_path):
 def test_generate_wants_a_text_prompt(run_dir, prompt, message):
     with pytest.raises(TypeError, match=re.escape(f"generate: prompt must be text (a str), {message}")):
         gpttrain.generate(gpttrain.load(run_dir), prompt, 5)
+
+
+def test_a_damaged_newest_checkpoint_names_the_previous_one(run_dir, tmp_path, capsys):
+    """A run dir means its newest checkpoint: damaged, it is refused (older weights are never used silently), and
+    the refusal names the run's previous checkpoint, which generate, export and load then take as given."""
+    from gpttrain.checkpoint import CheckpointError
+    from gpttrain.cli import main
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    newest, previous = run / "checkpoints" / "step-000000040", run / "checkpoints" / "step-000000020"
+    weights = newest / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # same size, another hash
+    weights.write_bytes(bytes(data))
+    damaged = f"checkpoint file {weights} is corrupt: its SHA-256 differs from the one saved"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{damaged}; the previous checkpoint of {run} is {previous}: give that folder to use it")):
+        gpttrain.load(run)
+    with pytest.raises(CheckpointError, match=re.escape(damaged) + "$"):  # asked for by name: no other is offered
+        gpttrain.load(newest)
+    assert gpttrain.load(previous).step == 20
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "hf")]) == 2
+    assert f"the previous checkpoint of {run} is {previous}" in capsys.readouterr().err
+    assert not (tmp_path / "hf").exists()
+    assert main(["export", str(previous), "--out", str(tmp_path / "hf")]) == 0

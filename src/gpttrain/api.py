@@ -48,8 +48,7 @@ def load(path: str | Path, *, device: str = "auto", dtype: str = "fp32") -> Load
 
     if dtype not in DTYPES:
         raise ConfigError(f"dtype={dtype!r} is not allowed; use one of {', '.join(DTYPES)}")
-    path = ckpt.resolve_checkpoint(path)
-    state = ckpt.verify(path, skip=("optimizer.pt",))  # inference reads no optimizer state
+    path, state = ckpt.open_checkpoint(path, skip=("optimizer.pt",))  # inference reads no optimizer state
     cfg = from_dict(state["config"])
     dev = resolve_device(device, flag=False)
     model = build_model(cfg.model, dev, init=False)  # every weight comes from the checkpoint
@@ -181,9 +180,9 @@ def run_export(args) -> int:
     from gpttrain.export import export_hf, export_safetensors, refuse_overlap
     from gpttrain.tokenizer import payload_of
 
-    path = ckpt.resolve_checkpoint(args.checkpoint)
-    refuse_overlap(args.out, path)
-    loaded = load(path, device="cpu")
+    refuse_overlap(args.out, ckpt.resolve_checkpoint(args.checkpoint))
+    loaded = load(args.checkpoint, device="cpu")
+    path = loaded.checkpoint
     tok = loaded.tokenizer
     if args.format == "hf":
         out = export_hf(loaded.model, loaded.config.model, args.out, overwrite=args.overwrite,

@@ -385,6 +385,23 @@ def resolve_checkpoint(path_or_run: str | Path) -> Path:
     raise CheckpointError(f"{p} is neither a checkpoint folder (with {COMPLETE}) nor a run dir with checkpoints/")
 
 
+def open_checkpoint(given: str | Path, **verify_args: Any) -> tuple[Path, dict[str, Any]]:
+    """`resolve_checkpoint` then `verify` (with `verify_args`): the folder and its state. Where `given` is a run dir
+    whose newest checkpoint is damaged, the refusal names the run dir's previous complete one (not checked), for
+    the caller to pass instead: reading older weights than asked for is the user's choice, never done silently
+    (training's `--resume auto` does fall back, as its run repeats the steps lost)."""
+    path = resolve_checkpoint(given)
+    try:
+        return path, verify(path, **verify_args)
+    except CheckpointError as e:
+        older = [p for p in list_checkpoints(Path(given)) if folder_step(p) < folder_step(path)] \
+            if path != Path(given) else []
+        if not older:
+            raise
+        raise CheckpointError(f"{e}; the previous checkpoint of {given} is {older[-1]}: give that folder to use "
+                              "it") from None
+
+
 def load_model_weights(path: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -480,10 +497,9 @@ def consolidate(src: str | Path, out: str | Path) -> Path:
     from gpttrain.model import build_model
     from gpttrain.optim import build_optimizer
 
-    path = resolve_checkpoint(src)
     out = Path(out)
-    refuse_overlap(out, path)
-    state = verify(path)
+    refuse_overlap(out, resolve_checkpoint(src))
+    path, state = open_checkpoint(src)
     if not state.get("sharded"):
         raise CheckpointError(f"checkpoint {path} is already one file per part (not sharded); use it as it is")
     if out.exists() and not out.is_dir():
