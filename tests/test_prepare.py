@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -361,6 +362,25 @@ def test_unrelated_files_in_out_survive(tmp_path):
     run([src], tmp_path / "out")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
     assert not (tmp_path / "out" / "train-00007.bin").exists()
+
+
+@pytest.mark.parametrize("what", ["run", "dead-run", "checkpoint"])
+def test_a_run_dir_is_no_out(tmp_path, what):
+    """Shards written among a run's files (checkpoints/, config.json, metrics.jsonl) would mix data into a run: a
+    training run's folder, even one that died before its first checkpoint, or a checkpoint, is refused."""
+    src = write(tmp_path / "a.txt", "some text\n" * 30)
+    run_dir = tmp_path / "runs" / "demo"
+    write(run_dir / "metrics.jsonl", "{}\n")
+    out = run_dir
+    if what != "dead-run":
+        write(run_dir / "checkpoints" / "step-000000600" / "COMPLETE", "{}")
+    if what == "checkpoint":
+        out = run_dir / "checkpoints" / "step-000000600"
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    with pytest.raises(DataError, match=f"^--out {re.escape(str(out))}: is a training run's folder \\(or one of its "
+                                        r"checkpoints\); prepared data goes in a directory of its own, e.g. data/NAME$"):
+        run([src], out)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 # ---- tokenizers and workers ------------------------------------------------------------------------------

@@ -265,6 +265,11 @@ def prepare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
+    from gpttrain.checkpoint import is_checkpoint_or_run
+
+    if out.is_dir() and (is_checkpoint_or_run(out) or (out / "metrics.jsonl").is_file()):
+        raise DataError(f"--out {out}: is a training run's folder (or one of its checkpoints); prepared data goes in "
+                        "a directory of its own, e.g. data/NAME")
     exts = _normalize_extensions(extensions)
     # Inputs are checked for text only when they are read below: an up-to-date output skips reading them.
     keyed = _resolve_keyed(inputs, exts, check_text=False) if inputs else _default_corpus_keyed()
