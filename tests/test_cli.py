@@ -34,8 +34,10 @@ def test_info_says_what_its_run_flags_do(capsys):
         main(["info", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "prepare first" not in out and "where outputs go" not in out
-    for flag in ("data.path", "run.dir", "run.device"):
+    for flag in ("run.dir", "run.device"):
         assert f"(= --{flag}; info only shows it in the config" in out
+    assert "(= --data.path) the data a run would use: a prepared dir's tokenizer (or the byte tokenizer's) sets the " \
+        "vocabulary, as in train; info prepares nothing" in out
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = " ".join(capsys.readouterr().out.split())

@@ -377,8 +377,9 @@ def test_a_run_dir_is_no_out(tmp_path, what):
     if what == "checkpoint":
         out = run_dir / "checkpoints" / "step-000000600"
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(DataError, match=f"^--out {re.escape(str(out))}: is a training run's folder \\(or one of its "
-                                        r"checkpoints\); prepared data goes in a directory of its own, e.g. data/NAME$"):
+    with pytest.raises(DataError, match=f"^--out {re.escape(str(out))}: is a training run's folder "
+                                        r"\(or one of its checkpoints\); prepared data goes in a directory of its own, "
+                                        "e.g. data/NAME$"):
         run([src], out)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 

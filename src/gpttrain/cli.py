@@ -38,8 +38,9 @@ Any setting can be given as a dotted flag, e.g. --model.n_layers 6 --optim.lr 3e
 
 
 def _add_config_arguments(p: argparse.ArgumentParser, preset_default: str = "none", runs: bool = True) -> None:
-    """The configuration's flags. `runs` False (info): the command reads no data and writes nothing, so --data,
-    --run-dir and --device only set what the printed config shows (a train command's line, checked as it is)."""
+    """The configuration's flags. `runs` False (info): the command prepares no data, writes nothing and runs on no
+    device, so --run-dir and --device only set what the printed config shows, and --data the vocabulary (a train
+    command's line, checked as it is)."""
     g = p.add_argument_group("configuration")
     g.add_argument("--preset", default=None,
                    help=f"a named configuration: {', '.join(PRESETS)} (default: {preset_default})")
@@ -47,7 +48,9 @@ def _add_config_arguments(p: argparse.ArgumentParser, preset_default: str = "non
     shown = "" if runs else "; info only shows it in the config"
     g.add_argument("--data", default=None, metavar="DIR",
                    help=("a prepared data dir, or a text file / folder to prepare first (= --data.path; "
-                         "default: the embedded corpus)") if runs else f"(= --data.path{shown}: it reads no data)")
+                         "default: the embedded corpus)") if runs else
+                   "(= --data.path) the data a run would use: a prepared dir's tokenizer (or the byte tokenizer's) "
+                   "sets the vocabulary, as in train; info prepares nothing")
     g.add_argument("--run-dir", default=None, metavar="DIR",
                    help="where outputs go (= --run.dir)" if runs else f"(= --run.dir{shown}: it writes nothing)")
     g.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"],
