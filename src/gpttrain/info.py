@@ -10,6 +10,7 @@ from gpttrain.errors import ConfigError
 from gpttrain.fp8 import check_fp8_settings
 from gpttrain.loss import compiles_head
 from gpttrain.memory import (
+    CUDA_CONTEXT_GIB,
     GIB,
     USABLE_SHARE,
     estimate_training_memory,
@@ -109,7 +110,8 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     rows = memory_table(cfg, gpus, gpu_mem_gib)
     mb = cfg.train.micro_batch_size
     per_rank = mb * cfg.train.grad_accum_steps
-    budget = gpu_mem_gib * GIB
+    room = gpu_mem_gib - CUDA_CONTEXT_GIB  # what the estimate may fill: "fits" below
+    budget = room * GIB
     default_prec = "bf16-mixed"
     layout = gpu_layout(cfg, default_prec, gpu_mem_gib, strategy="ddp")
     fit = suggest_micro_batch(m, budget, per_rank, **layout)
@@ -162,11 +164,12 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
                  f"{r['weights']:8.2f} {r['grads']:7.2f} {r['optimizer']:7.2f} "
                  f"{r['compute_copies']:6.2f}{'*' if r['recompute_casts'] else ' '} "
                  f"{r['activations']:7.2f} {r['logits']:7.2f} {r['total']:7.2f}  "
-                 f"{'yes' if r['total'] <= gpu_mem_gib else 'no'}")
+                 f"{'yes' if r['total'] <= room else 'no'}")
     log.info("")
     log.info("(weights/grads/AdamW: per-rank state, sharded under FSDP; copies: 16-bit weight copies for compute; "
-             "activ.: the mixed-precision rows with the residual stream in %s%s; logits: %s; add ~1 GiB for the "
-             "CUDA context.)%s", "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
+             "activ.: the mixed-precision rows with the residual stream in %s%s; logits: %s; fits: the total and "
+             f"~{CUDA_CONTEXT_GIB:g} GiB for the CUDA context.)%s",
+             "16 bits (--train.residual_dtype compute)" if cfg.train.residual_dtype == "compute"
              else "fp32 under DDP, in 16 bits under FSDP (--train.residual_dtype)",
              ("; dropout masks: none kept in the rows without 'ckpt' (--train.recompute_dropout_masks)"
               if cfg.train.recompute_dropout_masks else "")
@@ -184,24 +187,26 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
              if any(r["recompute_casts"] for r in rows) else "")
     ddp = next(r for r in rows if r["precision"] == default_prec and r["strategy"] == "ddp"
                and not r["activation_checkpointing"])
-    if ddp["total"] <= gpu_mem_gib:
-        log.info("verdict: %s with DDP fits %g GiB per GPU (%.1f GiB estimated%s).", default_prec, gpu_mem_gib,
-                 ddp["total"], ", with the weight casts recomputed in backward" if ddp["recompute_casts"] else "")
+    context = f"~{CUDA_CONTEXT_GIB:g} GiB of CUDA context"
+    over = f"more than {room:g} GiB ({gpu_mem_gib:g} less {context})"
+    if ddp["total"] <= room:
+        log.info("verdict: %s with DDP fits %g GiB per GPU (%.1f GiB estimated%s, and %s).", default_prec, gpu_mem_gib,
+                 ddp["total"], ", with the weight casts recomputed in backward" if ddp["recompute_casts"] else "",
+                 context)
         return 0
-    if recast is not None and recast <= gpu_mem_gib:
-        log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, more than %g GiB; with "
+    if recast is not None and recast <= room:
+        log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, %s; with "
                  "--train.recompute_weight_casts true it fits (%.1f GiB estimated).", default_prec, ddp["total"],
-                 mb, gpu_mem_gib, recast)
+                 mb, over, recast)
         return 0
-    if half is not None and half[0] <= gpu_mem_gib:
-        log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, more than %g GiB; with "
+    if half is not None and half[0] <= room:
+        log.info("verdict: %s with DDP needs %.1f GiB per GPU at micro-batch %d, %s; with "
                  "--train.residual_dtype compute (the residual stream in 16 bits) it fits (%.1f GiB estimated%s).",
-                 default_prec, ddp["total"], mb, gpu_mem_gib, half[0],
+                 default_prec, ddp["total"], mb, over, half[0],
                  ", with the weight casts recomputed in backward" if half[1] else "")
         return 0
-    options = [r for r in rows if r["precision"] == default_prec and r["total"] <= gpu_mem_gib]
-    msg = f"verdict: {default_prec} with DDP needs {ddp['total']:.1f} GiB per GPU at micro-batch {mb}: " \
-          f"more than {gpu_mem_gib:g} GiB."
+    options = [r for r in rows if r["precision"] == default_prec and r["total"] <= room]
+    msg = f"verdict: {default_prec} with DDP needs {ddp['total']:.1f} GiB per GPU at micro-batch {mb}: {over}."
     if fit is not None and fit[0] < mb:
         msg += f" DDP fits at micro-batch {fit[0]} x {fit[1]} accumulation steps (same global batch)."
     if options:

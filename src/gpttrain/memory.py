@@ -64,6 +64,10 @@ def _activation_bytes_per_token_layer(cfg: ModelConfig, precision: str, norm_inp
     return 14 * 2 + 2 * (2 if norm_inputs_16bit else 4) + masks
 
 
+# What a GPU's memory holds beside the tensors the estimate counts: the CUDA context and cuBLAS's workspaces (about
+# 0.5-1 GiB). `gpttrain info` counts it in what fits.
+CUDA_CONTEXT_GIB = 1.0
+
 # The share of a GPU's memory a run's estimate may fill; the rest is for the CUDA context, cuBLAS's workspaces
 # and the allocator's fragmentation. The trainer's OOM advice and `--train.recompute_weight_casts auto` use it.
 USABLE_SHARE = 0.9
