@@ -283,6 +283,8 @@ def test_end_to_end_single_process_outputs(data_dir, tmp_path):
     assert summary["eval_s"] >= sum(r["eval_seconds"] for r in evals)
     assert 0 < summary["eval_share"] < 1 and 0 < summary["bookkeeping_share"] < 1
     assert "time in this process:" in (run / "train.log").read_text()
+    log_text = (run / "train.log").read_text()
+    assert re.search(r"[\d,]+ tok/s \([\d,]+ per process\), [\d.]+ TFLOP/s per process\n", log_text)  # not GPU
     assert "Every effort moves you" in (run / "samples.txt").read_text()
     assert (run / "loss.pdf").read_bytes().startswith(b"%PDF")
 

@@ -148,7 +148,8 @@ class Reporting:
             self._bar_rates = {"tok/s": f"{tok_s:,.0f}"}  # shown on the progress bar until the next log step
             if rec["mfu"] is not None:
                 self._bar_rates["MFU"] = f"{rec['mfu'] * 100:.1f}%"
-            rate_txt = f"{tok_s:,.0f} tok/s ({per_gpu:,.0f} per GPU), {tflops:.2f} TFLOP/s per GPU"
+            each = "GPU" if self.device.type == "cuda" else "process"  # (the record's keys say gpu all the same)
+            rate_txt = f"{tok_s:,.0f} tok/s ({per_gpu:,.0f} per {each}), {tflops:.2f} TFLOP/s per {each}"
             if rec["mfu"] is not None:
                 rate_txt += f", MFU {rec['mfu'] * 100:.1f}%"
         if not monitor.uses_bar:
