@@ -56,6 +56,14 @@ def test_info_says_what_its_run_flags_do(capsys):
                                                     "(see gpttrain consolidate --help)"),
     (["info", "stray"], "error: unrecognized argument 'stray'; config flags look like --section.key VALUE "
                         "(sections: model, data, optim, train, dist, log, run); see gpttrain info --help"),
+    # a command's own flag, misspelled: named, not taken for a config flag
+    (["bench", "--preset", "tiny", "--swep"],
+     "error: unrecognized argument '--swep' (did you mean --sweep?) (see gpttrain bench --help)"),
+    (["info", "--presets=tiny"],
+     "error: unrecognized argument '--presets=tiny' (did you mean --preset?) (see gpttrain info --help)"),
+    (["export", "a", "--out", "b", "--overwite"],
+     "error: unrecognized argument '--overwite' (did you mean --overwrite?) (see gpttrain export --help)"),
+    (["train", "--zzz", "1"], "error: unrecognized argument '--zzz'; config flags look like --section.key VALUE"),
 ])
 def test_argument_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

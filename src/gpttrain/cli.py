@@ -205,7 +205,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-mem", type=float, default=24.0, metavar="GIB",
                    help="memory per GPU to check the estimate against, GiB (default: 24)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    parser.commands = sub.choices  # name -> its parser, for _misspelled_flag
     return parser
+
+
+def _misspelled_flag(command_parser: argparse.ArgumentParser, rest: list[str]) -> str | None:
+    """' (did you mean --sweep?)' and the argument, for the first of `rest` that is a plain flag close to one of the
+    command's (`--swep`); None where none is (dotted flags get their own suggestions from the config)."""
+    from gpttrain.config import _did_you_mean
+
+    flags = [s for action in command_parser._actions for s in action.option_strings if s.startswith("--")]
+    for arg in rest:
+        name = arg.split("=", 1)[0]
+        if name.startswith("--") and "." not in name:
+            hint = _did_you_mean(name, flags)
+            if hint:
+                return f"{arg!r}{hint}"
+    return None
 
 
 def _print_json(obj: dict) -> None:
@@ -240,6 +256,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    misspelled = _misspelled_flag(parser.commands[args.command], rest) if rest else None
+    if misspelled:
+        parser.exit(2, f"error: unrecognized argument {misspelled} (see gpttrain {args.command} --help)\n")
     if rest and args.command not in CONFIG_COMMANDS:
         parser.exit(2, f"error: unrecognized arguments: {' '.join(rest)} (see gpttrain {args.command} --help)\n")
     try:
