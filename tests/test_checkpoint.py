@@ -435,6 +435,20 @@ def test_config_mismatch_lists_every_key(data_dir, run_copy, tmp_path):
     assert json.loads((run_copy / "config.json").read_text())["model"]["n_layers"] == 2
 
 
+def test_data_tokenized_otherwise_is_named_as_the_cause(run_copy, tmp_path):
+    """The checkpoint's settings given, but its data prepared again with another tokenizer: the refusal says that
+    the data is the cause, not only to use the checkpoint's settings."""
+    (tmp_path / "bpe").mkdir()
+    other = make_data(tmp_path / "bpe", tokenizer="bpe")
+    r = run_cli(train_args(other, run_copy, "--resume", "auto"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    assert "tokenizer.kind: checkpoint 'byte' vs data 'bpe'" in r.stderr
+    assert r.stderr.rstrip().endswith(
+        f"start a new run with another --run-dir; the data ({other}) is tokenized otherwise than the checkpoint's "
+        "was (was it prepared again?): give the data it trained on, or prepare this text with its tokenizer "
+        "(gpttrain prepare ... --tokenizer byte)")
+
+
 def test_changed_training_settings_are_allowed_and_logged(data_dir, run_copy, gt_log):
     trainer = resumer(data_dir, run_copy, "auto", "--optim.lr", "5e-4", "--train.max_steps", "6")
     assert maybe_resume(trainer) == run_copy / "checkpoints" / STEP.format(4)

@@ -83,12 +83,17 @@ def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -
             problems.append(f"model.{key}: checkpoint {was!r} vs requested {now!r}")
     saved_tok = (state.get("tokenizer") or {}).get("spec") or {}
     now_tok = trainer.tokenizer.spec() if trainer.tokenizer is not None else {}
-    for key, was, now in spec_differences(saved_tok, now_tok):
+    differ = spec_differences(saved_tok, now_tok)
+    for key, was, now in differ:
         problems.append(f"tokenizer.{key}: checkpoint {was!r} vs data {now!r}")
     if problems:
         which = f"checkpoint {path}" if path is not None else "the checkpoint"
+        data = trainer.cfg.data.path or "the default corpus"
+        retokenize = (f"; the data ({data}) is tokenized otherwise than the checkpoint's was (was it prepared again?): "
+                      "give the data it trained on, or prepare this text with its tokenizer (gpttrain prepare ... "
+                      f"--tokenizer {saved_tok.get('kind')})") if differ else ""
         raise ConfigError(f"cannot resume: {which} does not fit this run:\n  " + "\n  ".join(problems)
-                          + "\nuse the checkpoint's settings, or start a new run with another --run-dir")
+                          + f"\nuse the checkpoint's settings, or start a new run with another --run-dir{retokenize}")
     now_cfg = trainer.cfg.to_dict()
     for section in LOGGED_SETTINGS:
         for key, was in saved.get(section, {}).items():
