@@ -391,6 +391,11 @@ def test_resume_without_a_preset_continues_with_the_checkpoints_settings(tmp_pat
     assert main(["train", "-q", "--preset", "demo", "--data", str(data), "--run-dir", "runs/a", "--resume", "auto",
                  "--device", "cpu"]) == 2
     assert "does not fit this run" in capsys.readouterr().err
+    # Another model is refused before any data is prepared (the demo's default corpus here).
+    assert main(["train", "-q", "--preset", "demo", "--run-dir", "runs/a", "--resume", "auto", "--device", "cpu"]) == 2
+    assert ("error: cannot resume: checkpoint runs/a/checkpoints/step-000000006 does not fit this run:\n"
+            "  model.context_length: checkpoint 64 vs requested 128\n") in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["corpus.txt", "prepared", "runs"]
 
 
 def _fake_checkpoint(run_dir, step: int, config: dict, complete: bool = True):

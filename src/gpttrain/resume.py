@@ -73,14 +73,34 @@ MODEL_KEYS_THAT_MUST_MATCH = ("vocab_size", "context_length", "emb_dim", "n_head
 LOGGED_SETTINGS = ("optim", "train", "dist")
 
 
+def model_differences(saved_model: dict[str, Any], model, skip: tuple[str, ...] = ()) -> list[str]:
+    """A line for each model setting of a checkpoint's config (`saved_model`) that this run's differs in."""
+    return [f"model.{key}: checkpoint {saved_model.get(key)!r} vs requested {getattr(model, key)!r}"
+            for key in MODEL_KEYS_THAT_MUST_MATCH if key not in skip and saved_model.get(key) != getattr(model, key)]
+
+
+def cannot_resume(which: str, problems: list[str], more: str = "") -> ConfigError:
+    return ConfigError(f"cannot resume: {which} does not fit this run:\n  " + "\n  ".join(problems)
+                       + f"\nuse the checkpoint's settings, or start a new run with another --run-dir{more}")
+
+
+def check_model_before_data(cfg, run_dir: Path) -> None:
+    """The model settings a resume would refuse (`check_compatible`), refused before any data is prepared: from
+    the state.json of the checkpoint it would take (`saved_settings`). The vocabulary is left to the resume: it
+    follows the data's tokenizer."""
+    saved = saved_settings(run_dir, cfg.run.resume)
+    if saved is None:
+        return
+    config, source = saved
+    problems = model_differences(config.get("model", {}), cfg.model, skip=("vocab_size",))
+    if problems:
+        raise cannot_resume(f"checkpoint {source.parent}", problems)
+
+
 def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -> None:
     """Refuse a checkpoint whose model or tokenizer differ from the run; log changed training settings."""
     saved = state["config"]
-    problems = []
-    for key in MODEL_KEYS_THAT_MUST_MATCH:
-        was, now = saved["model"].get(key), getattr(trainer.cfg.model, key)
-        if was != now:
-            problems.append(f"model.{key}: checkpoint {was!r} vs requested {now!r}")
+    problems = model_differences(saved["model"], trainer.cfg.model)
     saved_tok = (state.get("tokenizer") or {}).get("spec") or {}
     now_tok = trainer.tokenizer.spec() if trainer.tokenizer is not None else {}
     differ = spec_differences(saved_tok, now_tok)
@@ -92,8 +112,7 @@ def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -
         retokenize = (f"; the data ({data}) is tokenized otherwise than the checkpoint's was (was it prepared again?): "
                       "give the data it trained on, or prepare this text with its tokenizer (gpttrain prepare ... "
                       f"--tokenizer {saved_tok.get('kind')})") if differ else ""
-        raise ConfigError(f"cannot resume: {which} does not fit this run:\n  " + "\n  ".join(problems)
-                          + f"\nuse the checkpoint's settings, or start a new run with another --run-dir{retokenize}")
+        raise cannot_resume(which, problems, retokenize)
     now_cfg = trainer.cfg.to_dict()
     for section in LOGGED_SETTINGS:
         for key, was in saved.get(section, {}).items():

@@ -99,10 +99,16 @@ _PREPARE_FLAG = re.compile(r"(?<![\w-])(?<!prepare )--(" + "|".join(sorted(TRAIN
 
 
 def check_resume(cfg: Config, info: DistInfo) -> None:
-    """`resume.check_resume_request` on rank 0, its verdict on every rank (as the resume itself decides)."""
-    from gpttrain.resume import check_resume_request
+    """`resume.check_resume_request` and the model settings the resume would refuse, on rank 0, its verdict on every
+    rank (as the resume itself decides)."""
+    from gpttrain.resume import check_model_before_data, check_resume_request
 
-    distmod.on_main(lambda: check_resume_request(Path(cfg.run.dir), cfg.run.resume), info)
+    def check() -> None:
+        check_resume_request(Path(cfg.run.dir), cfg.run.resume)
+        if cfg.run.resume:
+            check_model_before_data(cfg, Path(cfg.run.dir))
+
+    distmod.on_main(check, info)
 
 
 def build_loaders(cfg: Config, info: DistInfo, data_dir: Path):
