@@ -64,6 +64,10 @@ def test_info_says_what_its_run_flags_do(capsys):
     (["export", "a", "--out", "b", "--overwite"],
      "error: unrecognized argument '--overwite' (did you mean --overwrite?) (see gpttrain export --help)"),
     (["train", "--zzz", "1"], "error: unrecognized argument '--zzz'; config flags look like --section.key VALUE"),
+    # a config setting given as a plain flag: its dotted name (never --help, the nearest flag by spelling)
+    (["train", "--lr", "3e-4"], "error: unrecognized argument '--lr' (did you mean --optim.lr?) (see gpttrain train"),
+    (["bench", "--max-steps=4"], "error: unrecognized argument '--max-steps=4' (did you mean --train.max_steps?)"),
+    (["train", "--steps", "5"], "error: unrecognized argument '--steps'; config flags look like --section.key VALUE"),
 ])
 def test_argument_errors_are_one_line_and_exit_2(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -209,16 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _misspelled_flag(command_parser: argparse.ArgumentParser, rest: list[str]) -> str | None:
-    """' (did you mean --sweep?)' and the argument, for the first of `rest` that is a plain flag close to one of the
-    command's (`--swep`); None where none is (dotted flags get their own suggestions from the config)."""
-    from gpttrain.config import _did_you_mean
+def _misspelled_flag(command_parser: argparse.ArgumentParser, rest: list[str], settings: bool) -> str | None:
+    """The argument and ' (did you mean ...?)' for the first of `rest` that is a plain flag naming a config setting
+    (`--lr`: --optim.lr, with `settings`) or close to one of the command's own flags (`--swep`: --sweep); None where
+    none is (the config's message then says what its flags look like; dotted ones get their own suggestions)."""
+    from gpttrain.config import Config, _did_you_mean, _setting_elsewhere
 
-    flags = [s for action in command_parser._actions for s in action.option_strings if s.startswith("--")]
+    flags = [s for action in command_parser._actions for s in action.option_strings
+             if s.startswith("--") and s != "--help"]
     for arg in rest:
         name = arg.split("=", 1)[0]
         if name.startswith("--") and "." not in name:
-            hint = _did_you_mean(name, flags)
+            hint = (_setting_elsewhere(Config(), name[2:].replace("-", "_")) if settings else "") \
+                or _did_you_mean(name, flags, cutoff=0.75)
             if hint:
                 return f"{arg!r}{hint}"
     return None
@@ -256,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    misspelled = _misspelled_flag(parser.commands[args.command], rest) if rest else None
+    misspelled = _misspelled_flag(parser.commands[args.command], rest, args.command in CONFIG_COMMANDS) \
+        if rest else None
     if misspelled:
         parser.exit(2, f"error: unrecognized argument {misspelled} (see gpttrain {args.command} --help)\n")
     if rest and args.command not in CONFIG_COMMANDS:

@@ -321,9 +321,9 @@ def _convert(key: str, value: Any, tp: Any, *, from_text: bool) -> Any:
     raise ConfigError(f"{key}: unsupported type {tp}")  # pragma: no cover - a bug in this file
 
 
-def _did_you_mean(name: str, choices, prefix: str = "") -> str:
+def _did_you_mean(name: str, choices, prefix: str = "", cutoff: float = 0.6) -> str:
     """' (did you mean PREFIXX?)' for the choice closest to a misspelled `name`, or '' where none is close."""
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=cutoff)
     return f" (did you mean {prefix}{close[0]}?)" if close else ""
 
 
