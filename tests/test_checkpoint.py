@@ -447,6 +447,13 @@ def test_data_tokenized_otherwise_is_named_as_the_cause(run_copy, tmp_path):
         f"start a new run with another --run-dir; the data ({other}) is tokenized otherwise than the checkpoint's "
         "was (was it prepared again?): give the data it trained on, or prepare this text with its tokenizer "
         "(gpttrain prepare ... --tokenizer byte)")
+    # The other way round: a bpe checkpoint's tokenizer is its file (a bpe trained again would differ).
+    assert run_cli(train_args(other, tmp_path / "bpe-run", "--train.max_steps", "1"), cwd=tmp_path).returncode == 0
+    (tmp_path / "byte").mkdir()
+    r = run_cli(train_args(make_data(tmp_path / "byte"), tmp_path / "bpe-run", "--resume", "auto"), cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    saved = tmp_path / "bpe-run" / "checkpoints" / STEP.format(1)
+    assert r.stderr.rstrip().endswith(f"(gpttrain prepare ... --tokenizer bpe --tokenizer-file {saved}/tokenizer.json)")
 
 
 def test_changed_training_settings_are_allowed_and_logged(data_dir, run_copy, gt_log):

@@ -108,10 +108,15 @@ def check_compatible(state: dict[str, Any], trainer, path: Path | None = None) -
         problems.append(f"tokenizer.{key}: checkpoint {was!r} vs data {now!r}")
     if problems:
         which = f"checkpoint {path}" if path is not None else "the checkpoint"
-        data = trainer.cfg.data.path or "the default corpus"
-        retokenize = (f"; the data ({data}) is tokenized otherwise than the checkpoint's was (was it prepared again?): "
-                      "give the data it trained on, or prepare this text with its tokenizer (gpttrain prepare ... "
-                      f"--tokenizer {saved_tok.get('kind')})") if differ else ""
+        kind = saved_tok.get("kind")
+        retokenize = ""
+        # Where the tokenizer is all that differs (the vocabulary follows it): the data is the cause.
+        if differ and kind and not model_differences(saved["model"], trainer.cfg.model, skip=("vocab_size",)):
+            its = (f"--tokenizer bpe --tokenizer-file {path / 'tokenizer.json'}" if kind == "bpe" and path is not None
+                   else f"--tokenizer {kind}")
+            retokenize = (f"; the data ({trainer.cfg.data.path or 'the default corpus'}) is tokenized otherwise than "
+                          "the checkpoint's was (was it prepared again?): give the data it trained on, or prepare "
+                          f"this text with its tokenizer (gpttrain prepare ... {its})")
         raise cannot_resume(which, problems, retokenize)
     now_cfg = trainer.cfg.to_dict()
     for section in LOGGED_SETTINGS:
