@@ -364,7 +364,7 @@ def test_unrelated_files_in_out_survive(tmp_path):
     assert not (tmp_path / "out" / "train-00007.bin").exists()
 
 
-@pytest.mark.parametrize("what", ["run", "dead-run", "checkpoint"])
+@pytest.mark.parametrize("what", ["run", "dead-run", "checkpoint", "checkpoints", "interrupted-save"])
 def test_a_run_dir_is_no_out(tmp_path, what):
     """Shards written among a run's files (checkpoints/, config.json, metrics.jsonl) would mix data into a run: a
     training run's folder, even one that died before its first checkpoint, or a checkpoint, is refused."""
@@ -376,10 +376,15 @@ def test_a_run_dir_is_no_out(tmp_path, what):
         write(run_dir / "checkpoints" / "step-000000600" / "COMPLETE", "{}")
     if what == "checkpoint":
         out = run_dir / "checkpoints" / "step-000000600"
+    if what == "checkpoints":  # the folder of a run's checkpoints
+        out = run_dir / "checkpoints"
+    if what == "interrupted-save":  # a checkpoint folder without its COMPLETE marker
+        out = run_dir / "checkpoints" / "step-000000700"
+        write(out / "model.safetensors", "half")
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    with pytest.raises(DataError, match=f"^--out {re.escape(str(out))}: is a training run's folder "
-                                        r"\(or one of its checkpoints\); prepared data goes in a directory of its own, "
-                                        "e.g. data/NAME$"):
+    message = f"--out {out}: is a training run's folder, its checkpoints/ or one of them; prepared data goes in a " \
+        "directory of its own, e.g. data/NAME"
+    with pytest.raises(DataError, match=f"^{re.escape(message)}$"):
         run([src], out)
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 

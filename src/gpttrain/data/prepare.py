@@ -265,11 +265,12 @@ def prepare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out}: is a file, not a directory; choose another --out")
-    from gpttrain.checkpoint import is_checkpoint_or_run
+    from gpttrain.checkpoint import folder_step, is_checkpoint_or_run
 
-    if out.is_dir() and (is_checkpoint_or_run(out) or (out / "metrics.jsonl").is_file()):
-        raise DataError(f"--out {out}: is a training run's folder (or one of its checkpoints); prepared data goes in "
-                        "a directory of its own, e.g. data/NAME")
+    if out.is_dir() and (is_checkpoint_or_run(out) or (out / "metrics.jsonl").is_file() or folder_step(out) is not None
+                         or any(folder_step(c) is not None for c in out.iterdir() if c.is_dir())):  # checkpoints/
+        raise DataError(f"--out {out}: is a training run's folder, its checkpoints/ or one of them; prepared data "
+                        "goes in a directory of its own, e.g. data/NAME")
     exts = _normalize_extensions(extensions)
     # Inputs are checked for text only when they are read below: an up-to-date output skips reading them.
     keyed = _resolve_keyed(inputs, exts, check_text=False) if inputs else _default_corpus_keyed()
