@@ -577,16 +577,21 @@ def test_only_folders_a_save_names_are_the_runs_checkpoints(tmp_path):
     after every step name: --resume auto went back to it) nor pruned; steps order by number; a run dir whose name
     starts with step- is still a run dir."""
     run = tmp_path / "step-lr-sweep"
-    for name in (STEP.format(2), STEP.format(3), "step-best", STEP.format(2) + "-keep", "step-1000000000"):
+    for name in (STEP.format(2), "step-1000000000", STEP.format(999999999), "step-best", STEP.format(2) + "-keep",
+                 "step-００００００００１"):  # (full-width digits: not a save's name either)
         folder = run / "checkpoints" / name
         folder.mkdir(parents=True)
         (folder / ckpt.COMPLETE).write_text("{}")
-    assert [p.name for p in ckpt.list_checkpoints(run)] == [STEP.format(2), STEP.format(3), "step-1000000000"]
+    # by step, not by name (where step-1000000000 sorts before step-999999999)
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [STEP.format(2), STEP.format(999999999), "step-1000000000"]
     assert ckpt.resolve_checkpoint(run).name == "step-1000000000"
     assert ckpt.resolve_checkpoint(run / "checkpoints" / "step-best").name == "step-best"  # asked for by path
-    ckpt.prune(run, keep=1)
+    others = ["step-000000002-keep", "step-best", "step-００００００００１"]
+    ckpt.prune(run, keep=2, upto=run / "checkpoints" / STEP.format(999999999))  # step-1000000000 lies past it
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == \
-        ["step-000000002-keep", "step-1000000000", "step-best"]
+        sorted(others + [STEP.format(2), STEP.format(999999999), "step-1000000000"])
+    ckpt.prune(run, keep=1)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == sorted(others + ["step-1000000000"])
     incomplete = tmp_path / "other" / STEP.format(7)
     incomplete.mkdir(parents=True)
     assert ckpt.resolve_checkpoint(incomplete) == incomplete  # (refused as incomplete where it is read)

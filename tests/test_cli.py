@@ -99,7 +99,7 @@ def test_info_answers_at_once_for_an_absurd_micro_batch(capsys):
     assert "verdict:" in capsys.readouterr().out
 
 
-def test_info_verdicts_say_one_thing(caplog):
+def test_info_verdicts_say_one_thing(caplog, capsys):
     """A smaller micro-batch that fits is the answer, not also 'no layout fits'; where not even micro-batch 1
     fits, the card size is not offered back as the remedy."""
     with caplog.at_level("INFO", logger="gpttrain"):
@@ -113,6 +113,9 @@ def test_info_verdicts_say_one_thing(caplog):
     assert verdict.endswith("No listed layout fits, even at a smaller micro-batch; try more GPUs (--gpus) or GPUs "
                             "with more than 4 GiB.")
     assert main(["info", "--preset", "tiny", "--gpu-mem", "nan"]) == 2
+    capsys.readouterr()
+    assert main(["info", "--preset", "tiny", "--gpu-mem", "1"]) == 2  # nothing left beside the CUDA context
+    assert "error: --gpu-mem: 1.0 must be a number of GiB above 1 (the CUDA context's share)" in capsys.readouterr().err
 
 
 def test_info_of_the_original_model(capsys):

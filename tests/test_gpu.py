@@ -237,3 +237,25 @@ def test_bench_on_cuda_reports_the_matmul_peak(tmp_path):
     prof = row["profile"]  # the CUDA kernels of two steps, by kind
     assert 0 < prof["busy_ms"] <= prof["step_ms"] * 1.01
     assert prof["ms_by_kind"]["matmul"] > 0 and prof["ms_by_kind"]["attention"] > 0, prof
+
+
+@pytest.mark.parametrize("before, after", [("off", "auto"), ("auto", "off")])
+def test_a_resume_that_changes_fused_places_the_step_counts(tmp_path, before, after):
+    """Fused AdamW reads its step counts on the GPU; the others keep them on the CPU (else a read-back per
+    parameter and step): a resume that changes --optim.fused puts them where the new setting wants them."""
+    from gpttrain import checkpoint as ckpt
+    from gpttrain.distributed import DistInfo
+    from gpttrain.resume import maybe_resume
+
+    data, info = make_data(tmp_path), DistInfo(0, 0, 1, torch.device("cuda", 0), None)
+    a = build_trainer(tiny_config(data, tmp_path / "run", "--run.device", "cuda", "--optim.fused", before), info)
+    take_steps(a, 2)
+    ckpt.save(a)
+    b = build_trainer(tiny_config(data, tmp_path / "run", "--run.device", "cuda", "--optim.fused", after,
+                                  "--run.resume", "auto"), info)
+    maybe_resume(b)
+    want = "cuda" if after == "auto" else "cpu"
+    steps = [st["step"] for st in b.optimizer.state.values()]
+    assert steps and all(t.device.type == want and t.dtype == torch.float32 for t in steps)
+    take_steps(b, 2)
+    assert b.step == 4

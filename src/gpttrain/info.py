@@ -88,8 +88,9 @@ def run_info(cfg: Config, *, gpus: int = 4, gpu_mem_gib: float = 24.0, as_json: 
     goes to `emit` (the CLI prints it to stdout, so `-q` does not swallow it)."""
     if gpus < 1:
         raise ConfigError(f"--gpus: {gpus} must be at least 1")
-    if not 0 < gpu_mem_gib < float("inf"):  # NaN too
-        raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a positive number of GiB")
+    if not CUDA_CONTEXT_GIB < gpu_mem_gib < float("inf"):  # NaN too
+        raise ConfigError(f"--gpu-mem: {gpu_mem_gib} must be a number of GiB above {CUDA_CONTEXT_GIB:g} (the CUDA "
+                          "context's share)")
     note = _fit_to_data(cfg)
     # Refused as a GPU run of this config would refuse it.
     gpu_precision = "bf16-mixed" if cfg.train.precision == "auto" else cfg.train.precision

@@ -132,11 +132,14 @@ def keep_hyperparameters(optimizer: torch.optim.Optimizer, hyper: list[dict[str,
     arguments. The lr is set at every step anyway."""
     for group, now in zip(optimizer.param_groups, hyper, strict=True):
         group.update(now)
-        if group.get("fused") or group.get("capturable"):  # their step counts live beside the weights, in fp32
-            for param in group["params"]:
-                st = optimizer.state.get(param, {})
-                if torch.is_tensor(st.get("step")):
-                    st["step"] = st["step"].to(device=param.device, dtype=torch.float32)
+        # The step counts where torch's AdamW keeps them for these settings (loading placed them for the saved
+        # ones, or map_location did): beside the weights for the fused and capturable kernels, which read them
+        # there; on the CPU otherwise (one on a GPU is read back at every step, a wait per parameter).
+        on_device = group.get("fused") or group.get("capturable")
+        for param in group["params"]:
+            st = optimizer.state.get(param, {})
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].to(device=param.device if on_device else "cpu", dtype=torch.float32)
 
 
 def load_into(trainer, path: Path, state: dict[str, Any]) -> None:
