@@ -364,6 +364,29 @@ def test_unrelated_files_in_out_survive(tmp_path):
     assert not (tmp_path / "out" / "train-00007.bin").exists()
 
 
+def test_a_document_split_far_from_the_fraction_asked_is_said(tmp_path, caplog, monkeypatch):
+    """Documents go whole to one side: one large text among many small ones takes its share of the tokens with it
+    (val held 96% of a walkthrough's tokens, and bpe trained on the other 4%, without a word)."""
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="gpttrain")
+    lines = "".join(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(150))
+    small = write(tmp_path / "docs.jsonl", lines)
+    meta = run([small], tmp_path / "even")
+    share = meta["splits"]["val"]["tokens"] / meta["total_tokens"]
+    assert 0.05 <= share <= 0.2 and "val holds" not in caplog.text  # 150 like documents: near 10%, no warning
+    big = write(tmp_path / "book.txt", "a line of a long book\n" * 20000)
+    meta = run([small, big], tmp_path / "skewed")
+    share = meta["splits"]["val"]["tokens"] / meta["total_tokens"]
+    assert not 0.05 <= share <= 0.2
+    assert (f"{tmp_path / 'skewed'}: val holds {100 * share:.1f}% of the tokens, for --val-fraction 0.1: documents go "
+            "whole to one side, picked by a hash of each, and a few large ones decide the share; to split a large "
+            "text by position (its tail to val), prepare it in a set of fewer than 100 documents") in caplog.text
+    caplog.clear()
+    meta = run([big], tmp_path / "alone")  # by itself: its tail goes to val
+    assert meta["splits"]["val"]["tokens"] / meta["total_tokens"] == pytest.approx(0.1, abs=0.01)
+    assert "val holds" not in caplog.text
+
+
 @pytest.mark.parametrize("what", ["run", "dead-run", "checkpoint", "checkpoints", "interrupted-save"])
 def test_a_run_dir_is_no_out(tmp_path, what):
     """Shards written among a run's files (checkpoints/, config.json, metrics.jsonl) would mix data into a run: a
@@ -648,7 +671,7 @@ def test_cli_flags_are_validated(tmp_path, flags, match):
 def test_cli_defaults_and_a_run(tmp_path):
     args = parse([])
     assert (args.inputs, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.workers) == (
-        [], "data/prepared", "bpe", 8192, 0.1, 0)
+        [], "data/prepared", "bpe", None, 0.1, 0)  # (None: 8192 for a bpe trained here; said where it cannot apply)
     (tmp_path / "c").mkdir()
     write(tmp_path / "c" / "a.rst", "restructured text\n" * 20)
     args = parse([str(tmp_path / "c"), "--out", str(tmp_path / "out"), "--tokenizer", "byte", "--ext", "rst,.txt",
@@ -656,6 +679,22 @@ def test_cli_defaults_and_a_run(tmp_path):
     assert prep.run_prepare(args) == 0
     meta = load_meta(tmp_path / "out")
     assert meta["settings"]["extensions"] == [".rst", ".txt"] and len(meta["splits"]["train"]["shards"]) == 4
+
+
+@pytest.mark.parametrize("flags, said", [
+    (["--tokenizer", "byte", "--vocab-size", "512"],
+     "--vocab-size 512: only a bpe tokenizer trained here takes it; the byte tokenizer has its own vocabulary"),
+    (["--tokenizer", "byte", "--vocab-size", "512", "--bpe-train-mb", "10"],
+     "--vocab-size 512 and --bpe-train-mb 10: only a bpe tokenizer trained here takes them; the byte tokenizer"),
+    (["--tokenizer", "bpe", "--vocab-size", "300"], None),
+])
+def test_bpe_flags_that_cannot_apply_are_said(tmp_path, caplog, monkeypatch, flags, said):
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="gpttrain")
+    args = parse([str(write(tmp_path / "a.txt", "some text here\n" * 40)), "--out", str(tmp_path / "out"),
+                  "--workers", "1", "--no-progress", *flags])
+    assert prep.run_prepare(args) == 0
+    assert (said in caplog.text) if said else "only a bpe tokenizer" not in caplog.text
 
 
 def test_binary_file_is_refused(tmp_path):

@@ -71,6 +71,7 @@ logger = logging.getLogger("gpttrain")
 TOKENIZERS = ("gpt2", "bpe", "byte")
 DEFAULT_OUT = "data/prepared"
 DEFAULT_SHARD_TOKENS = 100_000_000
+DEFAULT_VOCAB_SIZE = 8192  # of a bpe tokenizer trained here
 DEFAULT_BPE_TRAIN_MB = 0  # 0 = all of the train split's text; bpe training runs at about 10 MB/s on 2 cores
 PIECE_CHARS = 1 << 20  # text handed to a worker per task
 GOLDEN_RATIO_FRACTION = (5 ** 0.5 - 1) / 2  # steps of a low-discrepancy sequence: the bpe sample's choice
@@ -243,7 +244,7 @@ def prepare(
     *,
     tokenizer: str = "bpe",
     tokenizer_file: str | Path | None = None,
-    bpe_vocab_size: int = 8192,
+    bpe_vocab_size: int = DEFAULT_VOCAB_SIZE,
     val_fraction: float = 0.1,
     text_field: str = "text",
     extensions: Iterable[str] = (".txt", ".md"),
@@ -384,7 +385,21 @@ def prepare(
         remove_tree(tmp)
 
     _log_summary(out, meta, mode, time.perf_counter() - t_start, seconds_encode)
+    _warn_uneven_split(out, meta, mode, val_fraction)
     return meta
+
+
+def _warn_uneven_split(out: Path, meta: dict, mode: str, val_fraction: float) -> None:
+    """A document split's val share of the tokens far from --val-fraction (half or double of it) is said: documents
+    go whole to the side a hash of each picks, so a few large ones can take most of the text to either side (and a
+    bpe tokenizer trains on the train side alone)."""
+    tokens = meta["total_tokens"]
+    share = meta["splits"]["val"]["tokens"] / tokens if tokens else val_fraction
+    if mode == "document" and not val_fraction / 2 <= share <= 2 * val_fraction:
+        logger.warning("%s: val holds %.1f%% of the tokens, for --val-fraction %g: documents go whole to one side, "
+                       "picked by a hash of each, and a few large ones decide the share; to split a large text by "
+                       "position (its tail to val), prepare it in a set of fewer than %d documents", out,
+                       100 * share, val_fraction, math.ceil(10 / min(val_fraction, 1 - val_fraction)))
 
 
 def _log_summary(out: Path, meta: dict, mode: str, seconds: float, seconds_encode: float) -> None:
@@ -438,9 +453,9 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tokenizer-file", default=None, metavar="FILE",
                         help="gpt2: a gpt2.tiktoken ranks file (default: tiktoken's cache); bpe: a tokenizer.json "
                              "to use instead of training one (default: none, train)")
-    parser.add_argument("--vocab-size", type=int, default=8192, metavar="N",
-                        help="vocabulary size of a trained bpe tokenizer, >= 258 (default: 8192)")
-    parser.add_argument("--bpe-train-mb", type=float, default=DEFAULT_BPE_TRAIN_MB, metavar="MB",
+    parser.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                        help=f"vocabulary size of a trained bpe tokenizer, >= 258 (default: {DEFAULT_VOCAB_SIZE})")
+    parser.add_argument("--bpe-train-mb", type=float, default=None, metavar="MB",
                         help="train the bpe tokenizer (on the train split) on a sample of about this many MB "
                              "drawn from all of that text, for a corpus larger than that (.jsonl: compared with "
                              "the files' size); "
@@ -462,13 +477,20 @@ def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_prepare(args: argparse.Namespace) -> int:
     """`gpttrain prepare`; returns the exit status. GpttrainError propagates for the CLI to print as one line."""
+    bpe_only = [f"{flag} {value:g}" for flag, value in (("--vocab-size", args.vocab_size),
+                                                        ("--bpe-train-mb", args.bpe_train_mb)) if value is not None]
+    if bpe_only and not (args.tokenizer == "bpe" and args.tokenizer_file is None):
+        logger.warning("%s: only a bpe tokenizer trained here takes %s; %s has its own vocabulary",
+                       " and ".join(bpe_only), "them" if len(bpe_only) > 1 else "it",
+                       args.tokenizer_file or f"the {args.tokenizer} tokenizer")
     try:
         prepare(
             args.inputs, args.out, tokenizer=args.tokenizer, tokenizer_file=args.tokenizer_file,
-            bpe_vocab_size=args.vocab_size, val_fraction=args.val_fraction, text_field=args.text_field,
+            bpe_vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
+            val_fraction=args.val_fraction, text_field=args.text_field,
             extensions=[e for e in args.ext.split(",") if e.strip()], workers=args.workers,
             progress=not (args.no_progress or getattr(args, "quiet", False)), shard_tokens=args.shard_tokens,
-            bpe_train_mb=args.bpe_train_mb,
+            bpe_train_mb=DEFAULT_BPE_TRAIN_MB if args.bpe_train_mb is None else args.bpe_train_mb,
         )
     except OSError as e:  # unreadable input, full disk: one line naming the file rather than a traceback
         raise DataError(f"prepare: {e.filename}: {e.strerror}" if e.filename else f"prepare: {e}") from None
