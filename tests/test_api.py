@@ -139,7 +139,10 @@ def test_generate_into_a_pipe_closed_early_exits_quietly(run_dir, tmp_path):
     (["--top-p", "1.5"], "--top-p: 1.5 must be a number in (0, 1]"),
     (["--top-p", "0"], "--top-p: 0.0 must be a number in (0, 1]"),
     (["--temperature", "-1"], "--temperature: -1.0 must be a number >= 0"),
-    (["--temperature", "1e-300"], "--temperature: 1e-300 must be 0 (greedy) or between"),
+    (["--temperature", "1e-300"], "--temperature: 1e-300 must be 0 (greedy) or between 1e-06 and 1e+06 (below that "
+                                  "it is greedy decoding in effect)"),
+    (["--temperature", "1e7"], "--temperature: 10000000.0 must be 0 (greedy) or between 1e-06 and 1e+06 (above that "
+                               "the logits all round to the same value: uniform sampling in effect)"),
     (["--max-new-tokens", "0"], "--max-new-tokens: 0 must be an integer of at least 1"),
     (["--seed", "-3"], "--seed: -3 must be an integer in [0, 4294967295]"),
     (["--seed", "4294967295", "--num-samples", "2"], "--seed: 4294967295 must be at most 4294967294 with "
@@ -305,6 +308,11 @@ def test_the_api_names_its_keywords(run_dir):
         loaded.generate("Line", 3, seed="7")
     with pytest.raises(ConfigError, match=re.escape("num_samples=0 must be an integer of at least 1")):
         gpttrain.generate(loaded, "Line", 3, num_samples=0)
+    said = f"generate: '{run_dir}' is a path, not a model: load it first, gpttrain.generate(gpttrain.load(" \
+        f"'{run_dir}'), prompt)"
+    for path in (str(run_dir), run_dir):  # a path is loaded first, with gpttrain.load
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            gpttrain.generate(path, "Line", 3)
     with pytest.raises(ConfigError, match="^top_p=1000"):  # not an OverflowError from math.isnan
         loaded.generate("Line", 3, top_p=10**400)
     # too many digits for repr (a ValueError that would replace the message)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import sys
 from dataclasses import dataclass
+from os import PathLike
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,9 @@ def generate(model_or_loaded, prompt: str, max_new_tokens: int = 100, *, tokeniz
     if not isinstance(prompt, str):
         raise TypeError(f"generate: prompt must be text (a str), not {type(prompt).__name__}"
                         + ("; decode it first, e.g. prompt.decode('utf-8')" if isinstance(prompt, bytes) else ""))
+    if isinstance(model_or_loaded, (str, PathLike)):
+        raise ConfigError(f"generate: {str(model_or_loaded)!r} is a path, not a model: load it first, "
+                          f"gpttrain.generate(gpttrain.load({str(model_or_loaded)!r}), prompt)")
     if isinstance(model_or_loaded, Loaded):
         model, tokenizer = model_or_loaded.model, tokenizer or model_or_loaded.tokenizer
     else:

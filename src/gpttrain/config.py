@@ -487,8 +487,10 @@ def check_temperature(label: str, temperature: float) -> None:
     starts the message, before the value: a flag, a colon and a space (`--log.sample_temperature: `) or a keyword
     (`temperature=`)."""
     if temperature != 0 and not MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE:
+        why = ("below that it is greedy decoding in effect" if temperature < MIN_TEMPERATURE else
+               "above that the logits all round to the same value: uniform sampling in effect")
         raise ConfigError(f"{label}{shown(temperature)} must be 0 (greedy) or between {MIN_TEMPERATURE:g} and "
-                          f"{MAX_TEMPERATURE:g} (below that it is greedy decoding in effect)")
+                          f"{MAX_TEMPERATURE:g} ({why})")
 
 
 def validate_config(cfg: Config) -> None:
