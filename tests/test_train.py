@@ -419,7 +419,7 @@ def test_plan_steps_and_vocab_rounding(data_dir, tmp_path):
     assert plan_steps(cfg, 10, 100) == 2
 
 
-def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path):
+def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path, caplog, monkeypatch):
     """--train.max_tokens and --train.epochs hold across a resume whose global batch differs (another micro-batch
     or world size): the steps left are planned at the new batch, from the tokens and the data's cursor."""
     cfg = tiny_config(data_dir, tmp_path, "--train.epochs", "2", "--train.grad_accum_steps", "2")
@@ -429,9 +429,14 @@ def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path):
     assert plan_steps(cfg, 12, 100, step=20, tokens=2000, batches_done=16) == 30
     assert plan_steps(cfg, 12, 100, step=20, tokens=3100, batches_done=16) == 20  # past it: nothing left
 
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="gpttrain")
+
     def fit_run(run, *flags):
+        caplog.clear()
         trainer = build_trainer(tiny_config(data_dir, run, *flags), single_info())
         assert trainer.fit() == 0
+        trainer.said = caplog.text
         return trainer
 
     a = fit_run(tmp_path / "a", "--train.max_tokens", "2048", "--train.micro_batch_size", "2",
@@ -447,6 +452,11 @@ def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path):
     # The average tokens/s counts each step at its own batch (not every step at 256).
     assert (b.timed_steps, b.timed_tokens) == (2 + 6, 2 * 128 + 6 * 256)
     assert b.average_tok_s() == b.timed_tokens / b.train_time
+    mine = 6 * 256 / (b.train_time - saved["train_time"])  # the last line also says this process's own
+    done = re.search(r"done: 10 steps, 2,176 tokens, average ([\d,]+) tok/s over the run's timed steps, ([\d,]+) in "
+                     r"this process\n", b.said)
+    assert done and [int(g.replace(",", "")) for g in done.groups()] == [round(b.average_tok_s()), round(mine)]
+    assert "done: 16 steps" in a.said and "over the run's" not in a.said  # a run in one process: one figure
     loader = b.train_loader  # 547 windows, 4 a batch: 136 a epoch; the cursor at window 3 * 2 + 7 * 4 = 34
     # 8 whole batches of 4 behind it, and half of one: that one counts as still to do (it is: 128 batches left)
     assert (loader.num_windows, loader.index, loader.batches_done) == (547, 34, 8) == (547, 34, 136 - 513 // 4)

@@ -230,9 +230,13 @@ class Reporting:
     def _finish(self) -> None:
         if not self.info.is_main:
             return
-        avg = self.average_tok_s()
+        avg, clock = self.average_tok_s(), self.clock
+        here = self.train_time - clock.train_at_start
+        # A resumed run's average counts the timed steps of every process it ran in (other GPUs, perhaps).
+        mine = (self.timed_tokens - clock.tokens_at_start) / here if clock.steps_at_start and here > 0 else None
         log.info("done: %d steps, %s tokens%s", self.step, f"{self.tokens:,}",
-                 f", average {avg:,.0f} tok/s" if avg else "")
+                 (f", average {avg:,.0f} tok/s" if avg else "")
+                 + (f" over the run's timed steps, {mine:,.0f} in this process" if mine else ""))
         outputs = [name for name in ("config.json", "metrics.jsonl", "train.log", "loss.pdf", "loss.png", "samples.txt")
                    if (self.run_dir / name).is_file()]
         log.info("outputs in %s: %s", self.run_dir, ", ".join(outputs + ["checkpoints/"]))

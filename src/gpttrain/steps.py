@@ -24,6 +24,7 @@ class LoopClock:
     start: float
     train_at_start: float  # the run's train_time (resumes add up) when this process's loop began
     steps_at_start: int  # and its timed_steps
+    tokens_at_start: int = 0  # and their tokens
     first_step: float = 0.0  # this process's first step: compile, warm-up
     evals: list[dict[str, float]] = field(default_factory=list)  # each evaluation's seconds: losses, sample
     samples: float = 0.0  # samples by epochs (--log.sample_every_epochs), not counted in the evaluations

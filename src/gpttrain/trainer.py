@@ -396,7 +396,7 @@ class Trainer(Reporting):
         self._log_start()
         pending: list[StepStats] = []  # steps queued on the device whose numbers the host has not read yet
         t_mark = time.perf_counter()
-        clock = self.clock = LoopClock(t_mark, self.train_time, self.timed_steps)
+        clock = self.clock = LoopClock(t_mark, self.train_time, self.timed_steps, self.timed_tokens)
         logged = (self.train_time, self.timed_steps)  # the counters at the last train record
         first_step_of_process = True
         bar_loss = {}
