@@ -1,5 +1,6 @@
 """The checkpoint-facing surface: gpttrain.load / generate, `gpttrain generate`, `gpttrain export`, --init-from."""
 
+import json
 import re
 import shutil
 
@@ -361,7 +362,27 @@ def test_init_from_a_model_of_another_tokenizer_is_refused(run_dir, tmp_path):
     wide = run_cli(["train", "--preset", "tiny", "--data", str(make_data(tmp_path)), "--run-dir", "w",
                     "--init-from", str(hf), "--model.emb_dim", "128", "--model.n_layers", "3"], cwd=tmp_path)
     assert wide.returncode == 2 and "--model.vocab_size" not in wide.stderr, wide.stderr
-    assert wide.stderr.rstrip().endswith("set --model.n_layers 2 --model.emb_dim 64"), wide.stderr
+    assert f"{hf}'s config.json gives n_layers 2, emb_dim 64: set --model.n_layers 2 --model.emb_dim 64, or leave " \
+        "out --preset and --config to take its model as it is (" in wide.stderr, wide.stderr
+
+
+def test_init_from_without_a_preset_takes_the_model_and_tokenizer_of_the_export(run_dir, tmp_path):
+    """`train --init-from DIR` alone: DIR's model (the tiny run's, not the demo preset's) and the tokenizer it was
+    trained with (byte, not the demo's bpe) for the text to prepare; a flag given still wins."""
+    hf = tmp_path / "hf"
+    assert run_cli(["export", str(run_dir), "--out", str(hf)], cwd=tmp_path).returncode == 0
+    (tmp_path / "text.txt").write_text("Line 1 of a text to prepare.\n" * 300, encoding="utf-8")
+    r = run_cli(["train", "--init-from", str(hf), "--data", "text.txt", "--run-dir", "r", "--device", "cpu",
+                 "--train.max_steps", "1", "--model.drop_rate", "0.1"], cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (f"--init-from without --preset or --config: the model of {hf / 'config.json'} (vocab_size 320, "
+            "context_length 64, emb_dim 64, n_heads 4, n_layers 2, qkv_bias false, tie_embeddings false, tokenizer "
+            "byte), the demo preset's other settings, this command's flags on top") in r.stdout
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    assert saved["model"] == {**json.loads((run_dir / "config.json").read_text())["model"], "drop_rate": 0.1}
+    assert saved["data"]["tokenizer"] == "byte" and saved["train"]["micro_batch_size"] == 16  # the demo's
+    assert run_cli(["train", "--init-from", "typo", "--data", "text.txt", "--run-dir", "t"],
+                   cwd=tmp_path).stderr.startswith("error: --init-from: 'typo' is not a directory")
 
 
 @pytest.mark.parametrize("prompt, message", [(None, "not NoneType"), (b"def ", "not bytes; decode it first"),

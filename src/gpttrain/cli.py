@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -94,7 +95,32 @@ def config_from_args(args: argparse.Namespace, rest: list[str],
                                   f"({Path.cwd()}); run from the directory it was started in, or pass --data")
             return cfg, (f"--resume without --preset or --config: the settings saved in {source}, this command's "
                          "flags on top")
+    if given.get("run.init_from"):
+        return _init_from_model(given["run.init_from"], default_preset, overrides)
     return resolve(default_preset, None, overrides), None
+
+
+def _init_from_model(hf_dir: str, default_preset: str, overrides: list[tuple[str, str]]) -> tuple[Config, str]:
+    """`train --init-from DIR` without --preset or --config: the model DIR's config.json gives (its shape, vocabulary,
+    dropout) and, for a directory gpttrain exported, the tokenizer text is prepared with; the default preset's other
+    settings, the flags on top (a flag given wins, as with --resume)."""
+    from gpttrain.export import check_init_from, hf_data_settings, hf_model_config
+
+    check_init_from(hf_dir)  # a run, a checkpoint, a safetensors export: said as such, with what to do
+    try:
+        model, data = hf_model_config(hf_dir), hf_data_settings(hf_dir)
+    except ConfigError as e:
+        raise ConfigError(f"--init-from: {e}") from None
+    given = {key for key, _ in overrides}
+    settings = {f"model.{k}": str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in dataclasses.asdict(model).items()}
+    if "data.tokenizer" not in given and "data.tokenizer_file" not in given:
+        settings.update(data)
+    taken = [(k, v) for k, v in settings.items() if k not in given]
+    cfg = resolve(default_preset, None, taken + overrides)
+    return cfg, (f"--init-from without --preset or --config: the model of {Path(hf_dir) / 'config.json'} ("
+                 + ", ".join(f"{k.split('.')[1]} {v}" for k, v in taken) + f"), the {default_preset} preset's "
+                 "other settings, this command's flags on top")
 
 
 class _Parser(argparse.ArgumentParser):

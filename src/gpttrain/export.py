@@ -495,6 +495,32 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
                       "model.safetensors")
 
 
+def _recorded_tokenizer(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """The tokenizer spec gpttrain recorded in a config.json it exported (None in another's)."""
+    recorded = hf.get("gpttrain", {}).get("tokenizer") if isinstance(hf.get("gpttrain"), dict) else None
+    return recorded if isinstance(recorded, dict) else None
+
+
+def hf_data_settings(hf_dir: str | Path) -> dict[str, str]:
+    """The data settings (`data.tokenizer`, and a bpe's `data.tokenizer_file`) that prepare text with the tokenizer
+    a directory gpttrain exported was trained with; none for a directory from elsewhere."""
+    d = Path(hf_dir)
+    kind = (_recorded_tokenizer(_read_config(d)) or {}).get("kind")
+    if kind == "bpe":
+        return {"data.tokenizer": "bpe", "data.tokenizer_file": str(d / "tokenizer.json")} \
+            if (d / "tokenizer.json").is_file() else {}
+    return {"data.tokenizer": kind} if kind in ("gpt2", "byte") else {}
+
+
+def hf_model_config(hf_dir: str | Path) -> ModelConfig:
+    """The model of a HF GPT-2 directory, from its config.json (with the qkv_bias choice gpttrain recorded when it
+    exported the directory: GPT-2's own layout always has the biases)."""
+    hf = _read_config(Path(hf_dir))
+    cfg = hf_config_to_model_config(hf)
+    recorded = hf.get("gpttrain", {}).get("model", {}) if isinstance(hf.get("gpttrain"), dict) else {}
+    return dataclasses.replace(cfg, qkv_bias=False) if recorded.get("qkv_bias") is False else cfg
+
+
 def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
     """Read a HF GPT-2 directory: (ModelConfig, state dict in our names, ready for `load_state_dict`).
 
@@ -503,13 +529,9 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
     every parameter whose shape differs is named.
     """
     d = Path(hf_dir)
-    hf = _read_config(d)
-    from_file = hf_config_to_model_config(hf)
+    from_file = hf_model_config(d)
     if cfg is None:
         cfg = from_file
-        recorded = hf.get("gpttrain", {}).get("model", {}) if isinstance(hf.get("gpttrain"), dict) else {}
-        if recorded.get("qkv_bias") is False:
-            cfg = dataclasses.replace(cfg, qkv_bias=False)
     else:
         if from_file.n_heads != cfg.n_heads and cfg.emb_dim == from_file.emb_dim:
             raise ConfigError(f"--model.n_heads: the checkpoint has {from_file.n_heads} heads, the config "
@@ -524,8 +546,9 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
         if not differ:
             raise
         what = str(e).split("; set --model.")[0]  # its one hint, replaced by the whole geometry's
-        raise ConfigError(f"{what}; its config.json gives " + ", ".join(f"{k} {getattr(from_file, k)}" for k in differ)
-                          + ": set " + " ".join(f"--model.{k} {getattr(from_file, k)}" for k in differ)) from None
+        raise ConfigError(f"{d}'s config.json gives " + ", ".join(f"{k} {getattr(from_file, k)}" for k in differ)
+                          + ": set " + " ".join(f"--model.{k} {getattr(from_file, k)}" for k in differ)
+                          + f", or leave out --preset and --config to take its model as it is ({what})") from None
 
 
 def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = None) -> None:
@@ -545,8 +568,8 @@ def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = 
         if hf.get("format") == "gpttrain":
             raise ConfigError(f"{d} is a --format safetensors export; --init-from reads the Hugging Face layout: "
                               "export the run again with --format hf")
-        recorded = hf.get("gpttrain", {}).get("tokenizer") if isinstance(hf.get("gpttrain"), dict) else None
-        if tokenizer_spec is not None and isinstance(recorded, dict):
+        recorded = _recorded_tokenizer(hf)
+        if tokenizer_spec is not None and recorded is not None:
             from gpttrain.tokenizer import spec_differences
 
             differ = spec_differences(recorded, tokenizer_spec)
