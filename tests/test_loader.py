@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 from pathlib import Path
 
@@ -283,3 +284,60 @@ def test_eval_batches_do_not_touch_the_training_cursor(tmp_path):
     ref = loader(d, micro_batch_size=4)
     ref.next_batch()
     assert torch.equal(ref.next_batch()[0], x_next)
+
+
+# ---- what a resume hands the loader (mutation tests found these unchecked) ------------------------------
+
+
+def test_batches_done_counts_a_cursor_saved_at_another_batch(tmp_path):
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 22 + 1))  # 22 windows of 8
+    four = loader(d, micro_batch_size=4)  # 5 batches of 4 an epoch, 2 windows dropped
+    assert (four.num_windows, four.batches_per_epoch) == (22, 5)
+    four.epoch, four.index = 1, 19  # saved by a loader of 1: 19 windows of epoch 1 behind it
+    assert four.batches_done == 5 + 5  # 3 windows left: no batch of 4 fits, so epoch 1 is done
+    four.index = 9  # 13 left: 3 batches to do, 2 done (the one half-done counts as to do)
+    assert four.batches_done == 5 + 2
+
+
+def test_a_cursor_near_the_end_of_an_epoch_at_a_smaller_batch_goes_on_in_the_next(tmp_path):
+    """Saved by a loader of 1 at window 21 of 22, loaded by one of 4: no batch of 4 fits, so the next batch is the
+    first of the next epoch (not an IndexError past the windows)."""
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 22 + 1))
+    one = loader(d, micro_batch_size=1)
+    for _ in range(21):
+        one.next_batch()
+    four = loader(d, micro_batch_size=4)
+    four.load_state_dict(one.state_dict())
+    x, _ = four.next_batch()
+    assert x.shape == (4, 8) and (four.epoch, four.index) == (1, 4)
+
+
+def test_a_loaded_state_replaces_the_order_already_drawn(tmp_path):
+    """The epoch's order is cached: a loader that drew batches from its own seed then loads another's state must
+    draw the other's order (the cache is dropped), shuffle setting included."""
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 30 + 1))
+    a, b = loader(d, seed=0), loader(d, seed=999, shuffle=False)
+    b.next_batch()
+    b.load_state_dict(a.state_dict())
+    for _ in range(3):
+        assert torch.equal(a.next_batch()[0], b.next_batch()[0])
+
+
+def test_a_cursor_from_data_prepared_again_is_said(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.WARNING, logger="gpttrain")
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * 30 + 1))
+    a = loader(d)
+    sd = {**a.state_dict(), "fingerprint": "another"}
+    loader(d).load_state_dict(sd)
+    assert "was prepared again since this checkpoint (fingerprint differs)" in caplog.text
+
+
+@pytest.mark.parametrize("windows, want", [(10, 3), (12, 3), (13, 4)])
+def test_eval_global_batches_counts_the_short_last_one(tmp_path, windows, want):
+    """FSDP's ranks run that many forwards each (a rank without windows in the last one runs dummies): one short of
+    the batches yielded, and a rank would wait in a collective the others never enter."""
+    d = make_data_dir(tmp_path / "d", tokens_of(8 * windows + 1))
+    ranks = [loader(d, micro_batch_size=2, rank=r, world_size=2) for r in range(2)]
+    assert ranks[0].eval_global_batches(10) == want == -(-windows // 4)
+    assert max(sum(1 for _ in r.eval_batches(10)) for r in ranks) == want
