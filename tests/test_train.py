@@ -45,8 +45,11 @@ def data_dir(tmp_path_factory):
 def _rank_main(rank, world, port, data_dir, run_dir, flags, out):
     with gloo_rank(rank, world, port) as info:
         trainer = build_trainer(tiny_config(data_dir, run_dir, *flags), info)
+        draw = torch.rand(4)  # each rank's own random stream (dropout masks): seeded by its rank
         grads = first_step_grads(trainer)
         steps = losses_and_norms(trainer, 3)
+        evaluated = trainer.evaluate()  # each rank evaluates its part of the windows; the losses are reduced
+        torch.save({"draw": draw, "eval": evaluated}, out.with_suffix(f".rank{rank}.pt"))
         if rank == 0:
             torch.save({"steps": steps, "grads": grads, "params": trainer.model.state_dict()}, out)
         trainer.close()  # DDP must not outlive the process group
@@ -83,6 +86,12 @@ def test_ddp_two_ranks_equal_one_process(data_dir, tmp_path, accum):
     single = _compared(build_trainer(tiny_config(data_dir, tmp_path / "r1", "--train.micro_batch_size",
                                                  str(4 * accum), *STABLE), single_info()))
     assert_same_training(ddp["steps"], ddp["grads"], ddp["params"], single)
+    ranks = [torch.load(out.with_suffix(f".rank{r}.pt"), weights_only=True) for r in range(2)]
+    assert not torch.equal(ranks[0]["draw"], ranks[1]["draw"])  # not the same dropout masks on every rank
+    assert ranks[0]["eval"] == ranks[1]["eval"]
+    if accum == 1:  # (the same global batch, so the same eval windows, as one process)
+        for key, value in single.evaluate().items():
+            assert ranks[0]["eval"][key] == pytest.approx(value, rel=1e-5), key
 
 
 def test_accumulation_equals_one_big_batch(data_dir, tmp_path):
