@@ -423,13 +423,14 @@ def resumer(data_dir: Path, run: Path, resume: str, *flags: str):
 
 
 def test_config_mismatch_lists_every_key(data_dir, run_copy, tmp_path):
-    r = run_cli(train_args(data_dir, run_copy, "--resume", "auto", "--model.n_layers", "3", "--model.n_heads", "2"),
-                cwd=tmp_path)
+    r = run_cli(train_args(data_dir, run_copy, "--resume", "auto", "--model.n_layers", "3", "--model.n_heads", "2",
+                           "--model.tie_embeddings", "true"), cwd=tmp_path)
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith(f"error: cannot resume: checkpoint {run_copy / 'checkpoints' / STEP.format(4)} "
                                "does not fit this run")
     assert "model.n_layers: checkpoint 2 vs requested 3" in r.stderr
     assert "model.n_heads: checkpoint 4 vs requested 2" in r.stderr
+    assert "model.tie_embeddings: checkpoint False vs requested True" in r.stderr
     assert "Traceback" not in r.stderr
     # The refused run wrote nothing: the first run's config.json still describes that run.
     assert json.loads((run_copy / "config.json").read_text())["model"]["n_layers"] == 2
@@ -786,6 +787,36 @@ def test_keep_checkpoints_keeps_the_newest(data_dir, tmp_path):
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [STEP.format(4), STEP.format(5)]
     for p in ckpt.list_checkpoints(run):
         ckpt.verify(p)
+
+
+def test_periodic_checkpoints_between_log_steps_and_the_final_one(data_dir, tmp_path, caplog, monkeypatch):
+    """A checkpoint step that is no log or evaluation step still reads its steps and saves; the last step's save is
+    the final one (not a periodic one, then skipped); a resume of the finished run saves nothing again."""
+    run = tmp_path / "run"
+    flags = ("--train.max_steps", "6", "--train.log_every", "5", "--train.eval_every", "100", "--log.sample_every", "0")
+    fit(data_dir, run, *flags, "--train.checkpoint_every", "2", "--train.keep_checkpoints", "10")
+    assert [p.name for p in ckpt.list_checkpoints(run)] == [STEP.format(s) for s in (2, 4, 6)]
+    assert [ckpt.verify(p)["reason"] for p in ckpt.list_checkpoints(run)] == ["periodic", "periodic", "final"]
+    marker = run / "checkpoints" / STEP.format(6) / ckpt.COMPLETE
+    before = marker.stat().st_mtime_ns
+    monkeypatch.setattr(logging.getLogger("gpttrain"), "propagate", True)
+    caplog.set_level(logging.INFO, logger="gpttrain")
+    fit(data_dir, run, *flags, "--run.resume", "auto")  # at max_steps already: nothing to train, nothing to save
+    assert marker.stat().st_mtime_ns == before and "replacing" not in caplog.text and "checkpoint saved" not in \
+        caplog.text
+
+
+def test_prune_unmarks_a_checkpoint_before_deleting_it(tmp_path, monkeypatch):
+    """Its COMPLETE marker goes first: a crash mid-delete leaves a folder discovery ignores, never a half-deleted
+    one that says it is complete."""
+    for step in (1, 2):
+        folder = tmp_path / "checkpoints" / STEP.format(step)
+        folder.mkdir(parents=True)
+        (folder / ckpt.COMPLETE).write_text("{}")
+    seen = []
+    monkeypatch.setattr(ckpt.shutil, "rmtree", lambda path, **kw: seen.append((Path(path) / ckpt.COMPLETE).exists()))
+    ckpt.prune(tmp_path, keep=1)
+    assert seen == [False]
 
 
 def test_save_replaces_an_incomplete_folder_of_the_same_step(data_dir, tmp_path):
