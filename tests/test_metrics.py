@@ -31,6 +31,7 @@ def test_mfu_and_tflops():
     assert model_tflops(1e5, cfg) == pytest.approx(847.0, rel=1e-3)
     assert mfu(1e5, cfg, 989.0) == pytest.approx(847.0 / 989.0, rel=1e-3)
     assert mfu(1e5, cfg, None) is None  # unknown peak: omitted, never invented
+    assert mfu(1e5, cfg, 0.0) is None  # (not a ZeroDivisionError)
 
 
 @pytest.mark.parametrize("name, peak", [

@@ -1423,3 +1423,32 @@ def test_bench_sweep_closes_the_trainer_of_a_size_that_does_not_fit(tmp_path, mo
     assert bench.run_bench(cfg, rows.append, warmup=1, steps=1, sweep=True) == 0
     assert closed == [1, 2, 4]
     assert [r["micro_batch_size"] for r in rows[:-1]] == [1, 2] and rows[-1]["best_micro_batch_size"] in (1, 2)
+
+
+def test_a_steps_numbers_read_as_every_rank_shares_them():
+    """The packed numbers of a step (summed over ranks, then one memory slot per rank on CUDA): the mean loss and
+    norm, a stop voted by any rank, and the worst rank's memory, not rank 0's."""
+    from gpttrain.steps import StepStats
+
+    stats = StepStats(torch.tensor([6.0, 1.0, 0.0, 4.0, 1.5, 3.25]), 2, False)
+    assert (stats.loss, stats.grad_norm, stats.stop, stats.finite, stats.mem_peak_gib) == (3.0, 2.0, True, True, 3.25)
+    assert StepStats(torch.tensor([6.0, 0.0, 1.0, 4.0]), 2, False).mem_peak_gib is None  # off CUDA: no slots
+    assert not StepStats(torch.tensor([6.0, 0.0, 1.0, 4.0]), 2, False).finite  # a rank's gradients were not finite
+    assert StepStats(torch.tensor([6.0, 0.0, 1.0, 4.0]), 2, True).finite  # fp16's scaler skips those itself
+
+
+def test_a_second_ctrl_c_interrupts_at_once():
+    """The first SIGINT asks for a save at the next step the loop reads; the second is a KeyboardInterrupt."""
+    import signal
+
+    from gpttrain.steps import StopFlag
+
+    stop = StopFlag()
+    stop.install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and stop.signal_name == "SIGINT"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.restore()
