@@ -502,14 +502,13 @@ def _recorded_tokenizer(hf: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def hf_data_settings(hf_dir: str | Path) -> dict[str, str]:
-    """The data settings (`data.tokenizer`, and a bpe's `data.tokenizer_file`) that prepare text with the tokenizer
-    a directory gpttrain exported was trained with; none for a directory from elsewhere."""
-    d = Path(hf_dir)
-    kind = (_recorded_tokenizer(_read_config(d)) or {}).get("kind")
-    if kind == "bpe":
-        return {"data.tokenizer": "bpe", "data.tokenizer_file": str(d / "tokenizer.json")} \
-            if (d / "tokenizer.json").is_file() else {}
-    return {"data.tokenizer": kind} if kind in ("gpt2", "byte") else {}
+    """The kind of tokenizer (`data.tokenizer`) a directory gpttrain exported was trained with, to prepare text with;
+    none for a directory from elsewhere. Not a bpe's file: text prepared with it would land in the data dir of the
+    same text's trained bpe (named by source, kind and size) and replace it, and the corpus the export was trained
+    on gets the same bpe by training it again. On other text a trained bpe differs, and the run refuses it, naming
+    the file to prepare with (`check_init_from`)."""
+    kind = (_recorded_tokenizer(_read_config(Path(hf_dir))) or {}).get("kind")
+    return {"data.tokenizer": kind} if kind in ("gpt2", "byte", "bpe") else {}
 
 
 def hf_model_config(hf_dir: str | Path) -> ModelConfig:
