@@ -325,17 +325,17 @@ def test_hf_defaults_fill_missing_keys():
 
 
 @pytest.mark.parametrize("recorded, want", [
-    ({"kind": "bpe", "vocab_size": 300}, {"data.tokenizer": "bpe"}),  # no tokenizer_file: see hf_data_settings
-    ({"kind": "byte"}, {"data.tokenizer": "byte"}),
-    (None, {}),  # a GPT-2 from elsewhere records none
+    ({"kind": "bpe", "vocab_size": 300}, "bpe"),  # the kind, not the file: see init_from_settings
+    ({"kind": "byte"}, "byte"),
+    (None, None),  # a GPT-2 from elsewhere records none
 ])
 def test_init_from_takes_the_kind_of_tokenizer_an_export_records(tmp_path, recorded, want):
     """A bpe's file is not taken: text prepared with it would replace the data dir of the same text's trained bpe
     (named by source, kind and size), which the exported run may still use."""
     import json
 
-    from gpttrain.export import hf_data_settings
+    from gpttrain.export import init_from_settings
 
     (tmp_path / "tokenizer.json").write_text("{}")
     (tmp_path / "config.json").write_text(json.dumps({"gpttrain": {"tokenizer": recorded}} if recorded else {}))
-    assert hf_data_settings(tmp_path) == want
+    assert init_from_settings(tmp_path)[1] == want

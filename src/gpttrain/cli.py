@@ -104,18 +104,18 @@ def _init_from_model(hf_dir: str, default_preset: str, overrides: list[tuple[str
     """`train --init-from DIR` without --preset or --config: the model DIR's config.json gives (its shape, vocabulary,
     dropout) and, for a directory gpttrain exported, the tokenizer text is prepared with; the default preset's other
     settings, the flags on top (a flag given wins, as with --resume)."""
-    from gpttrain.export import check_init_from, hf_data_settings, hf_model_config
+    from gpttrain.export import check_init_from, init_from_settings
 
     check_init_from(hf_dir)  # a run, a checkpoint, a safetensors export: said as such, with what to do
     try:
-        model, data = hf_model_config(hf_dir), hf_data_settings(hf_dir)
+        model, kind = init_from_settings(hf_dir)
     except ConfigError as e:
         raise ConfigError(f"--init-from: {e}") from None
     given = {key for key, _ in overrides}
     settings = {f"model.{k}": str(v).lower() if isinstance(v, bool) else str(v)
                 for k, v in dataclasses.asdict(model).items()}
-    if "data.tokenizer" not in given and "data.tokenizer_file" not in given:
-        settings.update(data)
+    if kind is not None and "data.tokenizer" not in given and "data.tokenizer_file" not in given:
+        settings["data.tokenizer"] = kind
     taken = [(k, v) for k, v in settings.items() if k not in given]
     cfg = resolve(default_preset, None, taken + overrides)
     return cfg, (f"--init-from without --preset or --config: the model of {Path(hf_dir) / 'config.json'} ("

@@ -495,29 +495,30 @@ def _read_tensors(d: Path) -> dict[str, torch.Tensor]:
                       "model.safetensors")
 
 
-def _recorded_tokenizer(hf: dict[str, Any]) -> dict[str, Any] | None:
-    """The tokenizer spec gpttrain recorded in a config.json it exported (None in another's)."""
-    recorded = hf.get("gpttrain", {}).get("tokenizer") if isinstance(hf.get("gpttrain"), dict) else None
-    return recorded if isinstance(recorded, dict) else None
+def _recorded(hf: dict[str, Any], what: str) -> dict[str, Any] | None:
+    """What gpttrain recorded under `what` ("model", "tokenizer") in a config.json it exported; None in another's."""
+    section = hf.get("gpttrain")
+    value = section.get(what) if isinstance(section, dict) else None
+    return value if isinstance(value, dict) else None
 
 
-def hf_data_settings(hf_dir: str | Path) -> dict[str, str]:
-    """The kind of tokenizer (`data.tokenizer`) a directory gpttrain exported was trained with, to prepare text with;
-    none for a directory from elsewhere. Not a bpe's file: text prepared with it would land in the data dir of the
-    same text's trained bpe (named by source, kind and size) and replace it, and the corpus the export was trained
-    on gets the same bpe by training it again. On other text a trained bpe differs, and the run refuses it, naming
-    the file to prepare with (`check_init_from`)."""
-    kind = (_recorded_tokenizer(_read_config(Path(hf_dir))) or {}).get("kind")
-    return {"data.tokenizer": kind} if kind in ("gpt2", "byte", "bpe") else {}
-
-
-def hf_model_config(hf_dir: str | Path) -> ModelConfig:
-    """The model of a HF GPT-2 directory, from its config.json (with the qkv_bias choice gpttrain recorded when it
-    exported the directory: GPT-2's own layout always has the biases)."""
-    hf = _read_config(Path(hf_dir))
+def _model_config(hf: dict[str, Any]) -> ModelConfig:
+    """The model of a HF GPT-2 `config.json` dict, with the qkv_bias choice gpttrain recorded when it exported the
+    directory (GPT-2's own layout always has the biases)."""
     cfg = hf_config_to_model_config(hf)
-    recorded = hf.get("gpttrain", {}).get("model", {}) if isinstance(hf.get("gpttrain"), dict) else {}
-    return dataclasses.replace(cfg, qkv_bias=False) if recorded.get("qkv_bias") is False else cfg
+    return dataclasses.replace(cfg, qkv_bias=False) if (_recorded(hf, "model") or {}).get("qkv_bias") is False else cfg
+
+
+def init_from_settings(hf_dir: str | Path) -> tuple[ModelConfig, str | None]:
+    """What a run started from a HF GPT-2 directory without a preset takes from its config.json (read once): the
+    model, and the kind of tokenizer gpttrain recorded there to prepare text with (None for a directory from
+    elsewhere). Not a bpe's file: text prepared with it would land in the data dir of the same text's trained bpe
+    (named by source, kind and size) and replace it, and the corpus the export was trained on gets the same bpe by
+    training it again. On other text a trained bpe differs, and the run refuses it, naming the file to prepare
+    with (`check_init_from`)."""
+    hf = _read_config(Path(hf_dir))
+    kind = (_recorded(hf, "tokenizer") or {}).get("kind")
+    return _model_config(hf), kind if kind in ("gpt2", "byte", "bpe") else None
 
 
 def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
@@ -528,7 +529,7 @@ def load_hf(hf_dir: str | Path, cfg: ModelConfig | None = None) -> tuple[ModelCo
     every parameter whose shape differs is named.
     """
     d = Path(hf_dir)
-    from_file = hf_model_config(d)
+    from_file = _model_config(_read_config(d))
     if cfg is None:
         cfg = from_file
     else:
@@ -567,7 +568,7 @@ def check_init_from(hf_dir: str | Path, tokenizer_spec: dict[str, Any] | None = 
         if hf.get("format") == "gpttrain":
             raise ConfigError(f"{d} is a --format safetensors export; --init-from reads the Hugging Face layout: "
                               "export the run again with --format hf")
-        recorded = _recorded_tokenizer(hf)
+        recorded = _recorded(hf, "tokenizer")
         if tokenizer_spec is not None and recorded is not None:
             from gpttrain.tokenizer import spec_differences
 
