@@ -56,6 +56,7 @@ from gpttrain.data.sources import (
     _source_records,
     check_text_file,
     default_corpus_files,
+    documents_for_a_document_split,
     resolve_inputs,
 )
 from gpttrain.errors import ConfigError, DataError
@@ -399,7 +400,7 @@ def _warn_uneven_split(out: Path, meta: dict, mode: str, val_fraction: float) ->
         logger.warning("%s: val holds %.1f%% of the tokens, for --val-fraction %g: documents go whole to one side, "
                        "picked by a hash of each, and a few large ones decide the share; to split a large text by "
                        "position (its tail to val), prepare it in a set of fewer than %d documents", out,
-                       100 * share, val_fraction, math.ceil(10 / min(val_fraction, 1 - val_fraction)))
+                       100 * share, val_fraction, documents_for_a_document_split(val_fraction))
 
 
 def _log_summary(out: Path, meta: dict, mode: str, seconds: float, seconds_encode: float) -> None:

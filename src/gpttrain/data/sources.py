@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import os
 import sysconfig
 from collections.abc import Iterable, Iterator, Sequence
@@ -297,12 +298,19 @@ def _goes_to_val(key: str, val_fraction: float) -> bool:
     return u < val_fraction
 
 
-def split_mode(num_documents: int, val_fraction: float) -> str:
-    """'document' when about 10 or more documents are expected in the smaller split, else 'tail'.
+SMALLER_SPLIT_DOCUMENTS = 10  # documents expected in the smaller split from which split_mode splits by document
 
-    Fewer would leave the split's share of tokens to chance (90 documents at 0.1: no val at all 1 time in 10^4).
-    """
-    return "document" if num_documents * min(val_fraction, 1 - val_fraction) >= 10 else "tail"
+
+def split_mode(num_documents: int, val_fraction: float) -> str:
+    """'document' when about SMALLER_SPLIT_DOCUMENTS or more documents are expected in the smaller split, else
+    'tail'. Fewer would leave the split's share of tokens to chance (90 documents at 0.1: no val at all 1 time in
+    10^4)."""
+    return "document" if num_documents * min(val_fraction, 1 - val_fraction) >= SMALLER_SPLIT_DOCUMENTS else "tail"
+
+
+def documents_for_a_document_split(val_fraction: float) -> int:
+    """The fewest documents split_mode splits by document at `val_fraction` (its rule solved for the count)."""
+    return math.ceil(SMALLER_SPLIT_DOCUMENTS / min(val_fraction, 1 - val_fraction))
 
 
 def _segments(keyed: list[tuple[Path, str]], text_field: str, mode: str, val_fraction: float,
