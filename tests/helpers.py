@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -72,6 +73,20 @@ def build_trainer(cfg, info):
     cfg.model.vocab_size = resolve_vocab(cfg, tok.vocab_size)
     train, val = build_loaders(cfg, info, data_dir)
     return Trainer(cfg, info, train_loader=train, val_loader=val, tokenizer=tok)
+
+
+def fit(data_dir: Path, run: Path, *flags: str):
+    """A whole single-process run (the loop, its saves and its resume) in this process."""
+    trainer = build_trainer(tiny_config(data_dir, run, *flags), single_info())
+    assert trainer.fit() == 0
+    return trainer
+
+
+def copy_checkpoint(src: Path, run: Path) -> Path:
+    """Checkpoint folder `src` copied into run dir `run`'s checkpoints/."""
+    dst = run / "checkpoints" / src.name
+    shutil.copytree(src, dst)
+    return dst
 
 
 def take_steps(trainer, n: int) -> list:

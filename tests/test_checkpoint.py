@@ -30,6 +30,8 @@ from gpttrain.resume import maybe_resume
 from tests.helpers import (
     REPO,
     build_trainer,
+    copy_checkpoint,
+    fit,
     free_port,
     gloo_rank,
     make_data,
@@ -69,13 +71,6 @@ def gt_log(caplog):
 # ---- helpers --------------------------------------------------------------------------------------
 
 
-def fit(data_dir: Path, run: Path, *flags: str):
-    """A whole single-process run (the loop, its saves and its resume) in this process."""
-    trainer = build_trainer(tiny_config(data_dir, run, *flags), single_info())
-    assert trainer.fit() == 0
-    return trainer
-
-
 def train_args(data_dir: Path, run: Path, *flags: str) -> list[str]:
     return ["train", "--preset", "tiny", "--data", str(data_dir), "--run-dir", str(run), "--device", "cpu",
             "--log.progress", "lines", *flags]
@@ -105,12 +100,6 @@ def assert_same_state(a: Path, b: Path) -> None:
     for i, state in oa["state"].items():
         for key, value in state.items():
             assert torch.equal(value, ob["state"][i][key]), f"optimizer state {i}.{key} differs"
-
-
-def copy_checkpoint(src: Path, run: Path) -> Path:
-    dst = run / "checkpoints" / src.name
-    shutil.copytree(src, dst)
-    return dst
 
 
 def rehash(folder: Path) -> None:

@@ -19,7 +19,9 @@ from tests.helpers import (
     as_torchrun_rank,
     assert_same_steps,
     build_trainer,
+    copy_checkpoint,
     first_step_grads,
+    fit,
     free_port,
     gloo_rank,
     losses_and_norms,
@@ -443,16 +445,14 @@ def test_a_resume_at_another_batch_plans_what_is_left(data_dir, tmp_path, caplog
 
     def fit_run(run, *flags):
         caplog.clear()
-        trainer = build_trainer(tiny_config(data_dir, run, *flags), single_info())
-        assert trainer.fit() == 0
+        trainer = fit(data_dir, run, *flags)
         trainer.said = caplog.text
         return trainer
 
     a = fit_run(tmp_path / "a", "--train.max_tokens", "2048", "--train.micro_batch_size", "2",
                 "--train.checkpoint_every", "3", "--train.keep_checkpoints", "10")
     assert (a.step, a.tokens, a.tokens_per_step) == (16, 2048, 128)
-    b_run = tmp_path / "b" / "checkpoints"
-    shutil.copytree(tmp_path / "a" / "checkpoints" / "step-000000003", b_run / "step-000000003")
+    b_run = copy_checkpoint(tmp_path / "a" / "checkpoints" / "step-000000003", tmp_path / "b").parent
     b = fit_run(b_run.parent, "--train.max_tokens", "2048", "--train.micro_batch_size", "4",
             "--run.resume", "auto")
     assert (b.step, b.tokens) == (3 + 7, 384 + 7 * 256)  # the first to reach 2048 tokens at 256 a step
