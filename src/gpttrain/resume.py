@@ -224,7 +224,7 @@ def check_resume_request(run_dir: Path, resume: str | None) -> list[Path]:
     step = folder_step(path)  # None: a folder renamed by hand, whose step its name does not say: any is later
     later = [p.name for p in folders if (step is None or folder_step(p) >= step) and p.resolve() != path.resolve()]
     if later:
-        raise ConfigError(f"--resume {path}: {run_dir / 'checkpoints'} already holds checkpoints at or past its "
+        raise ConfigError(f"--resume {path}: {own} already holds checkpoints at or past its "
                           f"step ({', '.join(later)}); continuing there would mix two histories; give another "
                           "--run-dir (or move those folders away)")
     return folders
